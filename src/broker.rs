@@ -1,0 +1,209 @@
+//! Wiring: start everything, wait for the shutdown signal, stop in order.
+//!
+//! Shutdown order (NATS lame-duck order): stop accepting (`hello` is
+//! removed first), cancel every session, let each flush its backlog and a
+//! final `BYE` within the grace period, wait for all tasks under an overall
+//! deadline, then remove what the broker created. Every FIFO is open
+//! non-blocking, so nothing can be stuck in `open()` along the way.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::busdir::{BusDir, BusDirError};
+use crate::config::BrokerConfig;
+use crate::rendezvous;
+use crate::router::RouterHandle;
+use crate::throttle::LogThrottle;
+use crate::watch::FsWatcher;
+
+/// The whole shutdown must fit in the 2 seconds promised to operators.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1500);
+/// Descriptors kept for the broker itself (hello, inotify, epoll, logs...).
+const RESERVED_FDS: u64 = 64;
+/// Per client: send, recv, and a pidfd when `pid=` was given.
+const FDS_PER_CLIENT: u64 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    BusDir(#[from] BusDirError),
+    #[error("cannot watch {dir} with inotify: {source}")]
+    Inotify {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What every task of the broker shares.
+pub struct Shared {
+    pub config: BrokerConfig,
+    pub router: RouterHandle,
+    pub watcher: Arc<FsWatcher>,
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+    pub clients_dir: PathBuf,
+    pub throttle: LogThrottle,
+    pub max_clients: usize,
+    clients: AtomicUsize,
+    next_key: AtomicU64,
+}
+
+/// A reserved place for one client; given back on drop unless kept.
+pub struct ClientSlot<'a> {
+    shared: &'a Shared,
+    kept: bool,
+}
+
+impl ClientSlot<'_> {
+    /// The client exists now; its session gives the place back when it ends.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.shared.client_left();
+        }
+    }
+}
+
+impl Shared {
+    pub fn client_slot(&self) -> Option<ClientSlot<'_>> {
+        let taken = self.clients.fetch_add(1, Ordering::AcqRel);
+        let slot = ClientSlot {
+            shared: self,
+            kept: false,
+        };
+        (taken < self.max_clients).then_some(slot)
+    }
+
+    pub fn client_left(&self) {
+        self.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.clients.load(Ordering::Acquire)
+    }
+
+    pub fn next_key(&self) -> u64 {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Runs a broker on `config.dir` until `shutdown` resolves.
+///
+/// # Errors
+/// When the bus directory cannot be set up (locked, not ours, ...): the
+/// error says what to do. Once serving, problems with single clients are
+/// logged and never end the broker.
+pub async fn run(
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BrokerError> {
+    let fd_limit = raise_open_file_limit();
+    let fd_clients = (fd_limit.saturating_sub(RESERVED_FDS) / FDS_PER_CLIENT) as usize;
+    let max_clients = config.max_clients.map_or(fd_clients, |m| m.min(fd_clients));
+
+    let (bus, stale) = BusDir::open(&config.dir, config.mode)?;
+    if !stale.is_empty() {
+        tracing::warn!(
+            "cleaned up after a broker{} that did not stop cleanly: removed {}{} client director{}",
+            stale
+                .previous_pid
+                .map(|p| format!(" (pid {p})"))
+                .unwrap_or_default(),
+            if stale.removed_hello {
+                "the hello FIFO and "
+            } else {
+                ""
+            },
+            stale.removed_clients,
+            if stale.removed_clients == 1 {
+                "y"
+            } else {
+                "ies"
+            },
+        );
+    }
+    for kept in &stale.kept {
+        tracing::warn!(
+            "left {} alone: it is not a client directory of ours",
+            kept.display()
+        );
+    }
+    let watcher = FsWatcher::new(bus.path()).map_err(|source| BrokerError::Inotify {
+        dir: bus.path().to_owned(),
+        source,
+    })?;
+    tokio::spawn(watcher.clone().run());
+
+    let tracker = TaskTracker::new();
+    let shared = Arc::new(Shared {
+        router: RouterHandle::spawn(),
+        watcher,
+        cancel: CancellationToken::new(),
+        tracker: tracker.clone(),
+        clients_dir: bus.clients_dir(),
+        throttle: LogThrottle::default(),
+        max_clients,
+        clients: AtomicUsize::new(0),
+        next_key: AtomicU64::new(1),
+        config,
+    });
+    tracing::info!(
+        "serving on {} (pid {}); open-file limit {fd_limit} allows about {max_clients} clients",
+        bus.path().display(),
+        std::process::id()
+    );
+    let rendezvous = tracker.spawn(rendezvous::run(bus, shared.clone()));
+
+    shutdown.await;
+    tracing::info!(clients = shared.client_count(), "shutting down");
+    shared.cancel.cancel();
+    tracker.close();
+    let bus = rendezvous.await;
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "{} tasks still running after {SHUTDOWN_DEADLINE:?}; exiting anyway",
+            tracker.len()
+        );
+    }
+    match bus {
+        Ok(bus) => bus.remove(),
+        Err(e) => tracing::error!("the rendezvous task failed: {e}; bus directory left as is"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Raises the open-file limit as far as allowed: to the hard limit, and as
+/// root beyond it, up to `fs.nr_open`. Each client costs descriptors, so
+/// this is how many clients the broker can take. Returns the soft limit.
+fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    if nr_open > hard && setrlimit(Resource::RLIMIT_NOFILE, nr_open, nr_open).is_ok() {
+        return nr_open;
+    }
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}

@@ -1,0 +1,173 @@
+//! Command-line types (clap derive). No logic beyond parsing values.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::router::OverflowPolicy;
+
+const EXAMPLES: &str = "\
+Examples:
+  fifobus serve &                               # start a broker on the default directory
+  fifobus sub 'chat.>' -v                       # print every chat message with its topic
+  fifobus pub chat.room 'hello, world'          # publish one message
+  tail -f app.log | fifobus pub logs.app        # publish one message per line
+  cdir=$(fifobus connect --sub 'chat.>' --pid $$)   # a raw client: then use $cdir/send and $cdir/recv
+
+The bus directory is --dir, else $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /tmp/fifobus-<uid>.
+Protocol: docs/protocol.md";
+
+#[derive(Debug, Parser)]
+#[command(name = "fifobus", version, about = "A message broker for local processes over named pipes", after_help = EXAMPLES)]
+pub struct Cli {
+    /// Bus directory [default: $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /tmp/fifobus-<uid>]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker
+    #[command(
+        after_help = "Example:\n  fifobus serve --dir /run/user/1000/fifobus --overflow drop-newest\n\nStops on SIGINT or SIGTERM, saying BYE to every client and removing its FIFOs."
+    )]
+    Serve(ServeArgs),
+    /// Connect a client and print its directory (holding the send and recv FIFOs)
+    #[command(
+        after_help = "Example:\n  cdir=$(fifobus connect --name logger --sub 'logs.>' --pid $$)\n  echo 'PUB logs.app started' > \"$cdir/send\"\n  read -r line < \"$cdir/recv\""
+    )]
+    Connect(ConnectArgs),
+    /// Publish one message, or one message per line of stdin
+    #[command(
+        after_help = "Examples:\n  fifobus pub chat.room 'hello'\n  printf 'a\\nb\\n' | fifobus pub chat.room"
+    )]
+    Pub(PubArgs),
+    /// Print messages matching patterns until COUNT messages, a timeout, or SIGINT
+    #[command(
+        after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5) || echo 'no answer'\n\nExit status: 0 when done, 124 when --timeout passes without a message, 1 on errors."
+    )]
+    Sub(SubArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Mode of the bus directory when the broker creates it (octal)
+    #[arg(long, default_value = "700", value_parser = parse_mode)]
+    pub mode: u32,
+    /// Longest accepted line on a client's send FIFO (e.g. 1MiB, 65536)
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    pub max_line: usize,
+    /// Lines queued per client before the overflow policy applies
+    #[arg(long, default_value_t = 100_000)]
+    pub backlog_messages: usize,
+    /// Bytes queued per client before the overflow policy applies
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub backlog_bytes: usize,
+    /// What to do when a client's backlog is full
+    #[arg(long, value_enum, default_value_t = OverflowPolicy::DropOldest)]
+    pub overflow: OverflowPolicy,
+    /// How long a client has to open its reply FIFO (e.g. 5s, 500ms)
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Most clients at once [default: what the open-file limit allows]
+    #[arg(long)]
+    pub max_clients: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// A label for logs
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Subscribe to this pattern before the client starts (repeatable)
+    #[arg(long = "sub", value_name = "PATTERN")]
+    pub subs: Vec<String>,
+    /// End the client when this process exits (e.g. --pid $$)
+    #[arg(long)]
+    pub pid: Option<i32>,
+    /// How long to wait for the broker's answer
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PubArgs {
+    pub topic: String,
+    /// The message; without it, every line of stdin is one message
+    pub message: Option<String>,
+    /// A label for the broker's logs
+    #[arg(long, default_value = "fifobus-pub")]
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SubArgs {
+    /// Topic patterns: `*` matches one segment, `>` the rest
+    #[arg(required = true, value_name = "PATTERN")]
+    pub patterns: Vec<String>,
+    /// Exit after this many messages
+    #[arg(short = 'n', long)]
+    pub count: Option<u64>,
+    /// Print `topic payload` instead of the payload alone
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Exit with status 124 when no message arrives for this many seconds
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// A label for the broker's logs
+    #[arg(long, default_value = "fifobus-sub")]
+    pub name: String,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("'{s}' is not an octal mode such as 700 or 750"))
+}
+
+/// Parses `65536`, `64K`, `64KiB`, `1M`, `1MiB`, `1G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("'{s}': unknown unit (use K, M or G, e.g. 1MiB)")),
+    };
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size such as 65536 or 1MiB"))?;
+    n.checked_mul(1 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("'{s}' is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_modes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert!(parse_size("1TB").is_err());
+        assert!(parse_size("0").is_err());
+        assert_eq!(parse_mode("750"), Ok(0o750));
+        assert!(parse_mode("9").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

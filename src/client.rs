@@ -1,0 +1,416 @@
+//! A client of the bus, as any program would write one: plain blocking-ish
+//! file I/O on the FIFOs, no async runtime. The `connect`, `pub` and `sub`
+//! subcommands use it, and so do the integration tests.
+//!
+//! Waits have deadlines: opening `hello` is non-blocking (`ENOENT` or `ENXIO`
+//! means no broker), and every read and write goes through `poll(2)` with a
+//! timeout, so a missing or stuck broker is reported instead of hanging.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::stat::Mode;
+
+use crate::protocol::hello::MAX_HELLO_LINE;
+use crate::protocol::{ErrorCode, Hello};
+use crate::topic::{Pattern, Topic};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no broker is running on {0} ({1}); start one with: fifobus serve --dir {0}")]
+    NoBroker(String, &'static str),
+    #[error("the broker refused: {code} {text}")]
+    Refused { code: String, text: String },
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the broker closed the connection")]
+    Closed,
+    #[error("unexpected reply from the broker: {0}")]
+    Unexpected(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl ClientError {
+    /// The protocol error code, for refusals.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused { code, .. } => ErrorCode::parse(code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    pub name: Option<String>,
+    pub pid: Option<i32>,
+    pub subs: Vec<Pattern>,
+}
+
+/// One line from `recv`, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Msg { topic: Vec<u8>, payload: Vec<u8> },
+    Pong(Option<Vec<u8>>),
+    Err { code: String, text: String },
+    Dropped(u64),
+    Bye,
+    Other(Vec<u8>),
+}
+
+impl Reply {
+    pub fn parse(line: &[u8]) -> Reply {
+        let (word, rest) = match memchr::memchr(b' ', line) {
+            Some(i) => (&line[..i], Some(&line[i + 1..])),
+            None => (line, None),
+        };
+        match (word, rest) {
+            (b"MSG", Some(rest)) => {
+                let (topic, payload) = match memchr::memchr(b' ', rest) {
+                    Some(i) => (&rest[..i], &rest[i + 1..]),
+                    None => (rest, &b""[..]),
+                };
+                Reply::Msg {
+                    topic: topic.to_vec(),
+                    payload: payload.to_vec(),
+                }
+            }
+            (b"PONG", token) => Reply::Pong(token.map(<[u8]>::to_vec)),
+            (b"BYE", None) => Reply::Bye,
+            (b"DROPPED", Some(n)) => match std::str::from_utf8(n).ok().and_then(|n| n.parse().ok())
+            {
+                Some(n) => Reply::Dropped(n),
+                None => Reply::Other(line.to_vec()),
+            },
+            (b"ERR", Some(rest)) => {
+                let rest = String::from_utf8_lossy(rest);
+                let (code, text) = rest.split_once(' ').unwrap_or((&rest, ""));
+                Reply::Err {
+                    code: code.to_owned(),
+                    text: text.to_owned(),
+                }
+            }
+            _ => Reply::Other(line.to_vec()),
+        }
+    }
+}
+
+/// Buffered line reading from a non-blocking descriptor, with deadlines.
+struct LineReader {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+impl LineReader {
+    fn new(fd: OwnedFd) -> Self {
+        LineReader {
+            fd,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// A complete line already buffered, without its newline.
+    fn buffered_line(&mut self) -> Option<Vec<u8>> {
+        let i = memchr::memchr(b'\n', &self.buf)?;
+        let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+        line.pop();
+        Some(line)
+    }
+
+    /// Reads what is available now. Returns false at EOF.
+    fn fill(&mut self) -> io::Result<bool> {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            match nix::unistd::read(self.fd.as_raw_fd(), &mut chunk) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    if n < chunk.len() {
+                        return Ok(true);
+                    }
+                }
+                Err(Errno::EAGAIN) => return Ok(true),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The next line, waiting until `deadline` (None: forever). `Ok(None)` is EOF.
+    fn read_line(&mut self, deadline: Option<Instant>) -> Result<Option<Vec<u8>>, ClientError> {
+        loop {
+            if let Some(line) = self.buffered_line() {
+                return Ok(Some(line));
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            wait_fd(self.fd.as_fd(), PollFlags::POLLIN, deadline)?;
+            if !self.fill()? && self.buf.is_empty() {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Waits until `fd` is ready for `events` or `deadline` passes.
+fn wait_fd(
+    fd: BorrowedFd<'_>,
+    events: PollFlags,
+    deadline: Option<Instant>,
+) -> Result<(), ClientError> {
+    loop {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [PollFd::new(fd, events)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(ClientError::Timeout(Duration::ZERO));
+                }
+            }
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+    }
+}
+
+fn open_fd(path: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
+    let fd = open(path, flags | OFlag::O_CLOEXEC, Mode::empty())?;
+    // SAFETY: `open` returned a fresh descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+/// A connected client.
+pub struct Client {
+    id: String,
+    dir: PathBuf,
+    send: File,
+    recv: LineReader,
+}
+
+impl Client {
+    /// Performs the handshake on `bus_dir/hello` and opens the client's FIFOs.
+    ///
+    /// # Errors
+    /// [`ClientError::NoBroker`] within milliseconds when no broker runs;
+    /// [`ClientError::Refused`] with the broker's `ERR`; `Timeout`.
+    pub fn connect(
+        bus_dir: &Path,
+        opts: &ConnectOptions,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let shown = bus_dir.display().to_string();
+        let hello = match open_fd(&bus_dir.join("hello"), OFlag::O_WRONLY | OFlag::O_NONBLOCK) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ENOTDIR) => {
+                return Err(ClientError::NoBroker(shown, "no hello FIFO there"))
+            }
+            Err(Errno::ENXIO) => return Err(ClientError::NoBroker(shown, "hello has no reader")),
+            Err(e) => return Err(io::Error::from(e).into()),
+        };
+        let reply_dir = tempfile::Builder::new()
+            .prefix("fifobus-reply-")
+            .tempdir()?;
+        let reply_path = reply_dir.path().join("reply");
+        nix::unistd::mkfifo(&reply_path, Mode::from_bits_truncate(0o600))
+            .map_err(io::Error::from)?;
+        // Open our end first, so the broker's open for writing succeeds at once.
+        let mut reply = LineReader::new(
+            open_fd(&reply_path, OFlag::O_RDONLY | OFlag::O_NONBLOCK).map_err(io::Error::from)?,
+        );
+        let line = Hello {
+            reply: reply_path,
+            name: opts.name.clone(),
+            pid: opts.pid,
+            subs: opts.subs.clone(),
+        }
+        .encode();
+        if line.len() > MAX_HELLO_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the HELLO line is {} bytes, the limit is {MAX_HELLO_LINE}; subscribe fewer patterns at first and send SUB for the rest", line.len()),
+            )
+            .into());
+        }
+        // Under PIPE_BUF, so one write is atomic: it writes all or nothing.
+        wait_fd(hello.as_fd(), PollFlags::POLLOUT, Some(deadline))
+            .map_err(|e| with_timeout(e, timeout))?;
+        nix::unistd::write(&hello, &line).map_err(io::Error::from)?;
+        let answer = reply
+            .read_line(Some(deadline))
+            .map_err(|e| with_timeout(e, timeout))?
+            .ok_or(ClientError::Closed)?;
+        let (id, dir) = match Reply::parse(&answer) {
+            Reply::Err { code, text } => return Err(ClientError::Refused { code, text }),
+            Reply::Other(l) if l.starts_with(b"WELCOME ") => {
+                let mut parts = l[8..].splitn(2, |&b| b == b' ');
+                let id = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                let dir = PathBuf::from(OsStr::from_bytes(parts.next().unwrap_or_default()));
+                (id, dir)
+            }
+            _ => {
+                return Err(ClientError::Unexpected(
+                    String::from_utf8_lossy(&answer).into_owned(),
+                ))
+            }
+        };
+        // The broker holds both FIFOs open, so neither open can block.
+        let send = open_fd(&dir.join("send"), OFlag::O_WRONLY | OFlag::O_NONBLOCK)
+            .map_err(io::Error::from)?;
+        set_blocking(&send)?;
+        let recv = open_fd(&dir.join("recv"), OFlag::O_RDONLY | OFlag::O_NONBLOCK)
+            .map_err(io::Error::from)?;
+        Ok(Client {
+            id,
+            dir,
+            send: File::from(send),
+            recv: LineReader::new(recv),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The client directory, holding `send` and `recv`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sends raw protocol bytes (one or more lines, with newlines).
+    ///
+    /// # Errors
+    /// `BrokenPipe` when the broker has gone.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.send.write_all(bytes)
+    }
+
+    pub fn publish(&mut self, topic: &Topic, payload: &[u8]) -> io::Result<()> {
+        let mut line = Vec::with_capacity(topic.as_bytes().len() + payload.len() + 6);
+        line.extend_from_slice(b"PUB ");
+        line.extend_from_slice(topic.as_bytes());
+        line.push(b' ');
+        line.extend_from_slice(payload);
+        line.push(b'\n');
+        self.send_raw(&line)
+    }
+
+    pub fn subscribe(&mut self, pattern: &Pattern) -> io::Result<()> {
+        self.send_raw(format!("SUB {pattern}\n").as_bytes())
+    }
+
+    /// The next line from `recv`; `Ok(None)` at EOF (the broker closed it).
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`] when nothing arrives within `timeout`.
+    pub fn read_line(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, ClientError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.recv
+            .read_line(deadline)
+            .map_err(|e| with_timeout(e, timeout.unwrap_or_default()))
+    }
+
+    /// A line already read from `recv`, if any: for callers that poll
+    /// [`Client::recv_fd`] themselves.
+    pub fn buffered_line(&mut self) -> Option<Vec<u8>> {
+        self.recv.buffered_line()
+    }
+
+    /// Reads what `recv` holds now. Returns false at EOF.
+    ///
+    /// # Errors
+    /// I/O errors from `read`.
+    pub fn fill(&mut self) -> io::Result<bool> {
+        self.recv.fill()
+    }
+
+    pub fn recv_fd(&self) -> BorrowedFd<'_> {
+        self.recv.fd.as_fd()
+    }
+
+    /// Sends `PING token` and collects every line that arrives before the
+    /// matching `PONG`: when it returns, every earlier command took effect.
+    ///
+    /// # Errors
+    /// `Timeout`, or `Closed` if the broker closed the connection first.
+    pub fn ping(&mut self, token: &str, timeout: Duration) -> Result<Vec<Vec<u8>>, ClientError> {
+        self.send_raw(format!("PING {token}\n").as_bytes())?;
+        let deadline = Instant::now() + timeout;
+        let mut before = Vec::new();
+        loop {
+            let line = self
+                .recv
+                .read_line(Some(deadline))
+                .map_err(|e| with_timeout(e, timeout))?
+                .ok_or(ClientError::Closed)?;
+            if Reply::parse(&line) == Reply::Pong(Some(token.as_bytes().to_vec())) {
+                return Ok(before);
+            }
+            before.push(line);
+        }
+    }
+
+    /// Says `BYE` and waits for the broker's `BYE` or EOF. Returns the lines
+    /// that arrived in between.
+    ///
+    /// # Errors
+    /// `Timeout` if the broker does not answer.
+    pub fn bye(mut self, timeout: Duration) -> Result<Vec<Vec<u8>>, ClientError> {
+        self.send_raw(b"BYE\n")?;
+        let deadline = Instant::now() + timeout;
+        let mut before = Vec::new();
+        while let Some(line) = self
+            .recv
+            .read_line(Some(deadline))
+            .map_err(|e| with_timeout(e, timeout))?
+        {
+            if line == b"BYE" {
+                break;
+            }
+            before.push(line);
+        }
+        Ok(before)
+    }
+
+    /// Gives up this process's handles but leaves the client connected, for
+    /// `fifobus connect`: another process takes over the directory.
+    pub fn into_parts(self) -> (String, PathBuf) {
+        (self.id, self.dir)
+    }
+}
+
+fn with_timeout(e: ClientError, timeout: Duration) -> ClientError {
+    match e {
+        ClientError::Timeout(_) => ClientError::Timeout(timeout),
+        e => e,
+    }
+}

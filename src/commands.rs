@@ -1,0 +1,295 @@
+//! The client subcommands: `connect`, `pub`, `sub`. They are ordinary
+//! clients of the bus and talk to the broker only through its FIFOs.
+
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::cli::{ConnectArgs, PubArgs, SubArgs};
+use crate::client::{Client, ClientError, ConnectOptions, Reply};
+use crate::topic::{Pattern, Topic};
+
+/// How long to wait for the broker's answer to a handshake or a barrier.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Exit status when `sub --timeout` passes, as timeout(1) uses.
+pub const EXIT_TIMEOUT: u8 = 124;
+
+/// A failure to report in one line on stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+fn patterns(raw: &[String]) -> Result<Vec<Pattern>, CommandError> {
+    raw.iter()
+        .map(|p| {
+            Pattern::parse(p.as_bytes())
+                .map_err(|e| CommandError::Usage(format!("invalid pattern '{p}': {e}")))
+        })
+        .collect()
+}
+
+pub fn connect(dir: &Path, args: &ConnectArgs) -> Result<ExitCode, CommandError> {
+    let opts = ConnectOptions {
+        name: args.name.clone(),
+        pid: args.pid,
+        subs: patterns(&args.subs)?,
+    };
+    let client = Client::connect(dir, &opts, args.timeout)?;
+    let (_, cdir) = client.into_parts();
+    println!("{}", cdir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
+    let topic = Topic::parse(args.topic.as_bytes())
+        .map_err(|e| CommandError::Usage(format!("invalid topic '{}': {e}", args.topic)))?;
+    if args.message.as_deref().is_some_and(|m| m.contains('\n')) {
+        return Err(CommandError::Usage(
+            "the message contains a newline; to send one message per line, pipe them to stdin"
+                .into(),
+        ));
+    }
+    let opts = ConnectOptions {
+        name: Some(args.name.clone()),
+        pid: Some(std::process::id() as i32),
+        subs: Vec::new(),
+    };
+    let mut client = Client::connect(dir, &opts, ANSWER_TIMEOUT)?;
+    let mut refusals = Refusals::default();
+    match &args.message {
+        Some(m) => client.publish(&topic, m.as_bytes())?,
+        None => publish_lines(&mut client, &topic, &mut refusals)?,
+    }
+    for line in client.ping("pub-done", ANSWER_TIMEOUT)? {
+        refusals.note(&line);
+    }
+    for line in client.bye(ANSWER_TIMEOUT)? {
+        refusals.note(&line);
+    }
+    Ok(if refusals.count == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Remembers refusals from the broker, reporting the first one at once.
+#[derive(Default)]
+struct Refusals {
+    count: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, line: &[u8]) {
+        let first = self.count == 0;
+        match Reply::parse(line) {
+            Reply::Err { code, text } => {
+                self.count += 1;
+                if first {
+                    eprintln!("fifobus pub: the broker refused a message: {code} {text}");
+                }
+            }
+            Reply::Dropped(n) => {
+                eprintln!("fifobus pub: the broker dropped {n} of its replies to us")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One connection for all of stdin. Each `read` of stdin becomes one write
+/// to `send`: bulk input goes out in large batches, and a line typed (or
+/// tailed) alone goes out at once.
+fn publish_lines(
+    client: &mut Client,
+    topic: &Topic,
+    refusals: &mut Refusals,
+) -> Result<(), CommandError> {
+    use std::io::Read;
+    let mut input = io::stdin().lock();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut out = Vec::with_capacity(128 * 1024);
+    loop {
+        let n = match input.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        pending.extend_from_slice(&chunk[..n]);
+        let mut start = 0;
+        while let Some(i) = memchr::memchr(b'\n', &pending[start..]) {
+            push_pub(&mut out, topic, &pending[start..start + i]);
+            start += i + 1;
+        }
+        pending.drain(..start);
+        if n == 0 && !pending.is_empty() {
+            // A last line without its newline is still a message.
+            push_pub(&mut out, topic, &pending);
+            pending.clear();
+        }
+        if !out.is_empty() {
+            client.send_raw(&out)?;
+            out.clear();
+            // Refusals arrive on recv; report them as they come.
+            client.fill()?;
+            while let Some(reply) = client.buffered_line() {
+                refusals.note(&reply);
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+fn push_pub(out: &mut Vec<u8>, topic: &Topic, payload: &[u8]) {
+    out.extend_from_slice(b"PUB ");
+    out.extend_from_slice(topic.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload);
+    out.push(b'\n');
+}
+
+pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
+    let timeout = match args.timeout {
+        Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
+        Some(s) => {
+            return Err(CommandError::Usage(format!(
+                "--timeout {s}: give a number of seconds"
+            )))
+        }
+        None => None,
+    };
+    let opts = ConnectOptions {
+        name: Some(args.name.clone()),
+        pid: Some(std::process::id() as i32),
+        subs: patterns(&args.patterns)?,
+    };
+    let mut client = Client::connect(dir, &opts, ANSWER_TIMEOUT)?;
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let mut seen = 0u64;
+    if args.count == Some(0) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        while let Some(line) = client.buffered_line() {
+            match Reply::parse(&line) {
+                Reply::Msg { topic, payload } => {
+                    let written = if args.verbose {
+                        out.write_all(&topic).and_then(|()| out.write_all(b" "))
+                    } else {
+                        Ok(())
+                    }
+                    .and_then(|()| out.write_all(&payload))
+                    .and_then(|()| out.write_all(b"\n"));
+                    if let Err(e) = written {
+                        return reader_gone(e, client);
+                    }
+                    seen += 1;
+                    if Some(seen) == args.count {
+                        if let Err(e) = out.flush() {
+                            return reader_gone(e, client);
+                        }
+                        let _ = client.send_raw(b"BYE\n");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                Reply::Dropped(n) => eprintln!(
+                    "fifobus sub: the broker dropped {n} messages (this reader fell behind)"
+                ),
+                Reply::Err { code, text } => eprintln!("fifobus sub: broker error: {code} {text}"),
+                Reply::Bye => {
+                    let _ = out.flush();
+                    eprintln!("fifobus sub: the broker is shutting down");
+                    return Ok(ExitCode::FAILURE);
+                }
+                Reply::Pong(_) | Reply::Other(_) => {}
+            }
+        }
+        if let Err(e) = out.flush() {
+            return reader_gone(e, client);
+        }
+        match wait_for_input(&client, timeout)? {
+            Wake::Input => {
+                if !client.fill()? {
+                    if let Some(line) = client.buffered_line() {
+                        eprintln!(
+                            "fifobus sub: incomplete last line: {}",
+                            String::from_utf8_lossy(&line)
+                        );
+                    }
+                    eprintln!("fifobus sub: the broker closed the connection");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            Wake::ReaderGone => return Ok(ExitCode::SUCCESS),
+            Wake::TimedOut => {
+                let _ = client.send_raw(b"BYE\n");
+                eprintln!(
+                    "fifobus sub: no message within {}s",
+                    args.timeout.unwrap_or_default()
+                );
+                return Ok(ExitCode::from(EXIT_TIMEOUT));
+            }
+        }
+    }
+}
+
+/// Writing to stdout failed: a closed pipe (`| head -1`) is a normal end.
+fn reader_gone(e: io::Error, mut client: Client) -> Result<ExitCode, CommandError> {
+    let _ = client.send_raw(b"BYE\n");
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(e.into())
+    }
+}
+
+enum Wake {
+    Input,
+    ReaderGone,
+    TimedOut,
+}
+
+/// Waits for `recv` to have data, for stdout's reader to go away (a pipe
+/// with no reader polls as `POLLERR` even when we are not writing), or for
+/// the timeout.
+fn wait_for_input(client: &Client, timeout: Option<Duration>) -> io::Result<Wake> {
+    let stdout = io::stdout();
+    let poll_timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(t) => PollTimeout::try_from(t.as_millis().min(i32::MAX as u128) as i32)
+            .unwrap_or(PollTimeout::MAX),
+    };
+    loop {
+        let mut fds = [
+            PollFd::new(client.recv_fd(), PollFlags::POLLIN),
+            PollFd::new(stdout.as_fd(), PollFlags::empty()),
+        ];
+        match poll(&mut fds, poll_timeout) {
+            Ok(0) => return Ok(Wake::TimedOut),
+            Ok(_) => {
+                let gone = PollFlags::POLLERR | PollFlags::POLLHUP;
+                if fds[1].revents().is_some_and(|r| r.intersects(gone)) {
+                    return Ok(Wake::ReaderGone);
+                }
+                return Ok(Wake::Input);
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

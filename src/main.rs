@@ -1,0 +1,95 @@
+//! The `fifobus` binary: parse the command line, set up logging, hand over
+//! to the library. No logic lives here.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use fifobus::cli::{Cli, Command, ServeArgs};
+use fifobus::{broker, busdir, commands, config::BrokerConfig, router::BacklogLimits};
+use tokio::signal::unix::{signal, SignalKind};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let dir = cli.dir.unwrap_or_else(busdir::default_path);
+    let result = match &cli.command {
+        Command::Serve(args) => {
+            init_logging("info");
+            return serve(dir, args);
+        }
+        Command::Connect(args) => commands::connect(&dir, args),
+        Command::Pub(args) => commands::publish(&dir, args),
+        Command::Sub(args) => commands::subscribe(&dir, args),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("fifobus: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
+    let config = BrokerConfig {
+        mode: args.mode,
+        max_line: args.max_line,
+        backlog: BacklogLimits {
+            messages: args.backlog_messages,
+            bytes: args.backlog_bytes,
+            policy: args.overflow,
+        },
+        handshake_timeout: args.handshake_timeout,
+        max_clients: args.max_clients,
+        ..BrokerConfig::new(dir)
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        // Install the handlers before the broker announces itself, so a
+        // signal sent the moment `hello` appears already stops it cleanly.
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("error: cannot install signal handlers: {e}");
+                return Ok(false);
+            }
+        };
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        broker::run(config, shutdown).await.map(|()| true)
+    });
+    // Do not wait for tasks that ignored the shutdown deadline.
+    runtime.shutdown_background();
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,268 @@
+//! The rendezvous line: `HELLO reply=<fifo> [name=<label>] [pid=<pid>] [sub=<p>[,<p>...]]`.
+//!
+//! Parsing is strict about field names (a typo such as `subs=` is an error,
+//! not a silently ignored field) and keeps the reply path even when another
+//! field is bad, so the broker can still send the client its `ERR` line.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use super::error::{ErrorCode, ProtocolError};
+use super::escape_for_display;
+use crate::topic::Pattern;
+
+/// HELLO lines must fit in one atomic pipe write (PIPE_BUF on Linux), or
+/// concurrent writers on `hello` could interleave.
+pub const MAX_HELLO_LINE: usize = 4096;
+/// Labels are for logs and metrics, never paths; keep them short.
+pub const MAX_NAME_LEN: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub reply: PathBuf,
+    pub name: Option<String>,
+    pub pid: Option<i32>,
+    pub subs: Vec<Pattern>,
+}
+
+/// A refused HELLO. `reply` is set when the line named a usable reply path,
+/// so the refusal can be answered there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloRejected {
+    pub reply: Option<PathBuf>,
+    pub error: ProtocolError,
+}
+
+impl Hello {
+    /// # Errors
+    /// [`HelloRejected`] with `bad-hello`, `bad-reply`, `bad-pattern` or `bad-pid`.
+    pub fn parse(line: &[u8]) -> Result<Hello, HelloRejected> {
+        let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
+        let reject = |reply: Option<PathBuf>, code, text: String| HelloRejected {
+            reply,
+            error: ProtocolError::new(code, text),
+        };
+        match words.next() {
+            Some(w) if w.eq_ignore_ascii_case(b"HELLO") => {}
+            _ => {
+                return Err(reject(
+                    None,
+                    ErrorCode::BadHello,
+                    format!(
+                        "expected 'HELLO reply=<fifo> ...', got '{}'",
+                        escape_for_display(line, 40)
+                    ),
+                ))
+            }
+        }
+        let fields: Vec<&[u8]> = words.collect();
+        // Find reply= first, so every later refusal can be answered.
+        let mut reply = None;
+        for f in &fields {
+            if let Some(v) = f.strip_prefix(b"reply=") {
+                if reply.is_some() {
+                    return Err(reject(
+                        None,
+                        ErrorCode::BadHello,
+                        "reply= given twice".into(),
+                    ));
+                }
+                reply = Some(v);
+            }
+        }
+        let Some(raw_reply) = reply else {
+            return Err(reject(
+                None,
+                ErrorCode::BadHello,
+                "missing reply=<absolute path of a FIFO>".into(),
+            ));
+        };
+        let reply_path = PathBuf::from(OsStr::from_bytes(raw_reply));
+        if !reply_path.is_absolute() || raw_reply.contains(&0) {
+            return Err(reject(
+                None,
+                ErrorCode::BadReply,
+                format!(
+                    "reply= must be an absolute path, got '{}'",
+                    escape_for_display(raw_reply, 80)
+                ),
+            ));
+        }
+        let answerable = Some(reply_path.clone());
+        let mut hello = Hello {
+            reply: reply_path,
+            name: None,
+            pid: None,
+            subs: Vec::new(),
+        };
+        for f in fields {
+            let (key, value) = match memchr::memchr(b'=', f) {
+                Some(i) => (&f[..i], &f[i + 1..]),
+                None => (f, &b""[..]),
+            };
+            match key {
+                b"reply" => {}
+                b"name" => {
+                    if hello.name.is_some() {
+                        return Err(reject(
+                            answerable,
+                            ErrorCode::BadHello,
+                            "name= given twice".into(),
+                        ));
+                    }
+                    hello.name = Some(
+                        parse_name(value)
+                            .map_err(|t| reject(answerable.clone(), ErrorCode::BadHello, t))?,
+                    );
+                }
+                b"pid" => {
+                    if hello.pid.is_some() {
+                        return Err(reject(
+                            answerable,
+                            ErrorCode::BadHello,
+                            "pid= given twice".into(),
+                        ));
+                    }
+                    hello.pid = Some(
+                        parse_pid(value)
+                            .map_err(|t| reject(answerable.clone(), ErrorCode::BadPid, t))?,
+                    );
+                }
+                b"sub" => {
+                    for p in value.split(|&b| b == b',') {
+                        let pattern = Pattern::parse(p).map_err(|e| {
+                            reject(
+                                answerable.clone(),
+                                ErrorCode::BadPattern,
+                                format!("sub= pattern '{}': {e}", escape_for_display(p, 64)),
+                            )
+                        })?;
+                        if !hello.subs.contains(&pattern) {
+                            hello.subs.push(pattern);
+                        }
+                    }
+                }
+                _ => {
+                    return Err(reject(
+                        answerable,
+                        ErrorCode::BadHello,
+                        format!(
+                            "unknown field '{}' (known: reply= name= pid= sub=)",
+                            escape_for_display(key, 32)
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(hello)
+    }
+
+    /// Encodes this HELLO as a line (with its newline), as a client sends it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut line = b"HELLO reply=".to_vec();
+        line.extend_from_slice(self.reply.as_os_str().as_bytes());
+        if let Some(n) = &self.name {
+            line.extend_from_slice(b" name=");
+            line.extend_from_slice(n.as_bytes());
+        }
+        if let Some(p) = self.pid {
+            line.extend_from_slice(format!(" pid={p}").as_bytes());
+        }
+        if !self.subs.is_empty() {
+            line.extend_from_slice(b" sub=");
+            let subs: Vec<&str> = self.subs.iter().map(|p| p.as_str()).collect();
+            line.extend_from_slice(subs.join(",").as_bytes());
+        }
+        line.push(b'\n');
+        line
+    }
+}
+
+fn parse_name(v: &[u8]) -> Result<String, String> {
+    if v.is_empty() || v.len() > MAX_NAME_LEN {
+        return Err(format!("name= must be 1 to {MAX_NAME_LEN} bytes"));
+    }
+    match std::str::from_utf8(v) {
+        Ok(s) if !s.chars().any(char::is_control) => Ok(s.to_owned()),
+        _ => Err(format!(
+            "name= must be printable UTF-8, got '{}'",
+            escape_for_display(v, 40)
+        )),
+    }
+}
+
+fn parse_pid(v: &[u8]) -> Result<i32, String> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+        .filter(|&p| p > 0)
+        .ok_or_else(|| {
+            format!(
+                "pid= must be a positive process id, got '{}'",
+                escape_for_display(v, 20)
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn full_hello_parses() {
+        let h = Hello::parse(b"HELLO reply=/tmp/r name=alice pid=42 sub=chat.>,news.*").unwrap();
+        assert_eq!(h.reply, PathBuf::from("/tmp/r"));
+        assert_eq!(h.name.as_deref(), Some("alice"));
+        assert_eq!(h.pid, Some(42));
+        let subs: Vec<&str> = h.subs.iter().map(|p| p.as_str()).collect();
+        assert_eq!(subs, ["chat.>", "news.*"]);
+        assert_eq!(
+            Hello::parse(&h.encode()[..h.encode().len() - 1]).unwrap(),
+            h
+        );
+    }
+
+    #[test]
+    fn missing_or_relative_reply_cannot_be_answered() {
+        for line in [
+            &b"HELLO name=x"[..],
+            b"HELLO reply=rel/path",
+            b"HELLO",
+            b"HI reply=/x",
+        ] {
+            let r = Hello::parse(line).unwrap_err();
+            assert_eq!(r.reply, None, "{}", escape_for_display(line, 99));
+        }
+    }
+
+    #[test]
+    fn refusals_after_reply_are_answerable() {
+        let cases: [(&[u8], ErrorCode); 5] = [
+            (b"HELLO reply=/r sub=a..b", ErrorCode::BadPattern),
+            (b"HELLO reply=/r pid=-3", ErrorCode::BadPid),
+            (b"HELLO reply=/r pid=abc", ErrorCode::BadPid),
+            (b"HELLO reply=/r subs=a", ErrorCode::BadHello),
+            (b"HELLO reply=/r name=\x01", ErrorCode::BadHello),
+        ];
+        for (line, code) in cases {
+            let r = Hello::parse(line).unwrap_err();
+            assert_eq!(r.reply.as_deref(), Some(std::path::Path::new("/r")));
+            assert_eq!(r.error.code, code);
+        }
+    }
+
+    #[test]
+    fn names_stay_labels() {
+        let h = Hello::parse(b"HELLO reply=/r name=../../etc/passwd").unwrap();
+        assert_eq!(h.name.as_deref(), Some("../../etc/passwd"));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(line in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Hello::parse(&line);
+        }
+    }
+}

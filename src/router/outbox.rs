@@ -1,0 +1,335 @@
+//! The bounded queue of lines waiting to be written to one client's `recv`.
+//!
+//! The router pushes and never waits: a slow reader must not slow anyone
+//! else. When the backlog passes its caps (lines and bytes) the overflow
+//! policy decides what to lose, and the loss is counted so the writer can
+//! tell the client `DROPPED <n>` at the exact place of the gap:
+//!
+//! - drop-oldest discards from the front, so the gap sits before everything
+//!   still queued: `DROPPED` is written first in the next batch;
+//! - drop-newest refuses new lines, so the gap sits after everything queued:
+//!   `DROPPED` is written last in the next batch.
+//!
+//! The writer swaps the whole queue out under one short lock (rumqttd's
+//! `exchange`), so locking costs once per batch, not once per line.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::protocol::encode;
+
+/// What happens when a client's backlog is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OverflowPolicy {
+    /// Discard the oldest queued lines to make room (the client sees the newest).
+    #[default]
+    DropOldest,
+    /// Discard the new line (the client sees the oldest).
+    DropNewest,
+    /// End the client: its directory is removed and its reader sees EOF.
+    Disconnect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BacklogLimits {
+    pub messages: usize,
+    pub bytes: usize,
+    pub policy: OverflowPolicy,
+}
+
+impl Default for BacklogLimits {
+    fn default() -> Self {
+        BacklogLimits {
+            messages: 100_000,
+            bytes: 64 << 20,
+            policy: OverflowPolicy::DropOldest,
+        }
+    }
+}
+
+/// Why a client's session ended. Logged once per client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client said `BYE`.
+    Bye,
+    /// The broker is stopping.
+    Shutdown,
+    /// The backlog overflowed under `--overflow disconnect`.
+    SlowConsumer,
+    /// The process named by `pid=` exited.
+    PidExited,
+    /// The client directory, `send` or `recv` was deleted or renamed.
+    Removed,
+    /// An unexpected I/O error on the client's FIFOs.
+    Io(String),
+}
+
+impl CloseReason {
+    /// Whether queued lines (and a final `BYE`) are still worth writing.
+    pub fn flushes(&self) -> bool {
+        matches!(self, CloseReason::Bye | CloseReason::Shutdown)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CloseReason::Bye => "bye",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::SlowConsumer => "slow-consumer",
+            CloseReason::PidExited => "pid-exited",
+            CloseReason::Removed => "removed",
+            CloseReason::Io(_) => "io-error",
+        }
+    }
+}
+
+/// The result of one [`Outbox::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// Queued, but older lines were discarded to make room (drop-oldest).
+    QueuedDropping(usize),
+    /// The line itself was discarded (drop-newest).
+    Dropped,
+    /// The overflow ended this client (disconnect policy).
+    Disconnected,
+    /// The client is already ending; the line was ignored.
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Bytes>,
+    bytes: usize,
+    /// Lines discarded since the client was last told.
+    dropped: u64,
+    end: Option<CloseReason>,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    wake: Notify,
+    limits: BacklogLimits,
+}
+
+impl Outbox {
+    pub fn new(limits: BacklogLimits) -> Self {
+        Outbox {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            limits,
+        }
+    }
+
+    /// Queues one encoded line. Never blocks beyond a short lock. One line
+    /// may exceed the byte cap when the queue is empty, so a line larger than
+    /// the cap is still delivered to a reader that keeps up.
+    pub fn push(&self, line: Bytes) -> Push {
+        let mut s = self.lock();
+        if s.end.is_some() {
+            return Push::Closed;
+        }
+        let over = |s: &State| {
+            !s.queue.is_empty()
+                && (s.queue.len() >= self.limits.messages
+                    || s.bytes + line.len() > self.limits.bytes)
+        };
+        let mut outcome = Push::Queued;
+        if over(&s) {
+            match self.limits.policy {
+                OverflowPolicy::DropOldest => {
+                    let mut n = 0;
+                    while over(&s) {
+                        let old = s.queue.pop_front().expect("over() implies non-empty");
+                        s.bytes -= old.len();
+                        n += 1;
+                    }
+                    s.dropped += n as u64;
+                    outcome = Push::QueuedDropping(n);
+                }
+                OverflowPolicy::DropNewest => {
+                    s.dropped += 1;
+                    return Push::Dropped;
+                }
+                OverflowPolicy::Disconnect => {
+                    s.queue.clear();
+                    s.bytes = 0;
+                    s.end = Some(CloseReason::SlowConsumer);
+                    drop(s);
+                    self.wake.notify_one();
+                    return Push::Disconnected;
+                }
+            }
+        }
+        let was_empty = s.queue.is_empty();
+        s.bytes += line.len();
+        s.queue.push_back(line);
+        drop(s);
+        // The writer drains everything it finds, so it needs waking only when
+        // the queue goes from empty to non-empty.
+        if was_empty {
+            self.wake.notify_one();
+        }
+        outcome
+    }
+
+    /// Ends this client. The first reason wins. For reasons that flush, queued
+    /// lines stay and `farewell` is appended past the caps; otherwise the queue
+    /// is discarded. Returns whether this call decided the reason.
+    pub fn close(&self, reason: CloseReason, farewell: Option<Bytes>) -> bool {
+        let mut s = self.lock();
+        if s.end.is_some() {
+            return false;
+        }
+        if reason.flushes() {
+            if let Some(f) = farewell {
+                s.bytes += f.len();
+                s.queue.push_back(f);
+            }
+        } else {
+            s.queue.clear();
+            s.bytes = 0;
+        }
+        s.end = Some(reason);
+        drop(s);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Moves every queued line into `into` (with a `DROPPED` line where the
+    /// gap is) and returns the close reason if the client is ending: once
+    /// `into` is written, the writer is done.
+    pub fn take(&self, into: &mut VecDeque<Bytes>) -> Option<CloseReason> {
+        let mut s = self.lock();
+        let dropped = std::mem::take(&mut s.dropped);
+        if dropped > 0 && self.limits.policy == OverflowPolicy::DropOldest {
+            into.push_back(encode::dropped(dropped));
+        }
+        into.append(&mut s.queue);
+        if dropped > 0 && self.limits.policy != OverflowPolicy::DropOldest {
+            into.push_back(encode::dropped(dropped));
+        }
+        s.bytes = 0;
+        s.end.clone()
+    }
+
+    /// The close reason, if one was set and it does not flush: the writer
+    /// checks this while waiting on a full pipe, so that a client that was
+    /// removed or disconnected does not keep it waiting.
+    pub fn abandoned(&self) -> Option<CloseReason> {
+        self.lock().end.clone().filter(|r| !r.flushes())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().end.is_some()
+    }
+
+    /// Lines and bytes waiting (not counting what the writer already took).
+    pub fn backlog(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.queue.len(), s.bytes)
+    }
+
+    /// Waits until something was pushed or the outbox was closed since the
+    /// last wait. A push that happened before this call still wakes it.
+    pub async fn changed(&self) {
+        self.wake.notified().await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain data behind; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(messages: usize, bytes: usize, policy: OverflowPolicy) -> Outbox {
+        Outbox::new(BacklogLimits {
+            messages,
+            bytes,
+            policy,
+        })
+    }
+
+    fn line(s: &str) -> Bytes {
+        Bytes::from(format!("{s}\n"))
+    }
+
+    fn taken(o: &Outbox) -> Vec<String> {
+        let mut q = VecDeque::new();
+        o.take(&mut q);
+        q.iter()
+            .map(|b| String::from_utf8_lossy(b).trim_end().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn drop_oldest_reports_the_gap_first() {
+        let o = outbox(2, 1 << 20, OverflowPolicy::DropOldest);
+        for s in ["a", "b", "c", "d"] {
+            o.push(line(s));
+        }
+        assert_eq!(taken(&o), ["DROPPED 2", "c", "d"]);
+        o.push(line("e"));
+        assert_eq!(taken(&o), ["e"], "the count resets once reported");
+    }
+
+    #[test]
+    fn drop_newest_reports_the_gap_last() {
+        let o = outbox(2, 1 << 20, OverflowPolicy::DropNewest);
+        let pushes: Vec<Push> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|s| o.push(line(s)))
+            .collect();
+        assert_eq!(
+            pushes,
+            [Push::Queued, Push::Queued, Push::Dropped, Push::Dropped]
+        );
+        assert_eq!(taken(&o), ["a", "b", "DROPPED 2"]);
+    }
+
+    #[test]
+    fn byte_cap_applies_as_well_as_line_cap() {
+        let o = outbox(100, 4, OverflowPolicy::DropOldest);
+        o.push(line("a")); // 2 bytes
+        o.push(line("b")); // 4 bytes
+        o.push(line("c")); // would be 6: drop "a"
+        assert_eq!(o.backlog(), (2, 4));
+        assert_eq!(taken(&o), ["DROPPED 1", "b", "c"]);
+    }
+
+    #[test]
+    fn one_oversize_line_still_goes_through_an_empty_queue() {
+        let o = outbox(10, 4, OverflowPolicy::DropNewest);
+        assert_eq!(o.push(line("much too long")), Push::Queued);
+        assert_eq!(o.push(line("x")), Push::Dropped);
+    }
+
+    #[test]
+    fn disconnect_ends_the_client_and_discards_the_backlog() {
+        let o = outbox(1, 1 << 20, OverflowPolicy::Disconnect);
+        assert_eq!(o.push(line("a")), Push::Queued);
+        assert_eq!(o.push(line("b")), Push::Disconnected);
+        assert_eq!(o.abandoned(), Some(CloseReason::SlowConsumer));
+        assert_eq!(o.push(line("c")), Push::Closed);
+        assert!(taken(&o).is_empty());
+    }
+
+    #[test]
+    fn flushing_close_keeps_the_queue_and_adds_the_farewell() {
+        let o = outbox(1, 1 << 20, OverflowPolicy::DropOldest);
+        o.push(line("a"));
+        assert!(o.close(CloseReason::Shutdown, Some(encode::bye())));
+        assert!(!o.close(CloseReason::Removed, None), "first reason wins");
+        let mut q = VecDeque::new();
+        assert_eq!(o.take(&mut q), Some(CloseReason::Shutdown));
+        assert_eq!(q.len(), 2);
+        assert_eq!(o.abandoned(), None);
+    }
+}

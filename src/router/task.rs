@@ -1,0 +1,110 @@
+//! The router task: the async shell around [`RouterCore`].
+//!
+//! It blocks only when there is nothing to do (an idle broker spends no CPU),
+//! and once woken drains up to [`DRAIN_MAX`] more messages without waiting,
+//! so that a busy router pays the channel's wake-up cost once per batch.
+//! Readers send one message per read, not per line. The channel is bounded:
+//! when the router falls behind, readers wait, stop reading, and publishers
+//! block in `write()` on their full `send` FIFO; that is the backpressure.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::core::{ClientKey, RouterCore};
+use super::outbox::Outbox;
+use crate::protocol::{Command, ProtocolError};
+use crate::topic::Pattern;
+
+const CHANNEL_CAPACITY: usize = 1024;
+const DRAIN_MAX: usize = 256;
+
+pub enum RouterMsg {
+    Attach {
+        key: ClientKey,
+        outbox: Arc<Outbox>,
+        subs: Vec<Pattern>,
+        /// Answered once the subscriptions are in force.
+        done: oneshot::Sender<()>,
+    },
+    /// Everything one read from a client's `send` produced, in order.
+    Batch {
+        key: ClientKey,
+        items: Vec<Result<Command, ProtocolError>>,
+    },
+    Detach {
+        key: ClientKey,
+    },
+}
+
+/// A cloneable way to reach the router. The router stops when every handle
+/// is gone, which is how shutdown ends it.
+#[derive(Clone)]
+pub struct RouterHandle {
+    tx: mpsc::Sender<RouterMsg>,
+}
+
+impl RouterHandle {
+    /// Starts the router task and returns a handle to it.
+    pub fn spawn() -> RouterHandle {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        tokio::spawn(run(rx, RouterCore::new()));
+        RouterHandle { tx }
+    }
+
+    /// Registers a client; returns once its `sub=` patterns are in force.
+    /// Returns `false` if the router has stopped.
+    pub async fn attach(&self, key: ClientKey, outbox: Arc<Outbox>, subs: Vec<Pattern>) -> bool {
+        let (done, wait) = oneshot::channel();
+        let msg = RouterMsg::Attach {
+            key,
+            outbox,
+            subs,
+            done,
+        };
+        self.tx.send(msg).await.is_ok() && wait.await.is_ok()
+    }
+
+    /// Sends one batch. Waits while the router is behind (backpressure).
+    /// Returns `false` if the router has stopped.
+    pub async fn batch(&self, key: ClientKey, items: Vec<Result<Command, ProtocolError>>) -> bool {
+        self.tx.send(RouterMsg::Batch { key, items }).await.is_ok()
+    }
+
+    pub async fn detach(&self, key: ClientKey) {
+        let _ = self.tx.send(RouterMsg::Detach { key }).await;
+    }
+}
+
+async fn run(mut rx: mpsc::Receiver<RouterMsg>, mut core: RouterCore) {
+    while let Some(first) = rx.recv().await {
+        handle(&mut core, first);
+        for _ in 0..DRAIN_MAX {
+            match rx.try_recv() {
+                Ok(msg) => handle(&mut core, msg),
+                Err(_) => break,
+            }
+        }
+    }
+    tracing::debug!("router stopped");
+}
+
+fn handle(core: &mut RouterCore, msg: RouterMsg) {
+    match msg {
+        RouterMsg::Attach {
+            key,
+            outbox,
+            subs,
+            done,
+        } => {
+            core.attach(key, outbox, subs);
+            let _ = done.send(());
+        }
+        RouterMsg::Batch { key, items } => {
+            for item in items {
+                core.apply(key, item);
+            }
+        }
+        RouterMsg::Detach { key } => core.detach(key),
+    }
+}

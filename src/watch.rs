@@ -1,0 +1,180 @@
+//! Noticing, without polling, that a client is gone.
+//!
+//! The broker holds both ends of every client FIFO, so it never sees EOF or
+//! `EPIPE` when a client dies; those are the price of the resilient opens in
+//! [`crate::fifo`]. Instead:
+//! - [`PidWatch`]: a pidfd for the `pid=` a client gave; it becomes readable
+//!   when that process exits (even before it is reaped).
+//! - [`FsWatcher`]: one inotify instance for the whole broker, watching the
+//!   bus directory (a deleted `hello` is recreated) and each client directory
+//!   (a deleted or renamed directory, `send` or `recv` ends that client).
+//!
+//! Both are file descriptors in tokio's reactor: an idle broker sleeps in
+//! `epoll_wait` with no timers.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+
+use crate::router::{CloseReason, Outbox};
+
+/// Resolves when a given process exits.
+pub struct PidWatch {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PidWatch {
+    /// # Errors
+    /// `NotFound` when no such process exists; `EMFILE` when out of descriptors.
+    pub fn open(pid: i32) -> io::Result<PidWatch> {
+        // SAFETY: pidfd_open takes (pid_t, unsigned flags) and returns a new fd or -1.
+        let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the syscall returned a fresh descriptor that we now own.
+        let fd = unsafe { OwnedFd::from_raw_fd(rc as RawFd) };
+        Ok(PidWatch { fd: register(fd)? })
+    }
+
+    pub async fn exited(&self) {
+        // A pidfd stays readable once the process has exited; one readiness
+        // event is the whole answer. An error here means the reactor is gone
+        // (shutdown), which the session notices by other means.
+        if self.fd.readable().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Registers an owned descriptor with tokio's reactor for readability.
+fn register<T: AsRawFd>(owner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `owner` owns its descriptor (OwnedFd, or Inotify which holds an
+    // OwnedFd) and moves into the AsyncFd, so the descriptor stays open and
+    // unchanged for as long as it is registered.
+    unsafe { AsyncFd::register_with_interest(owner, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
+}
+
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+pub struct FsWatcher {
+    inotify: AsyncFd<InotifyFd>,
+    bus_dir: WatchDescriptor,
+    clients: DashMap<WatchDescriptor, Arc<Outbox>>,
+    hello_removed: Notify,
+}
+
+const CLIENT_EVENTS: AddWatchFlags = AddWatchFlags::IN_DELETE
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_DELETE_SELF)
+    .union(AddWatchFlags::IN_MOVE_SELF)
+    .union(AddWatchFlags::IN_ONLYDIR);
+
+impl FsWatcher {
+    /// Watches the bus directory for a deleted or renamed `hello`.
+    ///
+    /// # Errors
+    /// When inotify is unavailable or the directory cannot be watched.
+    pub fn new(bus_dir: &Path) -> io::Result<Arc<FsWatcher>> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        let wd = inotify.add_watch(
+            bus_dir,
+            AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_ONLYDIR,
+        )?;
+        Ok(Arc::new(FsWatcher {
+            inotify: register(InotifyFd(inotify))?,
+            bus_dir: wd,
+            clients: DashMap::new(),
+            hello_removed: Notify::new(),
+        }))
+    }
+
+    /// Ends `outbox`'s client when `dir`, or `send`/`recv` inside it, goes away.
+    ///
+    /// # Errors
+    /// `ENOSPC` when the user's inotify watch limit is reached.
+    pub fn watch_client(&self, dir: &Path, outbox: Arc<Outbox>) -> io::Result<WatchDescriptor> {
+        let wd = self.inotify.get_ref().0.add_watch(dir, CLIENT_EVENTS)?;
+        self.clients.insert(wd, outbox);
+        Ok(wd)
+    }
+
+    /// Stops watching a client directory. Compares the outbox so that a watch
+    /// descriptor the kernel has since reused for another client is kept.
+    pub fn unwatch_client(&self, wd: WatchDescriptor, outbox: &Arc<Outbox>) {
+        if self
+            .clients
+            .remove_if(&wd, |_, o| Arc::ptr_eq(o, outbox))
+            .is_some()
+        {
+            // Fails with EINVAL when the directory is already gone; fine.
+            let _ = self.inotify.get_ref().0.rm_watch(wd);
+        }
+    }
+
+    /// Resolves once `hello` was deleted or renamed since the last call.
+    pub async fn hello_removed(&self) {
+        self.hello_removed.notified().await
+    }
+
+    /// Reads events until the reactor goes away. Spawn it once.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let mut guard = match self.inotify.readable().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!("inotify stopped working: {e}; deleted client directories will go unnoticed");
+                    return;
+                }
+            };
+            match self.inotify.get_ref().0.read_events() {
+                Ok(events) => {
+                    for ev in events {
+                        self.dispatch(ev);
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => {
+                    tracing::error!("reading inotify events failed: {e}");
+                    guard.clear_ready();
+                }
+            }
+        }
+    }
+
+    fn dispatch(&self, ev: nix::sys::inotify::InotifyEvent) {
+        let gone = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM;
+        let name = ev.name.as_deref().and_then(|n| n.to_str());
+        if ev.wd == self.bus_dir {
+            if ev.mask.intersects(gone) && name == Some("hello") {
+                self.hello_removed.notify_one();
+            }
+            return;
+        }
+        let ends_client = ev
+            .mask
+            .intersects(AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF)
+            || (ev.mask.intersects(gone) && matches!(name, Some("send" | "recv")));
+        if ends_client {
+            if let Some(outbox) = self.clients.get(&ev.wd) {
+                outbox.close(CloseReason::Removed, None);
+            }
+        }
+        if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
+            self.clients.remove(&ev.wd);
+        }
+    }
+}
