@@ -40,7 +40,8 @@ pub struct Delivery {
 pub struct RouterCore {
     index: PatternIndex<ClientKey>,
     clients: HashMap<ClientKey, Client>,
-    cache: HashMap<Topic, Arc<[Arc<Outbox>]>>,
+    /// Hashed with foldhash: one lookup per PUB, on the hot path.
+    cache: HashMap<Topic, Arc<[Arc<Outbox>]>, foldhash::fast::RandomState>,
     scratch: Vec<ClientKey>,
 }
 

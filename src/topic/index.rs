@@ -5,10 +5,15 @@
 //! probe per topic segment plus the wildcard branches actually present,
 //! independent of how many patterns are stored.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::Hash;
+
+/// Matching probes one map per topic segment; for short segments SipHash
+/// (the std default) is a visible share of a match, so the literal maps use
+/// foldhash, which is fast on short keys and seeded per map so that clients
+/// cannot precompute collisions by choosing segment names.
+type SegmentHash = foldhash::fast::RandomState;
 
 use super::{Pattern, Topic};
 
@@ -41,7 +46,7 @@ struct Node<K> {
 impl<K> Level<K> {
     fn new() -> Self {
         Level {
-            literals: HashMap::with_hasher(SegmentHash::new()),
+            literals: HashMap::with_hasher(SegmentHash::default()),
             star: None,
             tail: None,
         }
@@ -62,83 +67,6 @@ impl<K> Node<K> {
 
     fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.next.is_empty()
-    }
-}
-
-/// Hasher for segment keys. Matching probes one map per topic segment, and
-/// for short segments SipHash (the std default) is a visible share of that
-/// (about 10% of a match over 10,000 subscriptions), so this uses a folded
-/// multiply (the foldhash/wyhash primitive) instead. Per-map random seeds keep
-/// collisions from being precomputed by clients choosing segment names.
-#[derive(Clone)]
-struct SegmentHash {
-    seed: u64,
-    mul: u64,
-}
-
-impl SegmentHash {
-    fn new() -> Self {
-        // RandomState is the std's per-map randomness; borrow it for seeds.
-        let state = RandomState::new();
-        SegmentHash {
-            seed: state.hash_one(0u8),
-            mul: state.hash_one(1u8) | 1,
-        }
-    }
-}
-
-impl BuildHasher for SegmentHash {
-    type Hasher = SegmentHasher;
-
-    fn build_hasher(&self) -> SegmentHasher {
-        SegmentHasher {
-            h: self.seed,
-            mul: self.mul,
-        }
-    }
-}
-
-struct SegmentHasher {
-    h: u64,
-    mul: u64,
-}
-
-#[inline]
-fn folded_multiply(a: u64, b: u64) -> u64 {
-    let full = u128::from(a) * u128::from(b);
-    (full as u64) ^ ((full >> 64) as u64)
-}
-
-impl Hasher for SegmentHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        // `[u8]`'s Hash writes the length first, so zero padding of the
-        // last chunk cannot make two different keys hash alike.
-        let mut h = self.h;
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let word = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
-            h = folded_multiply(h ^ word, self.mul);
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut buf = [0u8; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            h = folded_multiply(h ^ u64::from_le_bytes(buf), self.mul);
-        }
-        self.h = h;
-    }
-
-    #[inline]
-    fn write_usize(&mut self, n: usize) {
-        self.h = folded_multiply(self.h ^ n as u64, self.mul);
-    }
-
-    #[inline]
-    fn finish(&self) -> u64 {
-        // One more round so the last word's bits reach the low bits the
-        // table indexes by.
-        folded_multiply(self.h, self.mul ^ 0x9e37_79b9_7f4a_7c15)
     }
 }
 
@@ -493,20 +421,6 @@ mod tests {
             assert_eq!(idx.node_count(), 0);
         }
         assert!(idx.root.literals.capacity() <= 16);
-    }
-
-    #[test]
-    fn segment_hash_spreads_similar_keys() {
-        let build = SegmentHash::new();
-        let hashes: HashSet<u64> = (0..10_000)
-            .map(|i| build.hash_one(format!("room{i}").into_bytes().into_boxed_slice()))
-            .collect();
-        assert_eq!(hashes.len(), 10_000);
-        // Low bits pick the bucket, so they must vary too.
-        let low: HashSet<u64> = hashes.iter().map(|h| h & 0xfff).collect();
-        assert!(low.len() > 3000, "{}", low.len());
-        // Length is part of the hash, so zero padding cannot collide.
-        assert_ne!(build.hash_one(&b"a"[..]), build.hash_one(&b"a\0"[..]));
     }
 
     // --- property tests -------------------------------------------------
