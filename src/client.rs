@@ -237,9 +237,7 @@ impl Client {
             Err(Errno::ENXIO) => return Err(ClientError::NoBroker(shown, "hello has no reader")),
             Err(e) => return Err(io::Error::from(e).into()),
         };
-        let reply_dir = tempfile::Builder::new()
-            .prefix("fifobus-reply-")
-            .tempdir()?;
+        let reply_dir = reply_dir()?;
         let reply_path = reply_dir.path().join("reply");
         nix::unistd::mkfifo(&reply_path, Mode::from_bits_truncate(0o600))
             .map_err(io::Error::from)?;
@@ -253,7 +251,8 @@ impl Client {
             pid: opts.pid,
             subs: opts.subs.clone(),
         }
-        .encode();
+        .encode()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         if line.len() > MAX_HELLO_LINE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -406,6 +405,26 @@ impl Client {
     pub fn into_parts(self) -> (String, PathBuf) {
         (self.id, self.dir)
     }
+}
+
+/// A private directory for the reply FIFO. HELLO fields are separated by
+/// spaces, so a `$TMPDIR` with a space in it cannot be used; fall back to /tmp.
+fn reply_dir() -> io::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("fifobus-reply-")
+        .tempdir()?;
+    if !dir
+        .path()
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .any(|&b| b == b' ' || b.is_ascii_control())
+    {
+        return Ok(dir);
+    }
+    tempfile::Builder::new()
+        .prefix("fifobus-reply-")
+        .tempdir_in("/tmp")
 }
 
 fn with_timeout(e: ClientError, timeout: Duration) -> ClientError {

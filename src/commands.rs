@@ -164,12 +164,11 @@ fn push_pub(out: &mut Vec<u8>, topic: &Topic, payload: &[u8]) {
 
 pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
     let timeout = match args.timeout {
-        Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
-        Some(s) => {
-            return Err(CommandError::Usage(format!(
-                "--timeout {s}: give a number of seconds"
-            )))
-        }
+        Some(s) => Some(Duration::try_from_secs_f64(s).map_err(|_| {
+            CommandError::Usage(format!(
+                "--timeout {s}: give a number of seconds, such as 5 or 0.5"
+            ))
+        })?),
         None => None,
     };
     let opts = ConnectOptions {
@@ -203,7 +202,7 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                         if let Err(e) = out.flush() {
                             return reader_gone(e, client);
                         }
-                        let _ = client.send_raw(b"BYE\n");
+                        leave(client);
                         return Ok(ExitCode::SUCCESS);
                     }
                 }
@@ -235,9 +234,12 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                     return Ok(ExitCode::FAILURE);
                 }
             }
-            Wake::ReaderGone => return Ok(ExitCode::SUCCESS),
+            Wake::ReaderGone => {
+                leave(client);
+                return Ok(ExitCode::SUCCESS);
+            }
             Wake::TimedOut => {
-                let _ = client.send_raw(b"BYE\n");
+                leave(client);
                 eprintln!(
                     "fifobus sub: no message within {}s",
                     args.timeout.unwrap_or_default()
@@ -249,13 +251,20 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
 }
 
 /// Writing to stdout failed: a closed pipe (`| head -1`) is a normal end.
-fn reader_gone(e: io::Error, mut client: Client) -> Result<ExitCode, CommandError> {
-    let _ = client.send_raw(b"BYE\n");
+fn reader_gone(e: io::Error, client: Client) -> Result<ExitCode, CommandError> {
+    leave(client);
     if e.kind() == io::ErrorKind::BrokenPipe {
         Ok(ExitCode::SUCCESS)
     } else {
         Err(e.into())
     }
+}
+
+/// Says BYE and waits briefly for the broker's answer, so the client ends
+/// cleanly rather than by its pid disappearing. Failures do not matter here:
+/// the broker removes the client when this process exits anyway.
+fn leave(client: Client) {
+    let _ = client.bye(Duration::from_secs(1));
 }
 
 enum Wake {

@@ -189,8 +189,28 @@ async fn create_client(
     };
     let id = uuid::Uuid::new_v4().to_string();
     let dir = shared.clients_dir.join(&id);
-    let (send, recv) = make_client_fifos(&dir).map_err(|e| resource_error(&e, shared))?;
     let outbox = Arc::new(Outbox::new(shared.config.backlog));
+    // Subscribe before the directory exists: whoever sees the directory
+    // (the client after WELCOME, or a script watching clients/) can rely on
+    // the sub= patterns being in force.
+    let key = shared.next_key();
+    if !shared
+        .router
+        .attach(key, outbox.clone(), hello.subs.clone())
+        .await
+    {
+        return Err(ProtocolError::new(
+            ErrorCode::ShuttingDown,
+            "the broker is stopping",
+        ));
+    }
+    let (send, recv) = match make_client_fifos(&dir) {
+        Ok(fifos) => fifos,
+        Err(e) => {
+            shared.router.detach(key).await;
+            return Err(resource_error(&e, shared));
+        }
+    };
     let watch = match shared.watcher.watch_client(&dir, outbox.clone()) {
         Ok(wd) => Some(wd),
         Err(e) => {
@@ -198,18 +218,6 @@ async fn create_client(
             None
         }
     };
-    let key = shared.next_key();
-    if !shared
-        .router
-        .attach(key, outbox.clone(), hello.subs.clone())
-        .await
-    {
-        let _ = busdir::remove_client_dir(&dir);
-        return Err(ProtocolError::new(
-            ErrorCode::ShuttingDown,
-            "the broker is stopping",
-        ));
-    }
     let label = hello.name.clone().unwrap_or_else(|| id.clone());
     tracing::debug!(client = %label, id = %id, pid = ?hello.pid, "client joined");
     let session = Session {

@@ -159,7 +159,22 @@ impl Hello {
     }
 
     /// Encodes this HELLO as a line (with its newline), as a client sends it.
-    pub fn encode(&self) -> Vec<u8> {
+    ///
+    /// # Errors
+    /// When a field would break the line: a reply path that is relative or
+    /// holds a space or a control byte, or a name [`Hello::parse`] would
+    /// refuse. Checked here so that a client cannot inject a second line.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let reply = self.reply.as_os_str().as_bytes();
+        if !self.reply.is_absolute() || reply.iter().any(|&b| b == b' ' || b.is_ascii_control()) {
+            return Err(format!(
+                "reply path '{}' must be absolute, without spaces or control characters",
+                escape_for_display(reply, 80)
+            ));
+        }
+        if let Some(n) = &self.name {
+            parse_name(n.as_bytes())?;
+        }
         let mut line = b"HELLO reply=".to_vec();
         line.extend_from_slice(self.reply.as_os_str().as_bytes());
         if let Some(n) = &self.name {
@@ -175,7 +190,7 @@ impl Hello {
             line.extend_from_slice(subs.join(",").as_bytes());
         }
         line.push(b'\n');
-        line
+        Ok(line)
     }
 }
 
@@ -184,9 +199,9 @@ fn parse_name(v: &[u8]) -> Result<String, String> {
         return Err(format!("name= must be 1 to {MAX_NAME_LEN} bytes"));
     }
     match std::str::from_utf8(v) {
-        Ok(s) if !s.chars().any(char::is_control) => Ok(s.to_owned()),
+        Ok(s) if !s.chars().any(|c| c.is_control() || c == ' ') => Ok(s.to_owned()),
         _ => Err(format!(
-            "name= must be printable UTF-8, got '{}'",
+            "name= must be printable UTF-8 without spaces, got '{}'",
             escape_for_display(v, 40)
         )),
     }
@@ -218,10 +233,8 @@ mod tests {
         assert_eq!(h.pid, Some(42));
         let subs: Vec<&str> = h.subs.iter().map(|p| p.as_str()).collect();
         assert_eq!(subs, ["chat.>", "news.*"]);
-        assert_eq!(
-            Hello::parse(&h.encode()[..h.encode().len() - 1]).unwrap(),
-            h
-        );
+        let line = h.encode().unwrap();
+        assert_eq!(Hello::parse(&line[..line.len() - 1]).unwrap(), h);
     }
 
     #[test]
@@ -251,6 +264,18 @@ mod tests {
             assert_eq!(r.reply.as_deref(), Some(std::path::Path::new("/r")));
             assert_eq!(r.error.code, code);
         }
+    }
+
+    #[test]
+    fn encode_refuses_fields_that_would_break_the_line() {
+        let mut h = Hello::parse(b"HELLO reply=/r").unwrap();
+        h.name = Some("a\nHELLO reply=/x".into());
+        assert!(h.encode().is_err());
+        h.name = Some("a b".into());
+        assert!(h.encode().is_err());
+        h.name = None;
+        h.reply = PathBuf::from("/tmp/sp ace/r");
+        assert!(h.encode().is_err());
     }
 
     #[test]

@@ -1,0 +1,450 @@
+//! The command-line contract: `fifobus connect`, `pub` and `sub` run as real
+//! processes against a real broker, with their exit statuses and output.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+
+use common::*;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::stat::Mode;
+use nix::unistd::Pid;
+
+/// `fifobus --dir DIR ARGS...`.
+fn fifobus(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg("--dir").arg(dir).args(args);
+    cmd
+}
+
+/// `bash -c SCRIPT` with `$B` set to the fifobus binary.
+fn bash(script: &str, env: &[(&str, &OsStr)]) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(script)
+        .env("B", bin())
+        .envs(env.iter().map(|(k, v)| (*k, *v)));
+    cmd
+}
+
+/// A spawned process in its own process group, with stdout read line by
+/// line and stderr read whole, each in a thread. Dropping it before
+/// [`Proc::finish`] kills the whole group and reaps the process.
+struct Proc {
+    child: Option<Child>,
+    out: Receiver<String>,
+    err: Receiver<String>,
+}
+
+impl Proc {
+    fn start(mut cmd: Command, stdin: Option<Vec<u8>>) -> Proc {
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+        let mut child = cmd.spawn().unwrap();
+        if let Some(data) = stdin {
+            let mut w = child.stdin.take().unwrap();
+            // Ends by itself: at the end of the data, or with EPIPE once the
+            // process is gone.
+            std::thread::spawn(move || {
+                let _ = w.write_all(&data);
+            });
+        }
+        let (out_tx, out) = mpsc::channel();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || loop {
+            let mut line = Vec::new();
+            match stdout.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if out_tx
+                        .send(String::from_utf8_lossy(&line).into_owned())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        let (err_tx, err) = mpsc::channel();
+        let mut stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            let _ = err_tx.send(s);
+        });
+        Proc {
+            child: Some(child),
+            out,
+            err,
+        }
+    }
+
+    /// The next line of stdout, newline included.
+    fn line(&self) -> String {
+        match self.out.recv_timeout(T) {
+            Ok(l) => l,
+            Err(RecvTimeoutError::Timeout) => panic!("no line on stdout within {T:?}"),
+            Err(RecvTimeoutError::Disconnected) => panic!("stdout closed before a line came"),
+        }
+    }
+
+    /// Whether the process is still running (not exited, not reaped).
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Waits for the process to exit; returns (status, rest of stdout, stderr).
+    fn finish(mut self) -> (ExitStatus, String, String) {
+        let status = wait_child(self.child.as_mut().unwrap(), T)
+            .unwrap_or_else(|| panic!("process did not exit within {T:?}"));
+        self.child = None;
+        let mut out = String::new();
+        loop {
+            match self.out.recv_timeout(T) {
+                Ok(l) => out.push_str(&l),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!("stdout still open {T:?} after exit"),
+            }
+        }
+        let err = self
+            .err
+            .recv_timeout(T)
+            .unwrap_or_else(|e| panic!("stderr not closed after exit: {e}"));
+        (status, out, err)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run(cmd: Command) -> (ExitStatus, String, String) {
+    Proc::start(cmd, None).finish()
+}
+
+fn run_with_stdin(cmd: Command, stdin: &[u8]) -> (ExitStatus, String, String) {
+    Proc::start(cmd, Some(stdin.to_vec())).finish()
+}
+
+/// Waits until the client started by the command under test exists. The
+/// broker subscribes a client's `sub=` patterns before it creates the
+/// client's directory, so once it appears a publish reaches it. `name` is
+/// only for the failure message: tests start one such client at a time.
+fn wait_joined(bus: &TempBus, name: &str) {
+    assert!(
+        wait_for(&bus.clients_dir(), T, || !bus.client_dirs().is_empty()),
+        "{name} did not join"
+    );
+}
+
+/// Waits until every client has gone and its directory with it.
+fn wait_no_clients(bus: &TempBus) {
+    assert!(
+        wait_for(&bus.clients_dir(), T, || bus.client_dirs().is_empty()),
+        "clients left: {:?}",
+        bus.client_dirs()
+    );
+}
+
+/// Publishes raw `PUB` lines from a harness client, which then leaves.
+fn publish(bus: &TempBus, lines: &[u8]) {
+    let mut p = bus.connect("test-publisher", &[]);
+    p.send_raw(lines).unwrap();
+    assert_eq!(barrier(&mut p), Vec::<String>::new());
+    assert!(p.bye(T).unwrap().is_empty());
+}
+
+fn msgs(topic: &str, payloads: impl IntoIterator<Item = String>) -> Vec<String> {
+    payloads
+        .into_iter()
+        .map(|p| format!("MSG {topic} {p}"))
+        .collect()
+}
+
+#[test]
+fn help_exits_zero_and_shows_an_example() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["connect", "--help"],
+        &["pub", "--help"],
+        &["sub", "--help"],
+    ] {
+        let mut cmd = Command::new(bin());
+        cmd.args(args);
+        let (status, out, err) = run(cmd);
+        assert!(status.success(), "{args:?}: {status:?} {err}");
+        assert!(out.contains("Example"), "{args:?} shows no example:\n{out}");
+    }
+}
+
+#[test]
+fn client_commands_report_a_missing_broker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let stale = tmp.path().join("stale");
+    fs::create_dir(&stale).unwrap();
+    nix::unistd::mkfifo(&stale.join("hello"), Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+    let missing = tmp.path().join("missing");
+    for dir in [&empty, &stale, &missing] {
+        for args in [&["connect"][..], &["pub", "t", "x"], &["sub", "t"]] {
+            let (status, out, err) = run(fifobus(dir, args));
+            let what = format!("{args:?} on {}", dir.display());
+            assert!(!status.success(), "{what}: {status:?}");
+            assert_eq!(out, "", "{what}: stdout");
+            assert_eq!(
+                err.lines().count(),
+                1,
+                "{what}: one line on stderr: {err:?}"
+            );
+            assert!(err.ends_with('\n'), "{what}: {err:?}");
+            assert!(
+                err.contains("no broker is running on"),
+                "{what}: stderr: {err:?}"
+            );
+        }
+    }
+    assert!(
+        stale.join("hello").exists(),
+        "a client left the stale hello alone"
+    );
+}
+
+#[test]
+fn connect_prints_a_client_directory_that_receives_messages() {
+    let bus = TempBus::start();
+    let (status, out, err) = run(fifobus(
+        &bus.dir,
+        &["connect", "--sub", "chat.>", "--name", "x"],
+    ));
+    assert!(status.success(), "{status:?}: {err}");
+    assert_eq!(out.lines().count(), 1, "{out:?}");
+    let cdir = PathBuf::from(out.trim_end_matches('\n'));
+    assert_eq!(cdir.parent(), Some(bus.clients_dir().as_path()));
+    for fifo in ["send", "recv"] {
+        let meta = fs::metadata(cdir.join(fifo)).unwrap();
+        assert!(meta.file_type().is_fifo(), "{fifo} is a FIFO");
+    }
+
+    publish(&bus, b"PUB chat.a hi\nPUB other.topic no\n");
+    let env = [("C", cdir.as_os_str())];
+    let (status, out, err) = run(bash(r#"read -r l < "$C/recv"; echo "$l""#, &env));
+    assert!(status.success(), "{err}");
+    assert_eq!(out, "MSG chat.a hi\n");
+
+    // The client lives on after `connect` exits, until someone says BYE.
+    let (status, out, err) = run(bash(r#"echo BYE > "$C/send"; cat "$C/recv""#, &env));
+    assert!(status.success(), "{err}");
+    assert_eq!(out, "BYE\n");
+    assert!(wait_gone(&cdir, T));
+}
+
+#[test]
+fn pub_sends_one_message() {
+    let bus = TempBus::start();
+    let mut s = bus.connect("s", &["t"]);
+    let (status, out, err) = run(fifobus(&bus.dir, &["pub", "t", "hello world"]));
+    assert!(status.success(), "{status:?}: {err}");
+    assert_eq!((out.as_str(), err.as_str()), ("", ""));
+    assert_eq!(barrier(&mut s), ["MSG t hello world"]);
+}
+
+#[test]
+fn pub_sends_each_line_of_stdin_in_order() {
+    let bus = TempBus::start();
+    let mut s = bus.connect("s", &["t"]);
+    let input: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+    let (status, out, err) = run_with_stdin(fifobus(&bus.dir, &["pub", "t"]), input.as_bytes());
+    assert!(status.success(), "{status:?}: {err}");
+    assert_eq!((out.as_str(), err.as_str()), ("", ""));
+    let want = msgs("t", (0..1000).map(|i| format!("line {i}")));
+    assert_eq!(barrier(&mut s), want);
+
+    // A last line without its newline is a message too.
+    let (status, _, err) = run_with_stdin(fifobus(&bus.dir, &["pub", "t"]), b"a\nlast");
+    assert!(status.success(), "{status:?}: {err}");
+    assert_eq!(barrier(&mut s), ["MSG t a", "MSG t last"]);
+}
+
+#[test]
+fn pub_rejects_bad_input_before_connecting() {
+    // No broker here: these must fail on their own input, not on connecting.
+    let tmp = tempfile::tempdir().unwrap();
+    let (status, out, err) = run(fifobus(tmp.path(), &["pub", "a..b", "x"]));
+    assert!(!status.success());
+    assert_eq!(out, "");
+    assert!(
+        err.contains("a..b") && err.contains("invalid topic"),
+        "{err}"
+    );
+    assert!(!err.contains("no broker"), "{err}");
+
+    let (status, _, err) = run(fifobus(tmp.path(), &["pub", "t", "two\nlines"]));
+    assert!(!status.success());
+    assert!(err.contains("newline"), "{err}");
+    assert!(!err.contains("no broker"), "{err}");
+}
+
+#[test]
+fn pub_reports_a_line_too_long_and_delivers_the_others() {
+    let bus = TempBus::start_with(&["--max-line", "100"]);
+    let mut s = bus.connect("s", &["t"]);
+    let input = format!("ok 1\n{}\nok 2\n", "x".repeat(200));
+    let (status, out, err) = run_with_stdin(fifobus(&bus.dir, &["pub", "t"]), input.as_bytes());
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(out, "");
+    assert!(err.contains("line-too-long"), "{err}");
+    assert_eq!(barrier(&mut s), ["MSG t ok 1", "MSG t ok 2"]);
+}
+
+#[test]
+fn sub_with_count_prints_that_many_payloads_and_exits() {
+    let bus = TempBus::start();
+    let sub = Proc::start(fifobus(&bus.dir, &["sub", "t", "-n", "2"]), None);
+    wait_joined(&bus, "fifobus-sub");
+    publish(&bus, b"PUB t one\nPUB t two\nPUB t three\n");
+    let (status, out, err) = sub.finish();
+    assert!(status.success(), "{status:?}: {err}");
+    assert_eq!(out, "one\ntwo\n");
+    assert_eq!(err, "");
+    wait_no_clients(&bus);
+}
+
+#[test]
+fn sub_verbose_prints_topics() {
+    let bus = TempBus::start();
+    let args = ["sub", "t.*", "-v", "-n", "2", "--name", "verbose"];
+    let sub = Proc::start(fifobus(&bus.dir, &args), None);
+    wait_joined(&bus, "verbose");
+    publish(&bus, b"PUB t.a one\nPUB u.a no\nPUB t.b two words\n");
+    let (status, out, err) = sub.finish();
+    assert!(status.success(), "{status:?}: {err}");
+    assert_eq!(out, "t.a one\nt.b two words\n");
+}
+
+#[test]
+fn sub_flushes_each_line() {
+    let bus = TempBus::start();
+    let mut sub = Proc::start(fifobus(&bus.dir, &["sub", "t"]), None);
+    wait_joined(&bus, "fifobus-sub");
+    publish(&bus, b"PUB t one\n");
+    assert_eq!(sub.line(), "one\n");
+    assert!(sub.running(), "sub without -n keeps running");
+    publish(&bus, b"PUB t two\n");
+    assert_eq!(sub.line(), "two\n");
+    drop(sub);
+    // It connected with pid=: the broker ends the client when it dies.
+    wait_no_clients(&bus);
+}
+
+#[test]
+fn sub_ends_quietly_when_its_reader_goes_away() {
+    let bus = TempBus::start();
+    let script = r#"set -o pipefail; "$B" --dir "$D" sub t | head -1"#;
+    let pipeline = Proc::start(bash(script, &[("D", bus.dir.as_os_str())]), None);
+    wait_joined(&bus, "fifobus-sub");
+    publish(&bus, b"PUB t first\nPUB t second\n");
+    let (status, out, err) = pipeline.finish();
+    assert!(
+        status.success(),
+        "sub and head both succeed: {status:?}: {err}"
+    );
+    assert_eq!(out, "first\n");
+    assert_eq!(err, "");
+    wait_no_clients(&bus);
+}
+
+#[test]
+fn sub_timeout_exits_124_and_says_bye() {
+    let bus = TempBus::start();
+    let (status, out, err) = run(fifobus(&bus.dir, &["sub", "t", "--timeout", "0.3"]));
+    assert_eq!(status.code(), Some(124), "{status:?}: {err}");
+    assert_eq!(out, "");
+    assert!(err.contains("no message within 0.3s"), "{err}");
+    wait_no_clients(&bus);
+}
+
+#[test]
+fn sub_fails_when_the_broker_stops() {
+    let mut bus = TempBus::start();
+    let sub = Proc::start(fifobus(&bus.dir, &["sub", "t"]), None);
+    wait_joined(&bus, "fifobus-sub");
+    let (broker, _) = bus.stop(Signal::SIGTERM);
+    assert!(broker.success(), "{broker:?}");
+    let (status, out, err) = sub.finish();
+    assert!(!status.success(), "{status:?}");
+    assert_eq!(status.signal(), None, "exited, not killed");
+    assert_eq!(out, "");
+    assert!(err.contains("shutting down"), "{err}");
+}
+
+#[test]
+fn invalid_patterns_are_refused() {
+    let bus = TempBus::start();
+    for args in [&["sub", "a.>.b"][..], &["connect", "--sub", "a.>.b"]] {
+        let (status, out, err) = run(fifobus(&bus.dir, args));
+        assert!(!status.success(), "{args:?}: {status:?}");
+        assert_eq!(out, "", "{args:?}");
+        assert!(
+            err.contains("invalid pattern") && err.contains("a.>.b"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(bus.client_dirs().is_empty());
+}
+
+#[test]
+fn out_of_range_timeout_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for t in ["1e30", "-1", "nan"] {
+        let arg = format!("--timeout={t}");
+        let (status, out, err) = run(fifobus(tmp.path(), &["sub", "t", &arg]));
+        assert_eq!(status.code(), Some(1), "--timeout {t}: {status:?} {err}");
+        assert_eq!(out, "");
+        assert!(err.contains("give a number of seconds"), "{err}");
+    }
+}
+
+#[test]
+fn names_that_would_break_the_hello_line_are_refused_locally() {
+    let bus = TempBus::start();
+    for name in ["a\nHELLO reply=/tmp/x", "a b"] {
+        let (status, _, err) = run(fifobus(&bus.dir, &["pub", "--name", name, "t", "x"]));
+        assert!(!status.success(), "{name:?}");
+        assert!(err.contains("without spaces"), "{name:?}: {err}");
+    }
+    assert!(bus.client_dirs().is_empty(), "no client was created");
+}
+
+#[test]
+fn a_tmpdir_with_a_space_still_works() {
+    let bus = TempBus::start();
+    let mut sub = bus.connect("s", &["t"]);
+    let spaced = tempfile::Builder::new().prefix("sp ace").tempdir().unwrap();
+    let mut cmd = fifobus(&bus.dir, &["pub", "t", "through a spaced TMPDIR"]);
+    cmd.env("TMPDIR", spaced.path());
+    let (status, _, err) = run(cmd);
+    assert!(status.success(), "{err}");
+    assert_eq!(barrier(&mut sub), ["MSG t through a spaced TMPDIR"]);
+}
