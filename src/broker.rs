@@ -17,10 +17,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::busdir::{BusDir, BusDirError};
 use crate::config::BrokerConfig;
-use crate::rendezvous;
+use crate::metrics::Metrics;
 use crate::router::RouterHandle;
 use crate::throttle::LogThrottle;
 use crate::watch::FsWatcher;
+use crate::{http, rendezvous};
 
 /// The whole shutdown must fit in the 2 seconds promised to operators.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1500);
@@ -38,6 +39,11 @@ pub enum BrokerError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot serve metrics on {addr}: {source} (choose another --metrics-addr, or --metrics-addr off)")]
+    MetricsAddr {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// What every task of the broker shares.
@@ -49,6 +55,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     pub clients_dir: PathBuf,
     pub throttle: LogThrottle,
+    /// `None` when `--metrics-addr off`: nothing is counted at all.
+    pub metrics: Option<Arc<Metrics>>,
     pub max_clients: usize,
     clients: AtomicUsize,
     next_key: AtomicU64,
@@ -112,7 +120,7 @@ pub async fn run(
     let fd_clients = (fd_limit.saturating_sub(RESERVED_FDS) / FDS_PER_CLIENT) as usize;
     let max_clients = config.max_clients.map_or(fd_clients, |m| m.min(fd_clients));
 
-    let (bus, stale) = BusDir::open(&config.dir, config.mode)?;
+    let (mut bus, stale) = BusDir::open(&config.dir, config.mode)?;
     if !stale.is_empty() {
         tracing::warn!(
             "cleaned up after a broker{} that did not stop cleanly: removed {}{} client director{}",
@@ -139,33 +147,80 @@ pub async fn run(
             kept.display()
         );
     }
-    let watcher = FsWatcher::new(bus.path()).map_err(|source| BrokerError::Inotify {
-        dir: bus.path().to_owned(),
-        source,
-    })?;
+    let listener = match http::bind(config.metrics).await {
+        Ok(l) => l,
+        Err(source) => {
+            bus.remove();
+            return Err(BrokerError::MetricsAddr {
+                addr: format!("{:?}", config.metrics),
+                source,
+            });
+        }
+    };
+    let metrics = listener
+        .as_ref()
+        .map(|_| Metrics::new(config.metrics_limits));
+    let watcher = match FsWatcher::new(bus.path()) {
+        Ok(w) => w,
+        Err(source) => {
+            let dir = bus.path().to_owned();
+            bus.remove();
+            return Err(BrokerError::Inotify { dir, source });
+        }
+    };
     tokio::spawn(watcher.clone().run());
 
     let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    let metrics_addr = match (listener, &metrics) {
+        (Some(l), Some(m)) => {
+            let addr = l.local_addr().ok();
+            tokio::spawn(http::serve(l, m.clone(), cancel.clone()));
+            if let Some(a) = addr {
+                if let Err(e) = bus.write_metrics_addr(a) {
+                    tracing::warn!("cannot record the metrics address: {e}");
+                }
+            }
+            addr
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared {
-        router: RouterHandle::spawn(),
+        router: RouterHandle::spawn(metrics.clone(), config.backlog.policy),
         watcher,
-        cancel: CancellationToken::new(),
+        cancel,
         tracker: tracker.clone(),
         clients_dir: bus.clients_dir(),
         throttle: LogThrottle::default(),
+        metrics,
         max_clients,
         clients: AtomicUsize::new(0),
         next_key: AtomicU64::new(1),
         config,
     });
     tracing::info!(
-        "serving on {} (pid {}); open-file limit {fd_limit} allows about {max_clients} clients",
+        "serving on {} (pid {}); open-file limit {fd_limit} allows about {max_clients} clients; metrics {}",
         bus.path().display(),
-        std::process::id()
+        std::process::id(),
+        metrics_addr.map_or_else(|| "off".to_owned(), |a| format!("on http://{a}/metrics")),
     );
+    // Last: `hello` appearing is what clients and scripts wait for.
+    if let Err(e) = bus.publish_hello() {
+        let path = bus.path().join(crate::busdir::HELLO);
+        bus.remove();
+        return Err(BusDirError::Io {
+            action: "create",
+            path,
+            source: e,
+        }
+        .into());
+    }
+    // For systemd Type=notify units; a no-op elsewhere.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let rendezvous = tracker.spawn(rendezvous::run(bus, shared.clone()));
 
     shutdown.await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(clients = shared.client_count(), "shutting down");
     shared.cancel.cancel();
     tracker.close();

@@ -24,6 +24,8 @@ use crate::fifo;
 pub const HELLO: &str = "hello";
 pub const CLIENTS: &str = "clients";
 pub const PID_FILE: &str = "broker.pid";
+/// Where the metrics endpoint listens, for `fifobus stats` and scripts.
+pub const METRICS_ADDR_FILE: &str = "metrics.addr";
 
 /// The default bus directory: `$FIFOBUS_DIR`, else `$XDG_RUNTIME_DIR/fifobus`,
 /// else `/tmp/fifobus-<uid>`.
@@ -87,7 +89,8 @@ pub struct BusDir {
     path: PathBuf,
     _lock: Flock<OwnedFd>,
     created: bool,
-    hello: pipe::Receiver,
+    /// Set by [`BusDir::publish_hello`], the last step of startup.
+    hello: Option<pipe::Receiver>,
 }
 
 impl BusDir {
@@ -135,13 +138,12 @@ impl BusDir {
                 }
             })
             .map_err(io_err("create", &clients))?;
-        let hello = publish_hello(path).map_err(io_err("create", &path.join(HELLO)))?;
         Ok((
             BusDir {
                 path: path.to_owned(),
                 _lock: lock,
                 created,
-                hello,
+                hello: None,
             },
             stale,
         ))
@@ -190,8 +192,28 @@ impl BusDir {
         self.path.join(CLIENTS)
     }
 
+    /// Creates `hello`: the broker's "ready" signal, so call it last, once
+    /// everything that serves clients (and notices a deleted `hello`) runs.
+    ///
+    /// # Errors
+    /// When the FIFO cannot be created.
+    pub fn publish_hello(&mut self) -> io::Result<()> {
+        self.hello = Some(publish_hello(&self.path)?);
+        Ok(())
+    }
+
+    /// # Panics
+    /// Before [`BusDir::publish_hello`].
     pub fn hello(&self) -> &pipe::Receiver {
-        &self.hello
+        self.hello.as_ref().expect("hello is published at startup")
+    }
+
+    /// Records the metrics endpoint's address for `fifobus stats`.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_metrics_addr(&self, addr: std::net::SocketAddr) -> io::Result<()> {
+        fs::write(self.path.join(METRICS_ADDR_FILE), format!("{addr}\n"))
     }
 
     /// Puts a fresh `hello` in place after someone deleted it, and returns
@@ -201,7 +223,7 @@ impl BusDir {
     /// When the FIFO cannot be created.
     pub fn recreate_hello(&mut self) -> io::Result<pipe::Receiver> {
         let fresh = publish_hello(&self.path)?;
-        Ok(std::mem::replace(&mut self.hello, fresh))
+        Ok(self.hello.replace(fresh).expect("hello was published"))
     }
 
     /// Removes what this broker created: `hello` first (so no new client
@@ -213,6 +235,7 @@ impl BusDir {
         let _ = remove_client_dirs(&clients);
         let _ = fs::remove_dir(&clients);
         let _ = fs::remove_file(self.path.join(PID_FILE));
+        let _ = fs::remove_file(self.path.join(METRICS_ADDR_FILE));
         if self.created {
             let _ = fs::remove_dir(&self.path);
         }
@@ -250,6 +273,7 @@ fn cleanup_stale(dir: &Path) -> Result<StaleCleanup, BusDirError> {
         previous_pid: read_pid(dir),
         ..StaleCleanup::default()
     };
+    let _ = fs::remove_file(dir.join(METRICS_ADDR_FILE));
     let hello = dir.join(HELLO);
     if fifo::is_fifo(&hello) {
         fs::remove_file(&hello).map_err(io_err("remove stale", &hello))?;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::http::MetricsEndpoint;
 use crate::router::OverflowPolicy;
 
 const EXAMPLES: &str = "\
@@ -19,7 +20,7 @@ The bus directory is --dir, else $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, el
 Protocol: docs/protocol.md";
 
 #[derive(Debug, Parser)]
-#[command(name = "fifobus", version, about = "A message broker for local processes over named pipes", after_help = EXAMPLES)]
+#[command(name = "fifobus", version, about = "A message broker for local processes over named pipes", after_help = EXAMPLES, args_override_self = true)]
 pub struct Cli {
     /// Bus directory [default: $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /tmp/fifobus-<uid>]
     #[arg(long, global = true, value_name = "DIR")]
@@ -51,6 +52,11 @@ pub enum Command {
         after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5) || echo 'no answer'\n\nExit status: 0 when done, 124 when --timeout passes without a message, 1 on errors."
     )]
     Sub(SubArgs),
+    /// Show the broker's throughput, backlogs, drops and errors (from its /metrics)
+    #[command(
+        after_help = "Example:\n  fifobus stats --interval 5s\n\nReads the endpoint from metrics.addr in the bus directory; needs the broker's metrics on."
+    )]
+    Stats(StatsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +82,28 @@ pub struct ServeArgs {
     /// Most clients at once [default: what the open-file limit allows]
     #[arg(long)]
     pub max_clients: Option<usize>,
+    /// Serve Prometheus /metrics and /healthz here (HOST:PORT), or 'off' [default: 127.0.0.1:9478, or a free loopback port if that is taken]
+    #[arg(long, default_value = "default", hide_default_value = true)]
+    pub metrics_addr: MetricsEndpoint,
+    /// Topics with their own metric series; the rest are summed under topic="_other"
+    #[arg(long, default_value_t = 1000)]
+    pub metrics_topic_limit: usize,
+    /// Client labels with their own metric series; the rest are summed under client="_other"
+    #[arg(long, default_value_t = 1000)]
+    pub metrics_client_limit: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Time between the two scrapes that rates are computed from
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Rows per table
+    #[arg(long, default_value_t = 20)]
+    pub rows: usize,
+    /// Scrape this URL instead of the one recorded in the bus directory
+    #[arg(long)]
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Args)]

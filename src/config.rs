@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::http::MetricsEndpoint;
+use crate::metrics::MetricsLimits;
 use crate::router::BacklogLimits;
 
 #[derive(Debug, Clone)]
@@ -20,6 +22,8 @@ pub struct BrokerConfig {
     pub flush_grace: Duration,
     /// Upper bound on clients; `None` derives it from the open-file limit.
     pub max_clients: Option<usize>,
+    pub metrics: MetricsEndpoint,
+    pub metrics_limits: MetricsLimits,
 }
 
 impl BrokerConfig {
@@ -32,6 +36,8 @@ impl BrokerConfig {
             handshake_timeout: Duration::from_secs(5),
             flush_grace: Duration::from_millis(500),
             max_clients: None,
+            metrics: MetricsEndpoint::Default,
+            metrics_limits: MetricsLimits::default(),
         }
     }
 }

@@ -16,7 +16,8 @@
 //! - [`rendezvous`]: the `hello` FIFO and handshakes.
 //! - [`session`]: one client's reader, writer and teardown.
 //! - [`broker`]: wiring and ordered shutdown.
-//! - [`client`], [`commands`], [`cli`]: the client side and the command line.
+//! - [`metrics`], [`http`]: Prometheus metrics and the `/metrics` endpoint.
+//! - [`client`], [`commands`], [`cli`], [`stats`]: the client side and the command line.
 //!
 //! # Data path of one `PUB`
 //!
@@ -35,10 +36,13 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod fifo;
+pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod rendezvous;
 pub mod router;
 pub mod session;
+pub mod stats;
 pub mod throttle;
 pub mod topic;
 pub mod watch;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fifobus::cli::{Cli, Command, ServeArgs};
+use fifobus::cli::{Cli, Command, ServeArgs, StatsArgs};
 use fifobus::{broker, busdir, commands, config::BrokerConfig, router::BacklogLimits};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Connect(args) => commands::connect(&dir, args),
         Command::Pub(args) => commands::publish(&dir, args),
         Command::Sub(args) => commands::subscribe(&dir, args),
+        Command::Stats(args) => return stats(&dir, args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("fifobus: {e}");
@@ -37,6 +38,11 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         },
         handshake_timeout: args.handshake_timeout,
         max_clients: args.max_clients,
+        metrics: args.metrics_addr,
+        metrics_limits: fifobus::metrics::MetricsLimits {
+            topics: args.metrics_topic_limit,
+            clients: args.metrics_client_limit,
+        },
         ..BrokerConfig::new(dir)
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -77,6 +83,36 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn stats(dir: &std::path::Path, args: &StatsArgs) -> ExitCode {
+    use fifobus::stats;
+    let run = || -> Result<String, stats::StatsError> {
+        let url = match &args.url {
+            Some(u) => u.clone(),
+            None => stats::metrics_url(dir)?,
+        };
+        let before = stats::scrape(&url)?;
+        std::thread::sleep(args.interval);
+        let now = stats::scrape(&url)?;
+        let secs = args.interval.as_secs_f64().max(1e-3);
+        Ok(format!(
+            "fifobus on {} ({url}, rates over {:?})\n{}",
+            dir.display(),
+            args.interval,
+            stats::render(&before, &now, secs, args.rows)
+        ))
+    };
+    match run() {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fifobus: {e}");
             ExitCode::FAILURE
         }
     }

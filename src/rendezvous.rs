@@ -102,6 +102,9 @@ async fn handshake(line: &[u8], shared: &Arc<Shared>) {
     let (hello, refusal) = match Hello::parse(line) {
         Ok(h) => (Some(h), None),
         Err(HelloRejected { reply: None, error }) => {
+            if let Some(m) = &shared.metrics {
+                m.handshake_rejected(error.code.as_str());
+            }
             warn_throttled!(
                 shared.throttle,
                 error.code.as_str(),
@@ -131,6 +134,12 @@ async fn handshake(line: &[u8], shared: &Arc<Shared>) {
     let reply = match reply {
         Ok(r) => r,
         Err(e) => {
+            if let Some(m) = &shared.metrics {
+                m.handshake_rejected(match e {
+                    fifo::ReplyError::NoReader(..) => "reply-timeout",
+                    _ => "bad-reply",
+                });
+            }
             warn_throttled!(shared.throttle, "bad-reply", "abandoned a handshake: {e}");
             return;
         }
@@ -139,6 +148,12 @@ async fn handshake(line: &[u8], shared: &Arc<Shared>) {
         Some(e) => Err(e),
         None => create_client(&hello, shared).await,
     };
+    if let Some(m) = &shared.metrics {
+        match &answer {
+            Ok(_) => m.handshakes_accepted.inc(),
+            Err(e) => m.handshake_rejected(e.code.as_str()),
+        }
+    }
     let line = match &answer {
         Ok((_, id, dir)) => encode::welcome(id, dir),
         Err(e) => {
@@ -219,6 +234,9 @@ async fn create_client(
         }
     };
     let label = hello.name.clone().unwrap_or_else(|| id.clone());
+    if let Some(m) = &shared.metrics {
+        m.client_joined(key, &label, outbox.clone());
+    }
     tracing::debug!(client = %label, id = %id, pid = ?hello.pid, "client joined");
     let session = Session {
         key,

@@ -14,14 +14,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use nix::sys::inotify::WatchDescriptor;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
 
 use crate::broker::Shared;
+use crate::metrics::DropReason;
 use crate::protocol::{encode, Command, ErrorCode, Line, LineSplitter, ProtocolError};
-use crate::router::{ClientKey, CloseReason, Outbox};
+use crate::router::{ClientKey, CloseReason, Entry, Outbox};
 use crate::watch::PidWatch;
 use crate::{busdir, fifo, warn_throttled};
 
@@ -54,7 +55,8 @@ impl Session {
     }
 
     async fn serve(&self, shared: &Shared) -> CloseReason {
-        let writer = write_lines(&self.recv, &self.outbox);
+        let latency = shared.metrics.as_ref().map(|m| m.latency.local());
+        let writer = write_lines(&self.recv, &self.outbox, latency);
         tokio::pin!(writer);
         let reader = read_commands(self, shared);
         let pid_exit = async {
@@ -94,6 +96,13 @@ impl Session {
         }
         shared.router.detach(self.key).await;
         shared.client_left();
+        if let Some(m) = &shared.metrics {
+            m.client_left(self.key);
+            let lost = self.outbox.undelivered();
+            if lost > 0 {
+                m.dropped(DropReason::ClientGone).inc_by(lost as u64);
+            }
+        }
         match &reason {
             CloseReason::Bye | CloseReason::PidExited | CloseReason::Shutdown => {
                 tracing::debug!(client = %self.label, reason = reason.as_str(), "client left")
@@ -121,6 +130,7 @@ async fn read_commands(s: &Session, shared: &Shared) -> CloseReason {
             return CloseReason::Io(format!("waiting on send: {e}"));
         }
         let mut items = Vec::new();
+        let read_at = std::time::Instant::now();
         let mut read = 0;
         let mut bye = false;
         while read < BATCH_BYTES && !bye {
@@ -149,6 +159,9 @@ async fn read_commands(s: &Session, shared: &Shared) -> CloseReason {
                     )),
                 };
                 if let Err(e) = &item {
+                    if let Some(m) = &shared.metrics {
+                        m.protocol_error(e.code.as_str());
+                    }
                     warn_throttled!(shared.throttle, e.code.as_str(), client = %s.label, "refused a line: {}", e.text);
                 }
                 bye = matches!(item, Ok(Command::Bye));
@@ -158,7 +171,7 @@ async fn read_commands(s: &Session, shared: &Shared) -> CloseReason {
                 }
             }
         }
-        if !items.is_empty() && !shared.router.batch(s.key, items).await {
+        if !items.is_empty() && !shared.router.batch(s.key, items, read_at).await {
             return CloseReason::Shutdown;
         }
         if bye {
@@ -173,8 +186,14 @@ async fn read_commands(s: &Session, shared: &Shared) -> CloseReason {
 }
 
 /// Writes the outbox to `recv` until the outbox ends; returns why.
-async fn write_lines(recv: &pipe::Sender, outbox: &Outbox) -> CloseReason {
-    let mut batch: VecDeque<Bytes> = VecDeque::new();
+/// `latency` (when metrics are on) gets publish-to-write time per `MSG`,
+/// counted locally and flushed once per batch.
+async fn write_lines(
+    recv: &pipe::Sender,
+    outbox: &Outbox,
+    latency: Option<prometheus::local::LocalHistogram>,
+) -> CloseReason {
+    let mut batch: VecDeque<Entry> = VecDeque::new();
     loop {
         let end = outbox.take(&mut batch);
         if batch.is_empty() {
@@ -187,9 +206,12 @@ async fn write_lines(recv: &pipe::Sender, outbox: &Outbox) -> CloseReason {
             }
         }
         while !batch.is_empty() {
-            match write_some(recv, &mut batch) {
+            match write_some(recv, &mut batch, latency.as_ref()) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(l) = &latency {
+                        l.flush();
+                    }
                     // The client is not reading. Wait for room, but give up
                     // at once if the client is being ended meanwhile.
                     tokio::select! {
@@ -205,6 +227,9 @@ async fn write_lines(recv: &pipe::Sender, outbox: &Outbox) -> CloseReason {
                 Err(e) => return CloseReason::Io(format!("writing recv: {e}")),
             }
         }
+        if let Some(l) = &latency {
+            l.flush();
+        }
         if let Some(reason) = end {
             return reason;
         }
@@ -212,21 +237,29 @@ async fn write_lines(recv: &pipe::Sender, outbox: &Outbox) -> CloseReason {
 }
 
 /// One `writev` of as many queued lines as fit; drops what was written.
-fn write_some(recv: &pipe::Sender, batch: &mut VecDeque<Bytes>) -> io::Result<()> {
+fn write_some(
+    recv: &pipe::Sender,
+    batch: &mut VecDeque<Entry>,
+    latency: Option<&prometheus::local::LocalHistogram>,
+) -> io::Result<()> {
     let slices: Vec<IoSlice<'_>> = batch
         .iter()
         .take(MAX_IOVECS)
-        .map(|b| IoSlice::new(b))
+        .map(|e| IoSlice::new(&e.line))
         .collect();
     let mut n = recv.try_write_vectored(&slices)?;
     drop(slices);
+    let now = latency.map(|_| std::time::Instant::now());
     while n > 0 {
         let front = batch.front_mut().expect("wrote more than was queued");
-        if n >= front.len() {
-            n -= front.len();
+        if n >= front.line.len() {
+            n -= front.line.len();
+            if let (Some(l), Some(now), Some(t)) = (latency, now, front.published) {
+                l.observe(now.duration_since(t).as_secs_f64());
+            }
             batch.pop_front();
         } else {
-            front.advance(n);
+            front.line.advance(n);
             n = 0;
         }
     }

@@ -12,8 +12,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::outbox::{CloseReason, Outbox, Push};
+use std::time::Instant;
+
+use super::outbox::{CloseReason, Entry, Outbox, Push};
+use crate::metrics::{DropReason, Metrics, TopicMetrics};
 use crate::protocol::{encode, Command, ProtocolError};
+use crate::router::OverflowPolicy;
 use crate::topic::{Pattern, PatternIndex, Topic};
 
 /// Identifies a connected client inside the router (cheaper than its uuid).
@@ -33,7 +37,20 @@ struct Client {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
     pub delivered: usize,
+    /// Lines discarded under drop-oldest or drop-newest.
     pub dropped: usize,
+    /// Lines discarded with clients that the disconnect policy ended.
+    pub disconnected: usize,
+}
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// What the router knows about a topic it has routed: who gets it (cleared
+/// when interest changes) and its metric handles (resolved once).
+#[derive(Clone)]
+struct Route {
+    subscribers: Arc<[Arc<Outbox>]>,
+    metrics: Option<TopicMetrics>,
 }
 
 #[derive(Default)]
@@ -41,13 +58,41 @@ pub struct RouterCore {
     index: PatternIndex<ClientKey>,
     clients: HashMap<ClientKey, Client>,
     /// Hashed with foldhash: one lookup per PUB, on the hot path.
-    cache: HashMap<Topic, Arc<[Arc<Outbox>]>, foldhash::fast::RandomState>,
+    cache: FastMap<Topic, Route>,
     scratch: Vec<ClientKey>,
+    metrics: Option<RouterMetrics>,
+}
+
+/// The router's metric handles. Per-topic handles outlive the match cache,
+/// so a topic is labelled once however often interest changes.
+struct RouterMetrics {
+    shared: Arc<Metrics>,
+    topics: FastMap<Topic, TopicMetrics>,
+    dropped: prometheus::IntCounter,
+    slow_consumer: prometheus::IntCounter,
 }
 
 impl RouterCore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A router that counts into `metrics`; `policy` names the drop reason.
+    pub fn with_metrics(metrics: Arc<Metrics>, policy: OverflowPolicy) -> Self {
+        let reason = match policy {
+            OverflowPolicy::DropOldest => DropReason::BacklogOldest,
+            OverflowPolicy::DropNewest => DropReason::BacklogNewest,
+            OverflowPolicy::Disconnect => DropReason::SlowConsumer,
+        };
+        RouterCore {
+            metrics: Some(RouterMetrics {
+                dropped: metrics.dropped(reason),
+                slow_consumer: metrics.dropped(DropReason::SlowConsumer),
+                topics: FastMap::default(),
+                shared: metrics,
+            }),
+            ..Self::default()
+        }
     }
 
     /// Registers a client and its initial subscriptions (from `sub=`), which
@@ -72,15 +117,21 @@ impl RouterCore {
                 self.index.remove(p, key);
             }
             if !client.patterns.is_empty() {
-                self.cache.clear();
+                self.interest_changed();
             }
         }
     }
 
     /// Applies one item of a client's batch: a command, or the error its line
     /// produced (answered in place, so replies keep the order of requests).
-    /// Items from a client that is no longer attached are ignored.
-    pub fn apply(&mut self, key: ClientKey, item: Result<Command, ProtocolError>) -> Delivery {
+    /// Items from a client that is no longer attached are ignored. `read_at`
+    /// is when the broker read the line, for the latency histogram.
+    pub fn apply(
+        &mut self,
+        key: ClientKey,
+        item: Result<Command, ProtocolError>,
+        read_at: Instant,
+    ) -> Delivery {
         let Some(client) = self.clients.get(&key) else {
             return Delivery::default();
         };
@@ -88,7 +139,7 @@ impl RouterCore {
             Err(e) => {
                 client.outbox.push(encode::err(&e));
             }
-            Ok(Command::Pub { topic, payload }) => return self.publish(&topic, &payload),
+            Ok(Command::Pub { topic, payload }) => return self.publish(&topic, &payload, read_at),
             Ok(Command::Sub(p)) => self.subscribe(key, p),
             Ok(Command::Unsub(p)) => self.unsubscribe(key, &p),
             Ok(Command::Ping(token)) => {
@@ -105,25 +156,46 @@ impl RouterCore {
 
     /// Encodes the message once and queues the same buffer for every client
     /// with at least one matching pattern.
-    pub fn publish(&mut self, topic: &Topic, payload: &Bytes) -> Delivery {
-        let subscribers = match self.cache.get(topic) {
-            Some(s) => s.clone(),
+    pub fn publish(&mut self, topic: &Topic, payload: &Bytes, read_at: Instant) -> Delivery {
+        let route = match self.cache.get(topic) {
+            Some(r) => r.clone(),
             None => self.resolve(topic),
         };
         let mut d = Delivery::default();
-        if subscribers.is_empty() {
-            return d;
-        }
-        let line = encode::msg(topic, payload);
-        for outbox in subscribers.iter() {
-            match outbox.push(line.clone()) {
-                Push::Queued => d.delivered += 1,
-                Push::QueuedDropping(n) => {
-                    d.delivered += 1;
-                    d.dropped += n;
+        if !route.subscribers.is_empty() {
+            let line = encode::msg(topic, payload);
+            for outbox in route.subscribers.iter() {
+                let entry = Entry {
+                    line: line.clone(),
+                    published: Some(read_at),
+                };
+                match outbox.push_entry(entry) {
+                    Push::Queued => d.delivered += 1,
+                    Push::QueuedDropping(n) => {
+                        d.delivered += 1;
+                        d.dropped += n;
+                    }
+                    Push::Dropped => d.dropped += 1,
+                    Push::Disconnected(n) => d.disconnected += n + 1,
+                    Push::Closed => {}
                 }
-                Push::Dropped | Push::Disconnected => d.dropped += 1,
-                Push::Closed => {}
+            }
+        }
+        if let (Some(m), Some(tm)) = (&self.metrics, &route.metrics) {
+            let len = payload.len() as u64;
+            tm.published.inc();
+            tm.published_bytes.inc_by(len);
+            if d.delivered > 0 {
+                tm.delivered.inc_by(d.delivered as u64);
+                tm.delivered_bytes.inc_by(d.delivered as u64 * len);
+            } else {
+                m.shared.unrouted.inc();
+            }
+            if d.dropped > 0 {
+                m.dropped.inc_by(d.dropped as u64);
+            }
+            if d.disconnected > 0 {
+                m.slow_consumer.inc_by(d.disconnected as u64);
             }
         }
         d
@@ -137,25 +209,48 @@ impl RouterCore {
         self.index.len()
     }
 
-    fn resolve(&mut self, topic: &Topic) -> Arc<[Arc<Outbox>]> {
+    fn resolve(&mut self, topic: &Topic) -> Route {
         self.index.matches(topic, &mut self.scratch);
         let subscribers: Arc<[Arc<Outbox>]> = self
             .scratch
             .iter()
             .filter_map(|k| self.clients.get(k).map(|c| c.outbox.clone()))
             .collect();
+        let metrics = self.metrics.as_mut().map(|m| {
+            if let Some(tm) = m.topics.get(topic) {
+                return tm.clone();
+            }
+            let tm = m.shared.topic(topic.as_str());
+            // Folded topics share the _other handles; remembering them
+            // would let ever-new topic names grow this map without bound.
+            if m.topics.len() < m.shared.topic_limit() {
+                m.topics.insert(topic.clone(), tm.clone());
+            }
+            tm
+        });
         if self.cache.len() >= MATCH_CACHE_MAX {
             self.cache.clear();
         }
-        self.cache.insert(topic.clone(), subscribers.clone());
-        subscribers
+        let route = Route {
+            subscribers,
+            metrics,
+        };
+        self.cache.insert(topic.clone(), route.clone());
+        route
+    }
+
+    fn interest_changed(&mut self) {
+        self.cache.clear();
+        if let Some(m) = &self.metrics {
+            m.shared.subscriptions.set(self.index.len() as i64);
+        }
     }
 
     fn subscribe(&mut self, key: ClientKey, p: Pattern) {
         if let Some(client) = self.clients.get_mut(&key) {
             if client.patterns.insert(p.clone()) {
                 self.index.insert(&p, key);
-                self.cache.clear();
+                self.interest_changed();
             }
         }
     }
@@ -164,7 +259,7 @@ impl RouterCore {
         if let Some(client) = self.clients.get_mut(&key) {
             if client.patterns.remove(p) {
                 self.index.remove(p, key);
-                self.cache.clear();
+                self.interest_changed();
             }
         }
     }
@@ -180,8 +275,19 @@ mod tests {
         let mut q = VecDeque::new();
         o.take(&mut q);
         q.iter()
-            .map(|b| String::from_utf8_lossy(b).trim_end().to_string())
+            .map(|e| String::from_utf8_lossy(&e.line).trim_end().to_string())
             .collect()
+    }
+
+    /// `RouterCore::apply` with "now" as the read time.
+    trait ApplyNow {
+        fn now(&mut self, key: ClientKey, item: Result<Command, ProtocolError>) -> Delivery;
+    }
+
+    impl ApplyNow for RouterCore {
+        fn now(&mut self, key: ClientKey, item: Result<Command, ProtocolError>) -> Delivery {
+            self.apply(key, item, Instant::now())
+        }
     }
 
     fn cmd(s: &str) -> Result<Command, ProtocolError> {
@@ -199,9 +305,9 @@ mod tests {
     fn overlapping_patterns_deliver_once() {
         let mut core = RouterCore::new();
         let a = client(&mut core, 1, &["chat.>", "chat.*", "chat.room"]);
-        core.apply(2, cmd("PUB chat.room hi"));
+        core.now(2, cmd("PUB chat.room hi"));
         client(&mut core, 2, &[]);
-        let d = core.apply(2, cmd("PUB chat.room hi"));
+        let d = core.now(2, cmd("PUB chat.room hi"));
         assert_eq!(d.delivered, 1);
         assert_eq!(lines(&a), ["MSG chat.room hi"]);
     }
@@ -210,10 +316,10 @@ mod tests {
     fn publisher_receives_its_own_messages_then_pong() {
         let mut core = RouterCore::new();
         let a = client(&mut core, 1, &[]);
-        core.apply(1, cmd("SUB t"));
-        core.apply(1, cmd("PUB t 1"));
-        core.apply(1, cmd("PING x"));
-        core.apply(
+        core.now(1, cmd("SUB t"));
+        core.now(1, cmd("PUB t 1"));
+        core.now(1, cmd("PING x"));
+        core.now(
             1,
             Err(ProtocolError::new(
                 crate::protocol::ErrorCode::BadTopic,
@@ -228,13 +334,13 @@ mod tests {
         let mut core = RouterCore::new();
         let a = client(&mut core, 1, &["t"]);
         let b = client(&mut core, 2, &[]);
-        core.apply(1, cmd("PUB t 1"));
-        core.apply(2, cmd("SUB t"));
-        core.apply(1, cmd("PUB t 2"));
-        core.apply(1, cmd("UNSUB t"));
-        core.apply(1, cmd("PUB t 3"));
+        core.now(1, cmd("PUB t 1"));
+        core.now(2, cmd("SUB t"));
+        core.now(1, cmd("PUB t 2"));
+        core.now(1, cmd("UNSUB t"));
+        core.now(1, cmd("PUB t 3"));
         core.detach(2);
-        core.apply(1, cmd("PUB t 4"));
+        core.now(1, cmd("PUB t 4"));
         assert_eq!(lines(&a), ["MSG t 1", "MSG t 2"]);
         assert_eq!(lines(&b), ["MSG t 2", "MSG t 3"]);
         assert_eq!(core.subscription_count(), 0);
@@ -244,12 +350,13 @@ mod tests {
     fn bye_unsubscribes_and_closes_with_bye_last() {
         let mut core = RouterCore::new();
         let a = client(&mut core, 1, &["t"]);
-        core.apply(1, cmd("PUB t 1"));
-        core.apply(1, cmd("BYE"));
-        core.apply(1, cmd("PUB t 2"));
+        core.now(1, cmd("PUB t 1"));
+        core.now(1, cmd("BYE"));
+        core.now(1, cmd("PUB t 2"));
         assert_eq!(core.client_count(), 0);
         let mut q = VecDeque::new();
         assert_eq!(a.take(&mut q), Some(CloseReason::Bye));
-        assert_eq!(q, [Bytes::from("MSG t 1\n"), Bytes::from("BYE\n")]);
+        let got: Vec<&[u8]> = q.iter().map(|e| &e.line[..]).collect();
+        assert_eq!(got, [&b"MSG t 1\n"[..], b"BYE\n"]);
     }
 }

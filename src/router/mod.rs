@@ -11,5 +11,5 @@ pub mod outbox;
 pub mod task;
 
 pub use self::core::{ClientKey, RouterCore};
-pub use outbox::{BacklogLimits, CloseReason, Outbox, OverflowPolicy, Push};
+pub use outbox::{BacklogLimits, CloseReason, Entry, Outbox, OverflowPolicy, Push};
 pub use task::{RouterHandle, RouterMsg};

@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -85,6 +86,23 @@ impl CloseReason {
     }
 }
 
+/// One queued line. `published` is when the broker read the `PUB` it came
+/// from (for the delivery-latency histogram); `None` for control lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub line: Bytes,
+    pub published: Option<Instant>,
+}
+
+impl Entry {
+    pub fn control(line: Bytes) -> Self {
+        Entry {
+            line,
+            published: None,
+        }
+    }
+}
+
 /// The result of one [`Outbox::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -93,18 +111,21 @@ pub enum Push {
     QueuedDropping(usize),
     /// The line itself was discarded (drop-newest).
     Dropped,
-    /// The overflow ended this client (disconnect policy).
-    Disconnected,
+    /// The overflow ended this client (disconnect policy), discarding this
+    /// line and the given number of queued ones.
+    Disconnected(usize),
     /// The client is already ending; the line was ignored.
     Closed,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Bytes>,
+    queue: VecDeque<Entry>,
     bytes: usize,
     /// Lines discarded since the client was last told.
     dropped: u64,
+    /// Lines discarded by a close that does not flush.
+    discarded_at_close: usize,
     end: Option<CloseReason>,
 }
 
@@ -124,18 +145,23 @@ impl Outbox {
         }
     }
 
+    /// Queues a control line (`PONG`, `ERR`).
+    pub fn push(&self, line: Bytes) -> Push {
+        self.push_entry(Entry::control(line))
+    }
+
     /// Queues one encoded line. Never blocks beyond a short lock. One line
     /// may exceed the byte cap when the queue is empty, so a line larger than
     /// the cap is still delivered to a reader that keeps up.
-    pub fn push(&self, line: Bytes) -> Push {
+    pub fn push_entry(&self, entry: Entry) -> Push {
+        let line_len = entry.line.len();
         let mut s = self.lock();
         if s.end.is_some() {
             return Push::Closed;
         }
         let over = |s: &State| {
             !s.queue.is_empty()
-                && (s.queue.len() >= self.limits.messages
-                    || s.bytes + line.len() > self.limits.bytes)
+                && (s.queue.len() >= self.limits.messages || s.bytes + line_len > self.limits.bytes)
         };
         let mut outcome = Push::Queued;
         if over(&s) {
@@ -144,7 +170,7 @@ impl Outbox {
                     let mut n = 0;
                     while over(&s) {
                         let old = s.queue.pop_front().expect("over() implies non-empty");
-                        s.bytes -= old.len();
+                        s.bytes -= old.line.len();
                         n += 1;
                     }
                     s.dropped += n as u64;
@@ -155,18 +181,19 @@ impl Outbox {
                     return Push::Dropped;
                 }
                 OverflowPolicy::Disconnect => {
+                    let discarded = s.queue.len();
                     s.queue.clear();
                     s.bytes = 0;
                     s.end = Some(CloseReason::SlowConsumer);
                     drop(s);
                     self.wake.notify_one();
-                    return Push::Disconnected;
+                    return Push::Disconnected(discarded);
                 }
             }
         }
         let was_empty = s.queue.is_empty();
-        s.bytes += line.len();
-        s.queue.push_back(line);
+        s.bytes += line_len;
+        s.queue.push_back(entry);
         drop(s);
         // The writer drains everything it finds, so it needs waking only when
         // the queue goes from empty to non-empty.
@@ -178,39 +205,43 @@ impl Outbox {
 
     /// Ends this client. The first reason wins. For reasons that flush, queued
     /// lines stay and `farewell` is appended past the caps; otherwise the queue
-    /// is discarded. Returns whether this call decided the reason.
-    pub fn close(&self, reason: CloseReason, farewell: Option<Bytes>) -> bool {
+    /// is discarded. Returns `None` if another reason came first, else how
+    /// many queued lines were discarded.
+    pub fn close(&self, reason: CloseReason, farewell: Option<Bytes>) -> Option<usize> {
         let mut s = self.lock();
         if s.end.is_some() {
-            return false;
+            return None;
         }
+        let mut discarded = 0;
         if reason.flushes() {
             if let Some(f) = farewell {
                 s.bytes += f.len();
-                s.queue.push_back(f);
+                s.queue.push_back(Entry::control(f));
             }
         } else {
+            discarded = s.queue.len();
             s.queue.clear();
             s.bytes = 0;
         }
+        s.discarded_at_close = discarded;
         s.end = Some(reason);
         drop(s);
         self.wake.notify_one();
-        true
+        Some(discarded)
     }
 
     /// Moves every queued line into `into` (with a `DROPPED` line where the
     /// gap is) and returns the close reason if the client is ending: once
     /// `into` is written, the writer is done.
-    pub fn take(&self, into: &mut VecDeque<Bytes>) -> Option<CloseReason> {
+    pub fn take(&self, into: &mut VecDeque<Entry>) -> Option<CloseReason> {
         let mut s = self.lock();
         let dropped = std::mem::take(&mut s.dropped);
         if dropped > 0 && self.limits.policy == OverflowPolicy::DropOldest {
-            into.push_back(encode::dropped(dropped));
+            into.push_back(Entry::control(encode::dropped(dropped)));
         }
         into.append(&mut s.queue);
         if dropped > 0 && self.limits.policy != OverflowPolicy::DropOldest {
-            into.push_back(encode::dropped(dropped));
+            into.push_back(Entry::control(encode::dropped(dropped)));
         }
         s.bytes = 0;
         s.end.clone()
@@ -221,6 +252,13 @@ impl Outbox {
     /// removed or disconnected does not keep it waiting.
     pub fn abandoned(&self) -> Option<CloseReason> {
         self.lock().end.clone().filter(|r| !r.flushes())
+    }
+
+    /// Lines that will never be written: discarded by the close, plus any
+    /// still queued. For the `client-gone` drop count at teardown.
+    pub fn undelivered(&self) -> usize {
+        let s = self.lock();
+        s.discarded_at_close + s.queue.len()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -265,7 +303,7 @@ mod tests {
         let mut q = VecDeque::new();
         o.take(&mut q);
         q.iter()
-            .map(|b| String::from_utf8_lossy(b).trim_end().to_string())
+            .map(|e| String::from_utf8_lossy(&e.line).trim_end().to_string())
             .collect()
     }
 
@@ -315,7 +353,7 @@ mod tests {
     fn disconnect_ends_the_client_and_discards_the_backlog() {
         let o = outbox(1, 1 << 20, OverflowPolicy::Disconnect);
         assert_eq!(o.push(line("a")), Push::Queued);
-        assert_eq!(o.push(line("b")), Push::Disconnected);
+        assert_eq!(o.push(line("b")), Push::Disconnected(1));
         assert_eq!(o.abandoned(), Some(CloseReason::SlowConsumer));
         assert_eq!(o.push(line("c")), Push::Closed);
         assert!(taken(&o).is_empty());
@@ -325,8 +363,12 @@ mod tests {
     fn flushing_close_keeps_the_queue_and_adds_the_farewell() {
         let o = outbox(1, 1 << 20, OverflowPolicy::DropOldest);
         o.push(line("a"));
-        assert!(o.close(CloseReason::Shutdown, Some(encode::bye())));
-        assert!(!o.close(CloseReason::Removed, None), "first reason wins");
+        assert_eq!(o.close(CloseReason::Shutdown, Some(encode::bye())), Some(0));
+        assert_eq!(
+            o.close(CloseReason::Removed, None),
+            None,
+            "first reason wins"
+        );
         let mut q = VecDeque::new();
         assert_eq!(o.take(&mut q), Some(CloseReason::Shutdown));
         assert_eq!(q.len(), 2);

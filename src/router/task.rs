@@ -8,11 +8,13 @@
 //! block in `write()` on their full `send` FIFO; that is the backpressure.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::core::{ClientKey, RouterCore};
-use super::outbox::Outbox;
+use super::outbox::{Outbox, OverflowPolicy};
+use crate::metrics::Metrics;
 use crate::protocol::{Command, ProtocolError};
 use crate::topic::Pattern;
 
@@ -31,6 +33,8 @@ pub enum RouterMsg {
     Batch {
         key: ClientKey,
         items: Vec<Result<Command, ProtocolError>>,
+        /// When the reader read these lines.
+        read_at: Instant,
     },
     Detach {
         key: ClientKey,
@@ -46,9 +50,13 @@ pub struct RouterHandle {
 
 impl RouterHandle {
     /// Starts the router task and returns a handle to it.
-    pub fn spawn() -> RouterHandle {
+    pub fn spawn(metrics: Option<Arc<Metrics>>, policy: OverflowPolicy) -> RouterHandle {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        tokio::spawn(run(rx, RouterCore::new()));
+        let core = match metrics {
+            Some(m) => RouterCore::with_metrics(m, policy),
+            None => RouterCore::new(),
+        };
+        tokio::spawn(run(rx, core));
         RouterHandle { tx }
     }
 
@@ -67,8 +75,18 @@ impl RouterHandle {
 
     /// Sends one batch. Waits while the router is behind (backpressure).
     /// Returns `false` if the router has stopped.
-    pub async fn batch(&self, key: ClientKey, items: Vec<Result<Command, ProtocolError>>) -> bool {
-        self.tx.send(RouterMsg::Batch { key, items }).await.is_ok()
+    pub async fn batch(
+        &self,
+        key: ClientKey,
+        items: Vec<Result<Command, ProtocolError>>,
+        read_at: Instant,
+    ) -> bool {
+        let msg = RouterMsg::Batch {
+            key,
+            items,
+            read_at,
+        };
+        self.tx.send(msg).await.is_ok()
     }
 
     pub async fn detach(&self, key: ClientKey) {
@@ -100,9 +118,13 @@ fn handle(core: &mut RouterCore, msg: RouterMsg) {
             core.attach(key, outbox, subs);
             let _ = done.send(());
         }
-        RouterMsg::Batch { key, items } => {
+        RouterMsg::Batch {
+            key,
+            items,
+            read_at,
+        } => {
             for item in items {
-                core.apply(key, item);
+                core.apply(key, item, read_at);
             }
         }
         RouterMsg::Detach { key } => core.detach(key),

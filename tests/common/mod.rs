@@ -40,10 +40,7 @@ impl TempBus {
     }
 
     pub fn start_with(args: &[&str]) -> TempBus {
-        let tmp = tempfile::Builder::new()
-            .prefix("fifobus-test-")
-            .tempdir()
-            .unwrap();
+        let tmp = temp_root();
         let dir = tmp.path().join("bus");
         let log = tmp.path().join("broker.log");
         let mut bus = TempBus {
@@ -61,9 +58,15 @@ impl TempBus {
         assert!(self.child.is_none(), "a broker is already running");
         let child = self.spawn_raw(args);
         self.child = Some(child);
+        // `hello` is published last, after the pid file; a stale `hello`
+        // left by a killed broker does not count.
         let hello = self.dir.join("hello");
-        let ready = wait_for(&hello, T, || hello.exists() || self.exited());
-        if !ready || !hello.exists() {
+        let pid = self.pid().to_string();
+        let pid_file = self.dir.join("broker.pid");
+        let serving =
+            || hello.exists() && fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == pid);
+        let ready = wait_for(&hello, T, || serving() || self.exited());
+        if !ready || !serving() {
             panic!("broker did not start; log:\n{}", self.log_text());
         }
     }
@@ -79,6 +82,9 @@ impl TempBus {
             .arg("serve")
             .arg("--dir")
             .arg(&self.dir)
+            // A free port per broker, so tests can run in parallel; a
+            // test's own --metrics-addr comes later and wins.
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
@@ -158,6 +164,14 @@ impl Drop for TempBus {
             eprintln!("broker log:\n{}", self.log_text());
         }
     }
+}
+
+/// A temporary directory for a bus: on tmpfs when the machine has one, as
+/// real bus directories are (`$XDG_RUNTIME_DIR`), else in the default temp dir.
+pub fn temp_root() -> tempfile::TempDir {
+    let mut b = tempfile::Builder::new();
+    b.prefix("fifobus-test-");
+    b.tempdir_in("/dev/shm").or_else(|_| b.tempdir()).unwrap()
 }
 
 /// Waits for a child to exit (pidfd + poll), then reaps it.
