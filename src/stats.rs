@@ -101,7 +101,8 @@ fn per_second(now: f64, before: f64, secs: f64) -> f64 {
 /// by backlog, drops and errors with their rates.
 pub fn render(before: &Snapshot, now: &Snapshot, secs: f64, max_rows: usize) -> String {
     let mut out = String::new();
-    let rejected: f64 = now.handshakes_rejected.values().sum();
+    // (A float sum of nothing is -0.0; start from +0.0.)
+    let rejected = now.handshakes_rejected.values().fold(0.0, |a, b| a + b);
     let _ = writeln!(
         out,
         "clients {}   subscriptions {}   backlog {} lines / {} bytes   handshakes {} accepted, {} rejected",
@@ -110,6 +111,9 @@ pub fn render(before: &Snapshot, now: &Snapshot, secs: f64, max_rows: usize) -> 
     let mut topics: Vec<(&String, f64, f64, f64, f64)> = now
         .topics
         .iter()
+        // Series that exist but never counted (the _other series before any
+        // topic is folded) are noise here.
+        .filter(|(_, &(p, d, _))| p > 0.0 || d > 0.0)
         .map(|(t, &(p, d, b))| {
             let (p0, d0, b0) = before.topics.get(t).copied().unwrap_or_default();
             (
@@ -258,5 +262,9 @@ fifobus_messages_dropped_total{reason="backlog-drop-oldest"} 4
         assert!(text.find("slow").unwrap() < text.find("quick").unwrap());
         assert!(text.contains("backlog-drop-oldest 4 (2.0/s)"), "{text}");
         assert!(text.contains("ERRORS   none"), "{text}");
+        assert!(text.contains(", 0 rejected"), "{text}");
+        assert!(!text.contains("-0"), "{text}");
+        let empty = Snapshot::parse("# TYPE fifobus_messages_published_total counter\nfifobus_messages_published_total{topic=\"_other\"} 0\n").unwrap();
+        assert!(!render(&empty, &empty, 1.0, 10).contains("_other"));
     }
 }

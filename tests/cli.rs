@@ -448,3 +448,35 @@ fn a_tmpdir_with_a_space_still_works() {
     assert!(status.success(), "{err}");
     assert_eq!(barrier(&mut sub), ["MSG t through a spaced TMPDIR"]);
 }
+
+#[test]
+fn stats_shows_topics_clients_and_drops() {
+    let bus = TempBus::start_with(&["--backlog-messages", "10"]);
+    let _stuck = bus.connect("stuck-reader", &["news.>"]);
+    let mut p = bus.connect("newsroom", &[]);
+    let mut batch = Vec::new();
+    for i in 0..5000 {
+        batch.extend_from_slice(format!("PUB news.sport {i}\n").as_bytes());
+    }
+    p.send_raw(&batch).unwrap();
+    barrier(&mut p);
+    let (status, out, err) = run(fifobus(&bus.dir, &["stats", "--interval", "100ms"]));
+    assert!(status.success(), "{err}");
+    assert!(out.contains("clients 2 "), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("news.sport ") && l.contains("5000")),
+        "{out}"
+    );
+    assert!(out.contains("stuck-reader"), "{out}");
+    assert!(out.contains("backlog-drop-oldest"), "{out}");
+}
+
+#[test]
+fn stats_says_when_metrics_are_off() {
+    let bus = TempBus::start_with(&["--metrics-addr", "off"]);
+    let (status, out, err) = run(fifobus(&bus.dir, &["stats"]));
+    assert!(!status.success());
+    assert_eq!(out, "");
+    assert!(err.contains("no metrics endpoint recorded"), "{err}");
+}

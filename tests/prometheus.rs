@@ -1,0 +1,361 @@
+//! The operator's view, checked with the real tools: promtool on deploy/,
+//! promtool on a live /metrics, and a real Prometheus scraping a broker
+//! under load, through which every dashboard query and every alert rule is
+//! evaluated.
+//!
+//! These need Debian's `prometheus` package (promtool and the server). When
+//! it is missing they say so and pass, so `cargo test` works on a bare
+//! machine; CI sets FIFOBUS_REQUIRE_PROMETHEUS=1, where missing tools fail.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn find(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// promtool and prometheus, or None (with a clear message) when not installed.
+fn tools() -> Option<(PathBuf, PathBuf)> {
+    match (find("promtool"), find("prometheus")) {
+        (Some(t), Some(p)) => Some((t, p)),
+        _ if std::env::var_os("FIFOBUS_REQUIRE_PROMETHEUS").is_some() => {
+            panic!("promtool/prometheus not found, and FIFOBUS_REQUIRE_PROMETHEUS is set: apt-get install prometheus")
+        }
+        _ => {
+            eprintln!("SKIPPED: promtool/prometheus are not installed (apt-get install prometheus); .ci/run installs them");
+            None
+        }
+    }
+}
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn promtool(promtool: &Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, String) {
+    let mut child = Command::new(promtool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(data) = stdin {
+        input.write_all(data).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn http_get(url: &str) -> Result<String, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    agent
+        .get(url)
+        .call()
+        .and_then(|mut r| r.body_mut().read_to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn metrics_url(bus: &TempBus) -> String {
+    fifobus::stats::metrics_url(&bus.dir).unwrap()
+}
+
+/// Traffic that makes every series exist: deliveries (latency), drops (a
+/// stuck subscriber with a tiny backlog), a protocol error, a rejected HELLO.
+fn start_load(bus: &TempBus) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let mut reader = bus.connect("reader", &["load.>"]);
+    let stuck = bus.connect("stuck", &["load.>"]);
+    let mut p = bus.connect("publisher", &[]);
+    let hello = bus.dir.join("hello");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let worker = std::thread::spawn(move || {
+        let _keep = stuck;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut i = 0u64;
+        while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let mut batch = Vec::new();
+            for _ in 0..200 {
+                batch.extend_from_slice(
+                    format!("PUB load.{} {i}\n", ["a", "b", "c"][(i % 3) as usize]).as_bytes(),
+                );
+                i += 1;
+            }
+            // A bad line and a refused HELLO now and then, so their counters
+            // keep increasing while Prometheus watches.
+            if i % 2000 == 0 {
+                batch.extend_from_slice(b"NOT-A-COMMAND\n");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&hello)
+                    .and_then(|mut h| h.write_all(b"HELLO name=no-reply\n"))
+                    .unwrap();
+            }
+            p.send_raw(&batch).unwrap();
+            barrier(&mut p);
+            // The reader keeps up, so its deliveries feed the latency histogram.
+            let _ = barrier(&mut reader);
+            // Pace the load: this is a traffic generator, not a benchmark.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    (stop, worker)
+}
+
+#[test]
+fn deploy_config_and_alert_rules_pass_promtool() {
+    let Some((promtool_bin, _)) = tools() else {
+        return;
+    };
+    let config = repo("deploy/prometheus/prometheus.yml");
+    let rules = repo("deploy/prometheus/alerts.yml");
+    let tests = repo("deploy/prometheus/alerts.test.yml");
+    for args in [
+        vec!["check", "config", config.to_str().unwrap()],
+        vec!["check", "rules", rules.to_str().unwrap()],
+        vec!["test", "rules", tests.to_str().unwrap()],
+    ] {
+        let (ok, out) = promtool(&promtool_bin, &args, None);
+        assert!(ok, "promtool {args:?}:\n{out}");
+    }
+}
+
+#[test]
+fn live_metrics_pass_promtool_check_metrics() {
+    let Some((promtool_bin, _)) = tools() else {
+        return;
+    };
+    let bus = TempBus::start_with(&["--backlog-messages", "50"]);
+    let (stop, worker) = start_load(&bus);
+    let names = [
+        "fifobus_messages_published_total{topic=\"load.a\"}",
+        "fifobus_messages_dropped_total{reason=\"backlog-drop-oldest\"}",
+        "fifobus_client_backlog_messages{client=\"stuck\"}",
+        "fifobus_delivery_latency_seconds_bucket",
+        "fifobus_protocol_errors_total{kind=\"unknown-command\"}",
+        "fifobus_handshakes_rejected_total{reason=\"bad-hello\"}",
+        "fifobus_clients 3",
+        "process_resident_memory_bytes",
+    ];
+    // The load runs in the background; wait until it has touched every series.
+    let text = poll(Duration::from_secs(30), || {
+        let text = http_get(&metrics_url(&bus)).ok()?;
+        names.iter().all(|n| text.contains(n)).then_some(text)
+    });
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    let text = text.unwrap_or_else(|| {
+        let now = http_get(&metrics_url(&bus)).unwrap_or_default();
+        let missing: Vec<_> = names.iter().filter(|n| !now.contains(*n)).collect();
+        panic!("missing from /metrics: {missing:?}\n{now}")
+    });
+    let (ok, out) = promtool(&promtool_bin, &["check", "metrics"], Some(text.as_bytes()));
+    assert!(
+        ok && out.trim().is_empty(),
+        "promtool check metrics:\n{out}"
+    );
+    assert_eq!(
+        http_get(&metrics_url(&bus).replace("/metrics", "/healthz")).unwrap(),
+        "ok\n"
+    );
+}
+
+struct Prometheus {
+    child: Child,
+    url: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_prometheus(bin: &Path, target: &str) -> Prometheus {
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: ['{}']\nscrape_configs:\n  - job_name: fifobus\n    static_configs: [{{targets: ['{target}']}}]\n",
+            repo("deploy/prometheus/alerts.yml").display()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(data.path().join("prometheus.log")).unwrap();
+    let child = Command::new(bin)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            data.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Prometheus {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        _data: data,
+    }
+}
+
+/// Polls `check` every 200 ms until it returns Some, for at most `limit`.
+/// Prometheus offers no notification for "scraped" or "evaluated", so this
+/// is the one place that polls; it is bounded in time and count.
+fn poll<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn query(prom: &Prometheus, expr: &str) -> serde_json::Value {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let body = agent
+        .get(format!("{}/api/v1/query", prom.url))
+        .query("query", expr)
+        .call()
+        .and_then(|mut r| r.body_mut().read_to_string())
+        .unwrap_or_else(|e| panic!("query {expr}: {e}"));
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Every `expr` of the dashboard, with Grafana's `$__rate_interval` filled in.
+fn dashboard_queries() -> Vec<String> {
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("grafana/dashboards/fifobus.json")).unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            out.push(
+                target["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "15s"),
+            );
+        }
+    }
+    assert!(out.len() >= 20, "the dashboard has its queries");
+    out
+}
+
+#[test]
+fn prometheus_scrapes_the_broker_and_every_dashboard_and_alert_query_evaluates() {
+    let Some((_, prometheus_bin)) = tools() else {
+        return;
+    };
+    let bus = TempBus::start_with(&["--backlog-messages", "50"]);
+    let target = metrics_url(&bus)
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    let (stop, worker) = start_load(&bus);
+    let prom = start_prometheus(&prometheus_bin, &target);
+    let ready = poll(Duration::from_secs(30), || {
+        http_get(&format!("{}/-/ready", prom.url)).ok()
+    });
+    assert!(ready.is_some(), "prometheus did not become ready");
+    // Enough scrapes for rate() over 15s windows.
+    let scraped = poll(Duration::from_secs(60), || {
+        let v = query(&prom, r#"count_over_time(up{job="fifobus"}[1m])"#);
+        let n: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+        (n >= 6.0).then_some(n)
+    });
+    assert!(scraped.is_some(), "prometheus did not scrape the broker");
+    let up = query(&prom, r#"up{job="fifobus"}"#);
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+
+    for expr in dashboard_queries() {
+        let v = query(&prom, &expr);
+        assert_eq!(v["status"], "success", "{expr}: {v}");
+        let result = v["data"]["result"].as_array().unwrap();
+        assert!(
+            !result.is_empty(),
+            "dashboard query returned no data: {expr}"
+        );
+    }
+
+    // Alert rules: Prometheus evaluates them itself; each must have been
+    // evaluated without error.
+    let rules = poll(Duration::from_secs(30), || {
+        let body = http_get(&format!("{}/api/v1/rules", prom.url)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let rules: Vec<serde_json::Value> = v["data"]["groups"]
+            .as_array()?
+            .iter()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let evaluated = rules.iter().all(|r| {
+            !r["lastEvaluation"]
+                .as_str()
+                .unwrap_or("0001")
+                .starts_with("0001")
+        });
+        (rules.len() == 4 && evaluated).then_some(rules)
+    })
+    .expect("alert rules were not all evaluated");
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    for r in &rules {
+        assert_eq!(
+            r["health"], "ok",
+            "rule {} failed: {}",
+            r["name"], r["lastError"]
+        );
+    }
+    // The load drops messages and a HELLO was refused: those alerts fire.
+    let firing: Vec<&str> = rules
+        .iter()
+        .filter(|r| r["state"] != "inactive")
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert!(firing.contains(&"FifobusMessagesDropped"), "{firing:?}");
+    assert!(firing.contains(&"FifobusHandshakesRejected"), "{firing:?}");
+}
