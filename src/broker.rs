@@ -25,8 +25,9 @@ use crate::{http, rendezvous};
 
 /// The whole shutdown must fit in the 2 seconds promised to operators.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1500);
-/// Descriptors kept for the broker itself (hello, inotify, epoll, logs...).
-const RESERVED_FDS: u64 = 64;
+/// Descriptors kept for the broker itself (hello, inotify, epoll, logs,
+/// metrics connections) and for the reply FIFOs of pending handshakes.
+const RESERVED_FDS: u64 = 64 + rendezvous::MAX_PENDING_HANDSHAKES as u64;
 /// Per client: send, recv, and a pidfd when `pid=` was given.
 const FDS_PER_CLIENT: u64 = 3;
 
@@ -117,7 +118,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
     let fd_limit = raise_open_file_limit();
-    let fd_clients = (fd_limit.saturating_sub(RESERVED_FDS) / FDS_PER_CLIENT) as usize;
+    let fd_clients = client_capacity(fd_limit);
     let max_clients = config.max_clients.map_or(fd_clients, |m| m.min(fd_clients));
 
     let (mut bus, stale) = BusDir::open(&config.dir, config.mode)?;
@@ -240,6 +241,11 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How many clients an open-file limit allows.
+pub fn client_capacity(fd_limit: u64) -> usize {
+    (fd_limit.saturating_sub(RESERVED_FDS) / FDS_PER_CLIENT) as usize
 }
 
 /// Raises the open-file limit as far as allowed: to the hard limit, and as

@@ -57,6 +57,11 @@ pub enum Command {
         after_help = "Example:\n  fifobus stats --interval 5s\n\nReads the endpoint from metrics.addr in the bus directory; needs the broker's metrics on."
     )]
     Stats(StatsArgs),
+    /// Measure the broker against the bare FIFO ceiling (throughput, latency, handshakes, memory, idle CPU)
+    #[command(
+        after_help = "Examples:\n  fifobus bench                # the full run, a few minutes\n  fifobus bench --quick --json # a smoke run, machine-readable\n\nStarts its own brokers on a temporary directory; --dir is not used."
+    )]
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +96,25 @@ pub struct ServeArgs {
     /// Client labels with their own metric series; the rest are summed under client="_other"
     #[arg(long, default_value_t = 1000)]
     pub metrics_client_limit: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Small counts: seconds instead of minutes (for smoke tests)
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the results as JSON on stdout (no progress bar)
+    #[arg(long)]
+    pub json: bool,
+    /// Payload bytes per message
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Messages in the 1 -> 1 scenario (others scale from it) [default: 2000000, --quick: 20000]
+    #[arg(long)]
+    pub messages: Option<u64>,
+    /// Offered rate for the fixed-rate latency figures, messages per second
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
 }
 
 #[derive(Debug, Args)]

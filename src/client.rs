@@ -107,7 +107,9 @@ impl Reply {
 /// Buffered line reading from a non-blocking descriptor, with deadlines.
 struct LineReader {
     fd: OwnedFd,
-    buf: Vec<u8>,
+    /// Bytes read but not yet returned as lines. `BytesMut` so that taking
+    /// a line off the front is O(1), not a move of everything behind it.
+    buf: bytes::BytesMut,
     eof: bool,
 }
 
@@ -115,7 +117,7 @@ impl LineReader {
     fn new(fd: OwnedFd) -> Self {
         LineReader {
             fd,
-            buf: Vec::new(),
+            buf: bytes::BytesMut::new(),
             eof: false,
         }
     }
@@ -123,34 +125,49 @@ impl LineReader {
     /// A complete line already buffered, without its newline.
     fn buffered_line(&mut self) -> Option<Vec<u8>> {
         let i = memchr::memchr(b'\n', &self.buf)?;
-        let mut line: Vec<u8> = self.buf.drain(..=i).collect();
-        line.pop();
-        Some(line)
+        let line = self.buf.split_to(i + 1);
+        Some(line[..i].to_vec())
     }
 
-    /// Reads what is available now. Returns false at EOF.
-    fn fill(&mut self) -> io::Result<bool> {
-        let mut chunk = [0u8; 64 * 1024];
+    /// Reads what is available now. After EOF, [`LineReader::at_eof`] is
+    /// true, but lines read before it are still buffered: take them first.
+    fn fill(&mut self) -> io::Result<()> {
+        const CHUNK: usize = 64 * 1024;
         loop {
-            match nix::unistd::read(self.fd.as_raw_fd(), &mut chunk) {
+            self.buf.reserve(CHUNK);
+            let spare = self.buf.spare_capacity_mut();
+            // SAFETY: read(2) only writes into the buffer; the bytes it
+            // reports are initialised before set_len below.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len())
+            };
+            match nix::unistd::read(self.fd.as_raw_fd(), dst) {
                 Ok(0) => {
                     self.eof = true;
-                    return Ok(false);
+                    return Ok(());
                 }
                 Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    if n < chunk.len() {
-                        return Ok(true);
+                    let len = self.buf.len();
+                    // SAFETY: read(2) initialised these n bytes.
+                    unsafe { self.buf.set_len(len + n) };
+                    if n < CHUNK {
+                        return Ok(());
                     }
                 }
-                Err(Errno::EAGAIN) => return Ok(true),
+                Err(Errno::EAGAIN) => return Ok(()),
                 Err(Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
         }
     }
 
-    /// The next line, waiting until `deadline` (None: forever). `Ok(None)` is EOF.
+    /// EOF was seen: the broker closed its end. Buffered lines may remain.
+    fn at_eof(&self) -> bool {
+        self.eof
+    }
+
+    /// The next line, waiting until `deadline` (None: forever). `Ok(None)`
+    /// is EOF once every buffered line has been returned.
     fn read_line(&mut self, deadline: Option<Instant>) -> Result<Option<Vec<u8>>, ClientError> {
         loop {
             if let Some(line) = self.buffered_line() {
@@ -160,9 +177,7 @@ impl LineReader {
                 return Ok(None);
             }
             wait_fd(self.fd.as_fd(), PollFlags::POLLIN, deadline)?;
-            if !self.fill()? && self.buf.is_empty() {
-                return Ok(None);
-            }
+            self.fill()?;
         }
     }
 }
@@ -260,10 +275,18 @@ impl Client {
             )
             .into());
         }
-        // Under PIPE_BUF, so one write is atomic: it writes all or nothing.
-        wait_fd(hello.as_fd(), PollFlags::POLLOUT, Some(deadline))
-            .map_err(|e| with_timeout(e, timeout))?;
-        nix::unistd::write(&hello, &line).map_err(io::Error::from)?;
+        // Under PIPE_BUF, so one write is atomic: all or nothing. Under
+        // contention POLLOUT may be stale by the time we write: EAGAIN means
+        // wait again, until the deadline.
+        loop {
+            wait_fd(hello.as_fd(), PollFlags::POLLOUT, Some(deadline))
+                .map_err(|e| with_timeout(e, timeout))?;
+            match nix::unistd::write(&hello, &line) {
+                Ok(_) => break,
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+        }
         let answer = reply
             .read_line(Some(deadline))
             .map_err(|e| with_timeout(e, timeout))?
@@ -344,12 +367,19 @@ impl Client {
         self.recv.buffered_line()
     }
 
-    /// Reads what `recv` holds now. Returns false at EOF.
+    /// Reads what `recv` holds now, into the buffer [`Client::buffered_line`]
+    /// takes lines from.
     ///
     /// # Errors
     /// I/O errors from `read`.
-    pub fn fill(&mut self) -> io::Result<bool> {
+    pub fn fill(&mut self) -> io::Result<()> {
         self.recv.fill()
+    }
+
+    /// Whether `recv` reached EOF (the broker closed this client). Lines
+    /// read before EOF may still be buffered.
+    pub fn at_eof(&self) -> bool {
+        self.recv.at_eof()
     }
 
     pub fn recv_fd(&self) -> BorrowedFd<'_> {
@@ -400,6 +430,17 @@ impl Client {
         Ok(before)
     }
 
+    /// The client's FIFOs as plain blocking files, for code that does its
+    /// own framing at full speed (`fifobus bench`). Returns (send, recv).
+    ///
+    /// # Errors
+    /// When the descriptors cannot be switched to blocking mode.
+    pub fn into_files(self) -> io::Result<(File, File)> {
+        let recv = self.recv.fd;
+        set_blocking(&recv)?;
+        Ok((self.send, File::from(recv)))
+    }
+
     /// Gives up this process's handles but leaves the client connected, for
     /// `fifobus connect`: another process takes over the directory.
     pub fn into_parts(self) -> (String, PathBuf) {
@@ -407,24 +448,32 @@ impl Client {
     }
 }
 
-/// A private directory for the reply FIFO. HELLO fields are separated by
-/// spaces, so a `$TMPDIR` with a space in it cannot be used; fall back to /tmp.
+/// A private directory for the reply FIFO: in `$XDG_RUNTIME_DIR` when set
+/// (tmpfs, private to the user, cheap to create FIFOs in), else `$TMPDIR`.
+/// HELLO fields are separated by spaces, so a directory with a space in its
+/// path cannot be used; fall back to /tmp.
 fn reply_dir() -> io::Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new()
-        .prefix("fifobus-reply-")
-        .tempdir()?;
-    if !dir
-        .path()
-        .as_os_str()
-        .as_bytes()
-        .iter()
-        .any(|&b| b == b' ' || b.is_ascii_control())
-    {
-        return Ok(dir);
+    let usable = |d: &tempfile::TempDir| {
+        !d.path()
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .any(|&b| b == b' ' || b.is_ascii_control())
+    };
+    let mut b = tempfile::Builder::new();
+    b.prefix("fifobus-reply-");
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        if let Ok(d) = b.tempdir_in(runtime) {
+            if usable(&d) {
+                return Ok(d);
+            }
+        }
     }
-    tempfile::Builder::new()
-        .prefix("fifobus-reply-")
-        .tempdir_in("/tmp")
+    let d = b.tempdir()?;
+    if usable(&d) {
+        return Ok(d);
+    }
+    b.tempdir_in("/tmp")
 }
 
 fn with_timeout(e: ClientError, timeout: Duration) -> ClientError {

@@ -177,8 +177,10 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
         subs: patterns(&args.patterns)?,
     };
     let mut client = Client::connect(dir, &opts, ANSWER_TIMEOUT)?;
+    // Buffered: a burst of messages becomes one write(2); it is flushed
+    // before every wait, so each line still shows as soon as it arrives.
     let stdout = io::stdout();
-    let mut out = stdout.lock();
+    let mut out = io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut seen = 0u64;
     if args.count == Some(0) {
         return Ok(ExitCode::SUCCESS);
@@ -221,19 +223,13 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
         if let Err(e) = out.flush() {
             return reader_gone(e, client);
         }
+        // Every complete line has been handled; only now does EOF end us.
+        if client.at_eof() {
+            eprintln!("fifobus sub: the broker closed the connection");
+            return Ok(ExitCode::FAILURE);
+        }
         match wait_for_input(&client, timeout)? {
-            Wake::Input => {
-                if !client.fill()? {
-                    if let Some(line) = client.buffered_line() {
-                        eprintln!(
-                            "fifobus sub: incomplete last line: {}",
-                            String::from_utf8_lossy(&line)
-                        );
-                    }
-                    eprintln!("fifobus sub: the broker closed the connection");
-                    return Ok(ExitCode::FAILURE);
-                }
-            }
+            Wake::Input => client.fill()?,
             Wake::ReaderGone => {
                 leave(client);
                 return Ok(ExitCode::SUCCESS);

@@ -17,7 +17,7 @@
 //! - [`session`]: one client's reader, writer and teardown.
 //! - [`broker`]: wiring and ordered shutdown.
 //! - [`metrics`], [`http`]: Prometheus metrics and the `/metrics` endpoint.
-//! - [`client`], [`commands`], [`cli`], [`stats`]: the client side and the command line.
+//! - [`client`], [`commands`], [`cli`], [`stats`], [`bench`]: the client side and the command line.
 //!
 //! # Data path of one `PUB`
 //!
@@ -29,6 +29,7 @@
 //! outbox. Each subscriber's writer swaps its outbox out and writes it to
 //! `recv` with `writev`. See docs/architecture.md.
 
+pub mod bench;
 pub mod broker;
 pub mod busdir;
 pub mod cli;

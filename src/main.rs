@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fifobus::cli::{Cli, Command, ServeArgs, StatsArgs};
+use fifobus::cli::{BenchArgs, Cli, Command, ServeArgs, StatsArgs};
 use fifobus::{broker, busdir, commands, config::BrokerConfig, router::BacklogLimits};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Pub(args) => commands::publish(&dir, args),
         Command::Sub(args) => commands::subscribe(&dir, args),
         Command::Stats(args) => return stats(&dir, args),
+        Command::Bench(args) => return bench(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("fifobus: {e}");
@@ -83,6 +84,36 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &BenchArgs) -> ExitCode {
+    use fifobus::bench::{self, BenchOptions};
+    let mut opts = if args.quick {
+        BenchOptions::quick()
+    } else {
+        BenchOptions::full()
+    };
+    opts.payload = args.payload.max(12);
+    opts.rate = args.rate.max(1);
+    opts.progress = !args.json;
+    if let Some(m) = args.messages {
+        opts.messages = m.max(100);
+    }
+    match bench::run(&opts) {
+        Ok(rows) if args.json => {
+            let json: Vec<_> = rows.iter().map(bench::Measurement::to_json).collect();
+            println!("{}", serde_json::Value::Array(json));
+            ExitCode::SUCCESS
+        }
+        Ok(rows) => {
+            print!("{}", bench::render(&rows));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fifobus bench: {e}");
             ExitCode::FAILURE
         }
     }

@@ -3,9 +3,10 @@
 //!
 //! Counting stays off the per-message cost as far as possible:
 //! - label handles are resolved once per topic ([`TopicMetrics`], kept by
-//!   the router beside its match cache) and once per client, never per message;
-//! - the router counts into local (unsynchronised) counters and flushes them
-//!   once per batch of work; writers do the same for the latency histogram;
+//!   the router beside its match cache), once per client and once per error
+//!   code, never per message: a count is one uncontended atomic increment;
+//! - writers observe the latency histogram locally and flush it once per
+//!   batch;
 //! - backlogs are not counted at all: they are read from the live outboxes
 //!   when Prometheus scrapes ([`BacklogCollector`]).
 //!
@@ -14,7 +15,7 @@
 //! summed into one series labelled `_other`, and
 //! `fifobus_metrics_series_folded_total` counts the folds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -100,7 +101,9 @@ pub struct Metrics {
     pub topics: IntGauge,
     pub handshakes_accepted: IntCounter,
     handshakes_rejected: IntCounterVec,
-    protocol_errors: IntCounterVec,
+    /// One handle per error code, resolved up front: a client flooding bad
+    /// lines costs an atomic increment per line, not a label lookup.
+    protocol_errors: Vec<IntCounter>,
     pub latency: Histogram,
     folded: IntCounterVec,
     clients: Arc<ClientTable>,
@@ -111,7 +114,15 @@ pub struct Metrics {
 struct ClientTable {
     clients: DashMap<ClientKey, (String, Arc<Outbox>)>,
     /// Labels that have their own series (bounded by the client limit).
-    labelled: Mutex<HashSet<String>>,
+    /// Labels that have their own series (bounded by the client limit), and
+    /// how many live clients use each.
+    labelled: Mutex<HashMap<String, usize>>,
+}
+
+impl ClientTable {
+    fn labels(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.labelled.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -217,7 +228,10 @@ impl Metrics {
             topics_with_series: Mutex::new(0),
             dropped,
             handshakes_rejected,
-            protocol_errors,
+            protocol_errors: crate::protocol::ErrorCode::ALL
+                .iter()
+                .map(|c| protocol_errors.with_label_values(&[c.as_str()]))
+                .collect(),
             latency,
             folded,
             clients,
@@ -258,20 +272,16 @@ impl Metrics {
         self.handshakes_rejected.with_label_values(&[reason]).inc();
     }
 
-    pub fn protocol_error(&self, kind: &str) {
-        self.protocol_errors.with_label_values(&[kind]).inc();
+    pub fn protocol_error(&self, code: crate::protocol::ErrorCode) {
+        self.protocol_errors[code.index()].inc();
     }
 
     /// Registers a live client under `label` (its `name=`, else its uuid),
     /// or under `_other` once the client limit is reached.
     pub fn client_joined(&self, key: ClientKey, label: &str, outbox: Arc<Outbox>) {
-        let mut labelled = self
-            .clients
-            .labelled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let label = if labelled.contains(label) || labelled.len() < self.limits.clients {
-            labelled.insert(label.to_owned());
+        let mut labelled = self.clients.labels();
+        let label = if labelled.contains_key(label) || labelled.len() < self.limits.clients {
+            *labelled.entry(label.to_owned()).or_default() += 1;
             label.to_owned()
         } else {
             self.folded.with_label_values(&["client"]).inc();
@@ -284,12 +294,12 @@ impl Metrics {
     pub fn client_left(&self, key: ClientKey) {
         if let Some((_, (label, _))) = self.clients.clients.remove(&key) {
             // Free the label's slot once no live client uses it.
-            if label != OTHER && !self.clients.clients.iter().any(|e| e.value().0 == label) {
-                self.clients
-                    .labelled
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&label);
+            let mut labelled = self.clients.labels();
+            if let Some(n) = labelled.get_mut(&label) {
+                *n -= 1;
+                if *n == 0 {
+                    labelled.remove(&label);
+                }
             }
         }
     }

@@ -24,7 +24,8 @@ use crate::session::Session;
 use crate::watch::PidWatch;
 use crate::{busdir, fifo, warn_throttled};
 
-const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Handshakes in progress at once; each holds a reply FIFO descriptor.
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 /// Serves `hello` until shutdown, then removes it first of all.
 pub async fn run(mut bus: BusDir, shared: Arc<Shared>) -> BusDir {
@@ -35,6 +36,10 @@ pub async fn run(mut bus: BusDir, shared: Arc<Shared>) -> BusDir {
         tokio::select! {
             () = shared.cancel.cancelled() => break,
             () = shared.watcher.hello_removed() => {
+                if fifo::is_fifo(&bus.path().join(busdir::HELLO)) {
+                    // A rescan after lost events found it intact.
+                    continue;
+                }
                 match bus.recreate_hello() {
                     Ok(old) => {
                         tracing::warn!("{}/hello was deleted; recreated it", bus.path().display());

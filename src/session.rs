@@ -18,6 +18,7 @@ use bytes::{Buf, BytesMut};
 use nix::sys::inotify::WatchDescriptor;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::Shared;
 use crate::metrics::DropReason;
@@ -29,9 +30,10 @@ use crate::{busdir, fifo, warn_throttled};
 /// One read from `send`. Large enough that a bulk publisher costs one
 /// syscall per many lines.
 const READ_CHUNK: usize = 64 * 1024;
-/// Bytes read before a batch goes to the router, so one busy publisher
-/// cannot hold a huge batch while others wait.
+/// Bytes read, and lines, before a batch goes to the router: one busy
+/// publisher cannot hold a huge batch (memory) or a long turn (fairness).
 const BATCH_BYTES: usize = 256 * 1024;
+const BATCH_ITEMS: usize = 1024;
 /// `IOV_MAX` on Linux: lines per `writev`.
 const MAX_IOVECS: usize = 1024;
 
@@ -55,10 +57,13 @@ impl Session {
     }
 
     async fn serve(&self, shared: &Shared) -> CloseReason {
+        let grace = shared.config.flush_grace;
         let latency = shared.metrics.as_ref().map(|m| m.latency.local());
         let writer = write_lines(&self.recv, &self.outbox, latency);
         tokio::pin!(writer);
-        let reader = read_commands(self, shared);
+        let stop = CancellationToken::new();
+        let reader = read_commands(self, shared, &stop);
+        tokio::pin!(reader);
         let pid_exit = async {
             match &self.pid {
                 Some(p) => p.exited().await,
@@ -67,15 +72,29 @@ impl Session {
         };
         let ended_by = tokio::select! {
             reason = &mut writer => return reason,
-            reason = reader => reason,
-            () = pid_exit => CloseReason::PidExited,
+            reason = &mut reader => reason.unwrap_or(CloseReason::Shutdown),
+            () = pid_exit => {
+                // Pass on what the client wrote before it died, then end it.
+                stop.cancel();
+                let _ = tokio::time::timeout(grace, &mut reader).await;
+                CloseReason::PidExited
+            }
             () = shared.cancel.cancelled() => CloseReason::Shutdown,
+            () = self.outbox.closed() => {
+                // Closed by the router (BYE, overflow) or the watcher (deleted).
+                // A flush gets the grace period, no more: a client that says
+                // BYE and never reads must not keep its session forever.
+                return match tokio::time::timeout(grace, &mut writer).await {
+                    Ok(reason) => reason,
+                    Err(_) => self.outbox.reason().unwrap_or(CloseReason::Shutdown),
+                };
+            }
         };
         let farewell = ended_by.flushes().then(encode::bye);
         self.outbox.close(ended_by.clone(), farewell);
         // Reasons that flush get the grace period to write what is queued;
         // the others make the writer return at once.
-        tokio::time::timeout(shared.config.flush_grace, &mut writer)
+        tokio::time::timeout(grace, &mut writer)
             .await
             .unwrap_or(ended_by)
     }
@@ -121,68 +140,154 @@ impl Session {
     }
 }
 
-/// Reads `send` until BYE or an error, sending one batch per read burst.
-async fn read_commands(s: &Session, shared: &Shared) -> CloseReason {
+/// Reads `send` until BYE or an error (returns the reason), or until `stop`
+/// is cancelled: then it first passes on whatever the client wrote before
+/// (a script that publishes and exits must not lose its last lines to the
+/// pidfd firing first) and returns `None`.
+async fn read_commands(
+    s: &Session,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> Option<CloseReason> {
     let mut buf = BytesMut::new();
     let mut splitter = LineSplitter::new(shared.config.max_line);
     loop {
-        if let Err(e) = s.send.readable().await {
-            return CloseReason::Io(format!("waiting on send: {e}"));
-        }
-        let mut items = Vec::new();
-        let read_at = std::time::Instant::now();
-        let mut read = 0;
-        let mut bye = false;
-        while read < BATCH_BYTES && !bye {
-            buf.reserve(READ_CHUNK);
-            match s.send.try_read_buf(&mut buf) {
-                // Impossible while we hold send O_RDWR; treat like "nothing yet".
-                Ok(0) => break,
-                Ok(n) => read += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return CloseReason::Io(format!("reading send: {e}")),
-            }
-            while let Some(line) = splitter.next_line(&mut buf) {
-                let item = match line {
-                    Line::Complete(l) => match Command::parse(l) {
-                        Ok(None) => continue,
-                        Ok(Some(c)) => Ok(c),
-                        Err(e) => Err(e),
-                    },
-                    Line::TooLong => Err(ProtocolError::new(
-                        ErrorCode::LineTooLong,
-                        format!(
-                            "line longer than {} bytes skipped (--max-line)",
-                            splitter.max_line()
-                        ),
-                    )),
-                };
-                if let Err(e) = &item {
-                    if let Some(m) = &shared.metrics {
-                        m.protocol_error(e.code.as_str());
-                    }
-                    warn_throttled!(shared.throttle, e.code.as_str(), client = %s.label, "refused a line: {}", e.text);
+        let last = tokio::select! {
+            biased;
+            r = s.send.readable() => {
+                if let Err(e) = r {
+                    return Some(CloseReason::Io(format!("waiting on send: {e}")));
                 }
-                bye = matches!(item, Ok(Command::Bye));
-                items.push(item);
-                if bye {
-                    break;
-                }
+                false
             }
+            () = stop.cancelled() => true,
+        };
+        // Batches are capped in lines and bytes, and the reader yields
+        // between them: one busy publisher cannot hold a worker thread, fill
+        // the router channel with huge batches, or starve shutdown.
+        loop {
+            let batch = match read_batch(s, shared, &mut buf, &mut splitter, last) {
+                Ok(b) => b,
+                Err(e) => return Some(CloseReason::Io(format!("reading send: {e}"))),
+            };
+            if !batch.items.is_empty()
+                && !shared.router.batch(s.key, batch.items, batch.read_at).await
+            {
+                return Some(CloseReason::Shutdown);
+            }
+            if batch.bye {
+                if last {
+                    return None;
+                }
+                // The router closes the outbox; anything sent after BYE is ignored.
+                return std::future::pending().await;
+            }
+            if batch.drained {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        if !items.is_empty() && !shared.router.batch(s.key, items, read_at).await {
-            return CloseReason::Shutdown;
-        }
-        if bye {
-            // The router closes the outbox; anything sent after BYE is ignored.
-            return std::future::pending().await;
+        if last {
+            return None;
         }
         if buf.is_empty() {
             // Idle clients should not pin a read buffer each.
             buf = BytesMut::new();
         }
     }
+}
+
+struct Batch {
+    items: Vec<Result<Command, ProtocolError>>,
+    read_at: std::time::Instant,
+    /// The pipe had nothing more to read.
+    drained: bool,
+    bye: bool,
+}
+
+/// Splits buffered lines and reads more until the batch is full, `BYE` is
+/// seen, or the pipe is empty. With `raw`, reads bypass tokio's readiness
+/// tracking (the final drain after `stop`, when no readiness will come).
+fn read_batch(
+    s: &Session,
+    shared: &Shared,
+    buf: &mut BytesMut,
+    splitter: &mut LineSplitter,
+    raw: bool,
+) -> io::Result<Batch> {
+    let mut batch = Batch {
+        items: Vec::new(),
+        read_at: std::time::Instant::now(),
+        drained: false,
+        bye: false,
+    };
+    let mut read = 0;
+    loop {
+        while let Some(line) = splitter.next_line(buf) {
+            let item = match line {
+                Line::Complete(l) => match Command::parse(l) {
+                    Ok(None) => continue,
+                    Ok(Some(c)) => Ok(c),
+                    Err(e) => Err(e),
+                },
+                Line::TooLong => Err(ProtocolError::new(
+                    ErrorCode::LineTooLong,
+                    format!(
+                        "line longer than {} bytes skipped (--max-line)",
+                        splitter.max_line()
+                    ),
+                )),
+            };
+            if let Err(e) = &item {
+                if let Some(m) = &shared.metrics {
+                    m.protocol_error(e.code);
+                }
+                warn_throttled!(shared.throttle, e.code.as_str(), client = %s.label, "refused a line: {}", e.text);
+            }
+            batch.bye = matches!(item, Ok(Command::Bye));
+            batch.items.push(item);
+            if batch.bye || batch.items.len() >= BATCH_ITEMS {
+                return Ok(batch);
+            }
+        }
+        if read >= BATCH_BYTES {
+            return Ok(batch);
+        }
+        buf.reserve(READ_CHUNK);
+        let n = if raw {
+            read_raw(s.send.as_raw_fd(), buf)
+        } else {
+            s.send.try_read_buf(buf)
+        };
+        match n {
+            // Impossible while we hold send O_RDWR; treat like "nothing yet".
+            Ok(0) => {
+                batch.drained = true;
+                return Ok(batch);
+            }
+            Ok(n) => read += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                batch.drained = true;
+                return Ok(batch);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A plain `read(2)` into the spare capacity of `buf`.
+fn read_raw(fd: std::os::fd::RawFd, buf: &mut BytesMut) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: read(2) writes at most spare.len() bytes into this memory and
+    // reports how many; only those are marked initialised below.
+    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: read(2) initialised the first n bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
 }
 
 /// Writes the outbox to `recv` until the outbox ends; returns why.

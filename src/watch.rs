@@ -73,7 +73,8 @@ impl AsRawFd for InotifyFd {
 pub struct FsWatcher {
     inotify: AsyncFd<InotifyFd>,
     bus_dir: WatchDescriptor,
-    clients: DashMap<WatchDescriptor, Arc<Outbox>>,
+    /// Watched client directories, and the outbox that ends each client.
+    clients: DashMap<WatchDescriptor, (Arc<Outbox>, std::path::PathBuf)>,
     hello_removed: Notify,
 }
 
@@ -108,7 +109,7 @@ impl FsWatcher {
     /// `ENOSPC` when the user's inotify watch limit is reached.
     pub fn watch_client(&self, dir: &Path, outbox: Arc<Outbox>) -> io::Result<WatchDescriptor> {
         let wd = self.inotify.get_ref().0.add_watch(dir, CLIENT_EVENTS)?;
-        self.clients.insert(wd, outbox);
+        self.clients.insert(wd, (outbox, dir.to_owned()));
         Ok(wd)
     }
 
@@ -117,7 +118,7 @@ impl FsWatcher {
     pub fn unwatch_client(&self, wd: WatchDescriptor, outbox: &Arc<Outbox>) {
         if self
             .clients
-            .remove_if(&wd, |_, o| Arc::ptr_eq(o, outbox))
+            .remove_if(&wd, |_, (o, _)| Arc::ptr_eq(o, outbox))
             .is_some()
         {
             // Fails with EINVAL when the directory is already gone; fine.
@@ -156,6 +157,10 @@ impl FsWatcher {
     }
 
     fn dispatch(&self, ev: nix::sys::inotify::InotifyEvent) {
+        if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+            self.rescan();
+            return;
+        }
         let gone = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM;
         let name = ev.name.as_deref().and_then(|n| n.to_str());
         if ev.wd == self.bus_dir {
@@ -169,12 +174,29 @@ impl FsWatcher {
             .intersects(AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF)
             || (ev.mask.intersects(gone) && matches!(name, Some("send" | "recv")));
         if ends_client {
-            if let Some(outbox) = self.clients.get(&ev.wd) {
-                outbox.close(CloseReason::Removed, None);
+            if let Some(entry) = self.clients.get(&ev.wd) {
+                entry.0.close(CloseReason::Removed, None);
             }
         }
         if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
             self.clients.remove(&ev.wd);
+        }
+    }
+
+    /// The kernel's event queue overflowed, so some deletions may have gone
+    /// unreported: look at the files themselves. (The rendezvous recreates
+    /// `hello` only if it is really missing.)
+    fn rescan(&self) {
+        tracing::warn!("inotify queue overflowed; checking hello and every client directory");
+        self.hello_removed.notify_one();
+        for entry in self.clients.iter() {
+            let (outbox, dir) = entry.value();
+            let intact = ["send", "recv"]
+                .iter()
+                .all(|f| crate::fifo::is_fifo(&dir.join(f)));
+            if !intact {
+                outbox.close(CloseReason::Removed, None);
+            }
         }
     }
 }

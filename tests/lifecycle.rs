@@ -255,3 +255,89 @@ fn idle_broker_uses_no_cpu() {
     assert!(t1 - t0 <= 1, "idle broker used {} clock ticks", t1 - t0);
     assert!(w1 - w0 <= 4, "idle broker woke up {} times in 2 s", w1 - w0);
 }
+
+#[test]
+fn sigterm_is_prompt_even_while_clients_flood_bad_lines() {
+    let mut bus = TempBus::start();
+    let mut floods = Vec::new();
+    for i in 0..2 {
+        let c = bus.connect(&format!("flood{i}"), &[]);
+        let send = c.dir().join("send");
+        drop(c);
+        let script = format!(
+            "while :; do printf 'x\\nx\\nx\\nx\\nx\\nx\\nx\\nx\\n'; done > '{}'",
+            send.display()
+        );
+        floods.push(
+            Command::new("bash")
+                .arg("-c")
+                .arg(script)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    // The flood is under way once the broker has refused some of it.
+    assert!(bus.wait_log("refused a line"));
+    let (status, took) = bus.stop(Signal::SIGTERM);
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?} under a flood");
+    for mut f in floods {
+        assert!(wait_child(&mut f, T).is_some(), "flooder ended (EPIPE)");
+    }
+}
+
+#[test]
+fn bye_from_a_client_that_never_reads_still_ends_it() {
+    let bus = TempBus::start();
+    let mut c = bus.connect("never-reads", &["t"]);
+    let dir = c.dir().to_owned();
+    // Fill its recv pipe (and some backlog), then say BYE without reading.
+    let mut p = bus.connect("p", &[]);
+    let line = format!("PUB t {}\n", "y".repeat(1000));
+    p.send_raw(line.repeat(200).as_bytes()).unwrap();
+    barrier(&mut p);
+    c.send_raw(b"BYE\n").unwrap();
+    assert!(
+        wait_gone(&dir, T),
+        "the session ends after the grace period"
+    );
+    drop(c);
+}
+
+#[test]
+fn lines_written_just_before_a_pid_client_exits_are_delivered() {
+    let bus = TempBus::start();
+    let mut sub = bus.connect("sub", &["last.words"]);
+    let script = r#"
+        for i in $(seq 1 40); do
+            bash -c '
+                r=$(mktemp -u); mkfifo -m 600 "$r"
+                echo "HELLO reply=$r pid=$$" > "$DIR/hello"
+                read -r _ id cdir < "$r"; rm -f "$r"
+                echo "PUB last.words $1" > "$cdir/send"
+            ' _ "$i" &
+        done
+        wait
+    "#;
+    let (status, _, err) = sh(script, &[("DIR", bus.dir.as_os_str())], T);
+    assert!(status.success(), "{err}");
+    let mut got: Vec<u32> = (0..40)
+        .map(|_| {
+            let line = sub.read_line(Some(T)).unwrap().expect("a message");
+            String::from_utf8(line)
+                .unwrap()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, (1..=40).collect::<Vec<_>>());
+    assert!(
+        wait_for(&bus.clients_dir(), T, || bus.client_dirs().len() == 1),
+        "the 40 exited clients are gone"
+    );
+}

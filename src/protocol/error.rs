@@ -53,6 +53,14 @@ impl ErrorCode {
         }
     }
 
+    /// Position in [`ErrorCode::ALL`], for per-code tables.
+    pub fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|&c| c == self)
+            .expect("ALL lists every code")
+    }
+
     pub fn parse(s: &str) -> Option<ErrorCode> {
         Self::ALL.into_iter().find(|c| c.as_str() == s)
     }

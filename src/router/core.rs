@@ -224,7 +224,7 @@ impl RouterCore {
             // Folded topics share the _other handles; remembering them
             // would let ever-new topic names grow this map without bound.
             if m.topics.len() < m.shared.topic_limit() {
-                m.topics.insert(topic.clone(), tm.clone());
+                m.topics.insert(topic.detached(), tm.clone());
             }
             tm
         });
@@ -235,7 +235,7 @@ impl RouterCore {
             subscribers,
             metrics,
         };
-        self.cache.insert(topic.clone(), route.clone());
+        self.cache.insert(topic.detached(), route.clone());
         route
     }
 
@@ -248,6 +248,7 @@ impl RouterCore {
 
     fn subscribe(&mut self, key: ClientKey, p: Pattern) {
         if let Some(client) = self.clients.get_mut(&key) {
+            let p = p.detached();
             if client.patterns.insert(p.clone()) {
                 self.index.insert(&p, key);
                 self.interest_changed();

@@ -132,7 +132,10 @@ struct State {
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
+    /// Wakes the writer (one waiter).
     wake: Notify,
+    /// Wakes the session when the client is being ended (any number of waiters).
+    closing: Notify,
     limits: BacklogLimits,
 }
 
@@ -141,6 +144,7 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            closing: Notify::new(),
             limits,
         }
     }
@@ -187,6 +191,7 @@ impl Outbox {
                     s.end = Some(CloseReason::SlowConsumer);
                     drop(s);
                     self.wake.notify_one();
+                    self.closing.notify_waiters();
                     return Push::Disconnected(discarded);
                 }
             }
@@ -203,18 +208,27 @@ impl Outbox {
         outcome
     }
 
-    /// Ends this client. The first reason wins. For reasons that flush, queued
-    /// lines stay and `farewell` is appended past the caps; otherwise the queue
-    /// is discarded. Returns `None` if another reason came first, else how
-    /// many queued lines were discarded.
+    /// Ends this client. The first reason wins, except that a reason that
+    /// does not flush (the client is gone) overrides a pending flush. For
+    /// reasons that flush, queued lines stay and `farewell` is appended past
+    /// the caps (after any `DROPPED` owed); otherwise the queue is discarded.
+    /// Returns `None` if the reason was not taken, else how many queued lines
+    /// were discarded.
     pub fn close(&self, reason: CloseReason, farewell: Option<Bytes>) -> Option<usize> {
         let mut s = self.lock();
-        if s.end.is_some() {
-            return None;
+        match &s.end {
+            Some(current) if !current.flushes() || reason.flushes() => return None,
+            _ => {}
         }
         let mut discarded = 0;
         if reason.flushes() {
             if let Some(f) = farewell {
+                // Under drop-newest the gap is at the end: report it before
+                // the farewell, which is the last line a client reads.
+                if s.dropped > 0 && self.limits.policy != OverflowPolicy::DropOldest {
+                    let d = std::mem::take(&mut s.dropped);
+                    s.queue.push_back(Entry::control(encode::dropped(d)));
+                }
                 s.bytes += f.len();
                 s.queue.push_back(Entry::control(f));
             }
@@ -227,7 +241,25 @@ impl Outbox {
         s.end = Some(reason);
         drop(s);
         self.wake.notify_one();
+        self.closing.notify_waiters();
         Some(discarded)
+    }
+
+    /// Resolves once the client is being ended (now or later).
+    pub async fn closed(&self) {
+        let notified = self.closing.notified();
+        tokio::pin!(notified);
+        // Register before checking, so a close in between is not missed.
+        notified.as_mut().enable();
+        if self.is_closed() {
+            return;
+        }
+        notified.await
+    }
+
+    /// Why the client is ending, if it is.
+    pub fn reason(&self) -> Option<CloseReason> {
+        self.lock().end.clone()
     }
 
     /// Moves every queued line into `into` (with a `DROPPED` line where the
@@ -360,14 +392,34 @@ mod tests {
     }
 
     #[test]
+    fn drop_newest_gap_is_reported_before_the_farewell() {
+        let o = outbox(1, 1 << 20, OverflowPolicy::DropNewest);
+        o.push(line("a"));
+        o.push(line("b"));
+        o.close(CloseReason::Bye, Some(encode::bye()));
+        assert_eq!(taken(&o), ["a", "DROPPED 1", "BYE"]);
+    }
+
+    #[test]
+    fn a_client_that_is_gone_overrides_a_pending_flush() {
+        let o = outbox(10, 1 << 20, OverflowPolicy::DropOldest);
+        o.push(line("a"));
+        assert_eq!(o.close(CloseReason::Bye, Some(encode::bye())), Some(0));
+        assert_eq!(o.close(CloseReason::Shutdown, Some(encode::bye())), None);
+        assert_eq!(o.close(CloseReason::Removed, None), Some(2));
+        assert_eq!(o.abandoned(), Some(CloseReason::Removed));
+        assert_eq!(o.close(CloseReason::PidExited, None), None);
+    }
+
+    #[test]
     fn flushing_close_keeps_the_queue_and_adds_the_farewell() {
         let o = outbox(1, 1 << 20, OverflowPolicy::DropOldest);
         o.push(line("a"));
         assert_eq!(o.close(CloseReason::Shutdown, Some(encode::bye())), Some(0));
         assert_eq!(
-            o.close(CloseReason::Removed, None),
+            o.close(CloseReason::Bye, Some(encode::bye())),
             None,
-            "first reason wins"
+            "the first flushing reason wins over another"
         );
         let mut q = VecDeque::new();
         assert_eq!(o.take(&mut q), Some(CloseReason::Shutdown));

@@ -1,7 +1,8 @@
 //! The router task: the async shell around [`RouterCore`].
 //!
 //! It blocks only when there is nothing to do (an idle broker spends no CPU),
-//! and once woken drains up to [`DRAIN_MAX`] more messages without waiting,
+//! and once woken drains more messages without waiting, up to
+//! [`WORK_PER_TURN`],
 //! so that a busy router pays the channel's wake-up cost once per batch.
 //! Readers send one message per read, not per line. The channel is bounded:
 //! when the router falls behind, readers wait, stop reading, and publishers
@@ -18,8 +19,12 @@ use crate::metrics::Metrics;
 use crate::protocol::{Command, ProtocolError};
 use crate::topic::Pattern;
 
-const CHANNEL_CAPACITY: usize = 1024;
-const DRAIN_MAX: usize = 256;
+/// Batches in flight. With at most 1024 lines per batch this bounds what
+/// waits for the router (and so the memory publishers can make it hold).
+const CHANNEL_CAPACITY: usize = 64;
+/// Work (lines applied plus deliveries queued) before the router yields its
+/// worker thread, so timers, signals and sessions run even under a flood.
+const WORK_PER_TURN: usize = 16 * 1024;
 
 pub enum RouterMsg {
     Attach {
@@ -96,18 +101,22 @@ impl RouterHandle {
 
 async fn run(mut rx: mpsc::Receiver<RouterMsg>, mut core: RouterCore) {
     while let Some(first) = rx.recv().await {
-        handle(&mut core, first);
-        for _ in 0..DRAIN_MAX {
+        let mut work = handle(&mut core, first);
+        while work < WORK_PER_TURN {
             match rx.try_recv() {
-                Ok(msg) => handle(&mut core, msg),
+                Ok(msg) => work += handle(&mut core, msg),
                 Err(_) => break,
             }
+        }
+        if work >= WORK_PER_TURN {
+            tokio::task::yield_now().await;
         }
     }
     tracing::debug!("router stopped");
 }
 
-fn handle(core: &mut RouterCore, msg: RouterMsg) {
+/// Applies one message; returns the work it took (lines plus deliveries).
+fn handle(core: &mut RouterCore, msg: RouterMsg) -> usize {
     match msg {
         RouterMsg::Attach {
             key,
@@ -117,16 +126,23 @@ fn handle(core: &mut RouterCore, msg: RouterMsg) {
         } => {
             core.attach(key, outbox, subs);
             let _ = done.send(());
+            1
         }
         RouterMsg::Batch {
             key,
             items,
             read_at,
         } => {
+            let mut work = items.len();
             for item in items {
-                core.apply(key, item, read_at);
+                let d = core.apply(key, item, read_at);
+                work += d.delivered + d.dropped;
             }
+            work
         }
-        RouterMsg::Detach { key } => core.detach(key),
+        RouterMsg::Detach { key } => {
+            core.detach(key);
+            1
+        }
     }
 }

@@ -140,6 +140,13 @@ fn ascii_str(bytes: &[u8]) -> &str {
 pub struct Topic(Bytes);
 
 impl Topic {
+    /// A copy in its own allocation. A parsed topic is a slice of the
+    /// read buffer it came from; anything stored long-term (subscriptions,
+    /// caches) keeps a detached copy so it does not pin that whole buffer.
+    pub fn detached(&self) -> Topic {
+        Topic(Bytes::copy_from_slice(&self.0))
+    }
+
     /// Validates and copies `raw`.
     pub fn parse(raw: &[u8]) -> Result<Topic, TopicError> {
         validate(raw, false)?;
@@ -206,6 +213,13 @@ impl AsRef<str> for Topic {
 pub struct Pattern(Bytes);
 
 impl Pattern {
+    /// A copy in its own allocation. A parsed pattern is a slice of the
+    /// read buffer it came from; anything stored long-term (subscriptions,
+    /// caches) keeps a detached copy so it does not pin that whole buffer.
+    pub fn detached(&self) -> Pattern {
+        Pattern(Bytes::copy_from_slice(&self.0))
+    }
+
     /// Validates and copies `raw`.
     pub fn parse(raw: &[u8]) -> Result<Pattern, TopicError> {
         validate(raw, true)?;

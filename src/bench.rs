@@ -1,0 +1,1132 @@
+//! `fifobus bench`: the broker measured against the bare FIFO ceiling, in
+//! the same run, on the same machine.
+//!
+//! Absolute figures on a shared machine drift from run to run; a ratio to a
+//! ceiling measured minutes apart does not drift much. So every broker
+//! figure is printed beside what bare pipes do for the same work:
+//! - throughput: a relay thread copying FIFO A to FIFO B in 64 KiB blocks,
+//!   or a tee copying A to N FIFOs, with the same lines and line counts;
+//! - latency: the path of a broker round trip (A → relay → B → relay → A,
+//!   through four FIFOs), against A → broker → B → broker → A.
+//!
+//! The brokers are real `fifobus serve` processes (this binary) on a
+//! temporary directory (on tmpfs when `/dev/shm` exists, as
+//! `$XDG_RUNTIME_DIR` is), and the clients are real FIFO clients in threads
+//! of this process. Nothing here is a test: nothing asserts on a time.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use crate::client::{Client, ConnectOptions};
+use crate::topic::Pattern;
+
+/// What to run, and how much of it.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub payload: usize,
+    /// Messages published in the 1 → 1 scenario; the others scale from it.
+    pub messages: u64,
+    pub latency_messages: u64,
+    /// Offered rate for the fixed-rate latency figures.
+    pub rate: u64,
+    pub idle_clients: usize,
+    pub idle_seconds: u64,
+    pub handshakes: usize,
+    pub progress: bool,
+}
+
+impl BenchOptions {
+    pub fn full() -> Self {
+        BenchOptions {
+            payload: 64,
+            messages: 2_000_000,
+            latency_messages: 20_000,
+            rate: 10_000,
+            idle_clients: 10_000,
+            idle_seconds: 10,
+            handshakes: 5_000,
+            progress: true,
+        }
+    }
+
+    /// A smoke run (seconds, not minutes): same scenarios, small counts.
+    pub fn quick() -> Self {
+        BenchOptions {
+            messages: 20_000,
+            latency_messages: 500,
+            idle_clients: 200,
+            idle_seconds: 1,
+            handshakes: 200,
+            ..Self::full()
+        }
+    }
+}
+
+/// A goal from the performance issue, checked against a measurement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    /// fifobus / ceiling must be at least this.
+    RatioAtLeast(f64),
+    /// fifobus / ceiling must be at most this.
+    RatioAtMost(f64),
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Target {
+    fn met(self, value: f64, ratio: Option<f64>) -> Option<bool> {
+        match self {
+            Target::RatioAtLeast(t) => ratio.map(|r| r >= t),
+            Target::RatioAtMost(t) => ratio.map(|r| r <= t),
+            Target::AtLeast(t) => Some(value >= t),
+            Target::AtMost(t) => Some(value <= t),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Target::RatioAtLeast(t) => format!("ratio >= {t}"),
+            Target::RatioAtMost(t) => format!("ratio <= {t}"),
+            Target::AtLeast(t) => format!(">= {}", human(t)),
+            Target::AtMost(t) => format!("<= {}", human(t)),
+        }
+    }
+}
+
+/// One row of the results.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    pub scenario: String,
+    pub unit: &'static str,
+    pub fifobus: f64,
+    pub ceiling: Option<f64>,
+    pub target: Option<Target>,
+    pub note: String,
+}
+
+impl Measurement {
+    fn new(scenario: impl Into<String>, unit: &'static str, fifobus: f64) -> Self {
+        Measurement {
+            scenario: scenario.into(),
+            unit,
+            fifobus,
+            ceiling: None,
+            target: None,
+            note: String::new(),
+        }
+    }
+
+    fn ceiling(mut self, c: f64) -> Self {
+        self.ceiling = Some(c);
+        self
+    }
+
+    fn target(mut self, t: Target) -> Self {
+        self.target = Some(t);
+        self
+    }
+
+    fn note(mut self, n: impl Into<String>) -> Self {
+        self.note = n.into();
+        self
+    }
+
+    pub fn ratio(&self) -> Option<f64> {
+        self.ceiling.filter(|c| *c > 0.0).map(|c| self.fifobus / c)
+    }
+
+    pub fn met(&self) -> Option<bool> {
+        self.target.and_then(|t| t.met(self.fifobus, self.ratio()))
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "scenario": self.scenario,
+            "unit": self.unit,
+            "fifobus": self.fifobus,
+            "ceiling": self.ceiling,
+            "ratio": self.ratio(),
+            "target": self.target.map(Target::describe),
+            "met": self.met(),
+            "note": self.note,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("cannot connect a benchmark client: {0}")]
+    Client(#[from] crate::client::ClientError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Result<T> = std::result::Result<T, BenchError>;
+
+/// Upper bound for any one scenario; a broker that stalls is reported, not waited on forever.
+const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs every scenario and returns the rows in order.
+///
+/// # Errors
+/// When a broker cannot be started or a scenario cannot complete.
+pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
+    let steps: u64 = 9;
+    let bar = progress(opts.progress, steps);
+    let mut rows = Vec::new();
+    let step = |name: &str| {
+        bar.set_message(name.to_owned());
+    };
+
+    step("1 -> 1");
+    let relay = relay_ceiling(1, 1, opts.messages, opts.payload)?;
+    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
+    let one = fan(&broker, 1, 1, 1, opts.messages, opts.payload)?;
+    drop(broker);
+    rows.push(
+        Measurement::new("1 -> 1, msg/s", "msg/s", one)
+            .ceiling(relay)
+            .target(Target::RatioAtLeast(0.30))
+            .note("ceiling: bare relay FIFO A -> FIFO B in 64 KiB blocks"),
+    );
+    let broker = Broker::start(&["--metrics-addr", "off"])?;
+    let off = fan(&broker, 1, 1, 1, opts.messages, opts.payload)?;
+    drop(broker);
+    rows.push(
+        Measurement::new("1 -> 1, metrics off, msg/s", "msg/s", off)
+            .ceiling(relay)
+            .note(format!("metrics on / off = {:.2}", one / off)),
+    );
+    bar.inc(1);
+
+    step("1 -> 10");
+    let n = (opts.messages / 5).max(1);
+    let tee = relay_ceiling(1, 10, n, opts.payload)?;
+    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
+    let v = fan(&broker, 1, 10, 1, n, opts.payload)?;
+    drop(broker);
+    rows.push(
+        Measurement::new("1 -> 10, deliveries/s", "deliveries/s", v)
+            .ceiling(tee)
+            .target(Target::RatioAtLeast(0.30))
+            .note("ceiling: bare tee FIFO A -> 10 FIFOs"),
+    );
+    bar.inc(1);
+
+    step("10 -> 1");
+    let n = (opts.messages / 10).max(1);
+    let relay10 = relay_ceiling(10, 1, n, opts.payload)?;
+    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
+    let v = fan(&broker, 10, 1, 1, n, opts.payload)?;
+    drop(broker);
+    rows.push(
+        Measurement::new("10 -> 1, msg/s", "msg/s", v)
+            .ceiling(relay10)
+            .note("ceiling: 10 writers into one bare relay"),
+    );
+    bar.inc(1);
+
+    step("100 topics x 100 subscribers");
+    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
+    let per_topic = 100
+        .min(broker.client_budget().saturating_sub(10) / 100)
+        .max(1);
+    let n = (opts.messages / 50).max(100);
+    let v = fan(&broker, 1, 100 * per_topic, 100, n, opts.payload)?;
+    drop(broker);
+    let tee = relay_ceiling(1, per_topic, n, opts.payload)?;
+    let mut m = Measurement::new(
+        format!("100 topics x {per_topic} subscribers, deliveries/s"),
+        "deliveries/s",
+        v,
+    )
+    .ceiling(tee)
+    .note(format!("ceiling: bare tee to {per_topic} FIFOs"));
+    if per_topic < 100 {
+        m.note += &format!(
+            "; {per_topic} subscribers per topic, not 100: the open-file limit allows {} clients",
+            per_topic * 100
+        );
+    }
+    rows.push(m);
+    bar.inc(1);
+
+    step("latency at a fixed rate");
+    let (relay_rtt, broker_rtt) = rtt_pair(opts.latency_messages, Some(opts.rate), opts.payload)?;
+    push_latency(
+        &mut rows,
+        &format!("round trip at {} msg/s", opts.rate),
+        &broker_rtt,
+        &relay_rtt,
+        true,
+    );
+    bar.inc(1);
+
+    step("latency at saturation");
+    let (relay_rtt, broker_rtt) = rtt_pair(opts.latency_messages * 5, None, opts.payload)?;
+    push_latency(
+        &mut rows,
+        "round trip at saturation",
+        &broker_rtt,
+        &relay_rtt,
+        false,
+    );
+    bar.inc(1);
+
+    step("handshakes");
+    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
+    let budget = broker.client_budget();
+    let hs = opts.handshakes.min(budget);
+    let rss_empty = rss_bytes(broker.pid())?;
+    let rate = handshakes(&broker, hs)?;
+    rows.push(
+        Measurement::new("handshakes/s", "handshakes/s", rate)
+            .target(Target::AtLeast(5000.0))
+            .note(format!(
+                "{hs} HELLO -> WELCOME from 4 threads, bus directory on {}",
+                broker.fs_kind()
+            )),
+    );
+    bar.inc(1);
+
+    step("idle clients");
+    let want = opts.idle_clients.min(budget);
+    let before = rss_empty;
+    let have = hs + connect_idle(&broker, want.saturating_sub(hs))?;
+    let after = rss_bytes(broker.pid())?;
+    let mut m = Measurement::new(
+        format!("resident memory, {have} idle clients, MiB"),
+        "MiB",
+        after as f64 / (1 << 20) as f64,
+    )
+    .note(format!(
+        "{:.1} KiB per client",
+        (after.saturating_sub(before)) as f64 / 1024.0 / have.max(1) as f64
+    ));
+    if have >= 10_000 {
+        m = m.target(Target::AtMost(256.0));
+    } else if have < opts.idle_clients {
+        let per = after.saturating_sub(before) as f64 / have.max(1) as f64;
+        let projected = (before as f64 + per * 10_000.0) / (1 << 20) as f64;
+        m.note += &format!(
+            "; only {have} clients fit the open-file limit here (3 fds each); 10,000 would be about {projected:.0} MiB"
+        );
+    }
+    rows.push(m);
+    bar.inc(1);
+
+    step("idle CPU");
+    let cpu = idle_cpu(broker.pid(), Duration::from_secs(opts.idle_seconds))?;
+    rows.push(
+        Measurement::new(
+            format!("CPU of an idle broker over {} s, s", opts.idle_seconds),
+            "s",
+            cpu,
+        )
+        .target(Target::AtMost(0.0))
+        .note(format!(
+            "with {have} idle clients connected; /proc/PID/stat, 10 ms resolution"
+        )),
+    );
+    bar.inc(1);
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
+fn push_latency(
+    rows: &mut Vec<Measurement>,
+    what: &str,
+    broker: &[u64],
+    relay: &[u64],
+    targets: bool,
+) {
+    for (q, label, target) in [
+        (0.50, "p50", 2.0),
+        (0.99, "p99", 5.0),
+        (0.999, "p99.9", f64::NAN),
+    ] {
+        let b = percentile(broker, q) as f64 / 1000.0;
+        let r = percentile(relay, q) as f64 / 1000.0;
+        let mut m = Measurement::new(format!("{what}, {label}, µs"), "µs", b)
+            .ceiling(r)
+            .note("ceiling: A -> relay -> B -> relay -> A through four FIFOs");
+        if targets && !target.is_nan() {
+            m = m.target(Target::RatioAtMost(target));
+        }
+        rows.push(m);
+    }
+}
+
+/// Prints the rows as a table, each figure beside its ceiling.
+pub fn render(rows: &[Measurement]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<52} {:>14} {:>14} {:>7}  {:<16} note",
+        "scenario", "fifobus", "ceiling", "ratio", "target"
+    );
+    for m in rows {
+        let verdict = match m.met() {
+            Some(true) => " ok",
+            Some(false) => " MISSED",
+            None => "",
+        };
+        let _ = writeln!(
+            out,
+            "{:<52} {:>14} {:>14} {:>7}  {:<16} {}",
+            m.scenario,
+            human(m.fifobus),
+            m.ceiling.map(human).unwrap_or_else(|| "-".into()),
+            m.ratio()
+                .map(|r| format!("{r:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            m.target
+                .map(|t| format!("{}{verdict}", t.describe()))
+                .unwrap_or_default(),
+            m.note
+        );
+    }
+    out
+}
+
+fn human(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.1}k", v / 1e3)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn progress(show: bool, steps: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !show || !io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// A directory for FIFOs: tmpfs when available, as a real bus directory is.
+fn scratch_dir() -> io::Result<tempfile::TempDir> {
+    let mut b = tempfile::Builder::new();
+    b.prefix("fifobus-bench-");
+    b.tempdir_in("/dev/shm").or_else(|_| b.tempdir())
+}
+
+/// A `fifobus serve` child on a scratch directory; stopped on drop.
+struct Broker {
+    dir: PathBuf,
+    child: Child,
+    _tmp: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start(extra: &[&str]) -> Result<Broker> {
+        let tmp = scratch_dir()?;
+        let dir = tmp.path().join("bus");
+        let child = Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--dir")
+            .arg(&dir)
+            // Throughput runs must not drop: a reader that falls behind
+            // for a moment should cost memory, not messages.
+            .args(["--backlog-messages", "100000000", "--backlog-bytes", "8GiB"])
+            .args(extra)
+            // FIFOBUS_BENCH_LOG=debug shows the brokers' logs when a run fails.
+            .env(
+                "RUST_LOG",
+                std::env::var("FIFOBUS_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut broker = Broker {
+            dir,
+            child,
+            _tmp: tmp,
+        };
+        let pid = broker.pid().to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = broker.dir.join("hello").exists()
+                && std::fs::read_to_string(broker.dir.join("broker.pid"))
+                    .is_ok_and(|p| p.trim() == pid);
+            if ready {
+                return Ok(broker);
+            }
+            if let Some(status) = broker.child.try_wait()? {
+                return Err(BenchError::Failed(format!(
+                    "the benchmark broker exited at start: {status}"
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Failed(
+                    "the benchmark broker did not start within 10 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn connect(&self, subs: &[String]) -> Result<Client> {
+        let opts = ConnectOptions {
+            name: None,
+            pid: None,
+            subs: subs
+                .iter()
+                .map(|s| Pattern::parse(s.as_bytes()))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| BenchError::Failed(e.to_string()))?,
+        };
+        Ok(Client::connect(&self.dir, &opts, Duration::from_secs(10))?)
+    }
+
+    /// Clients this broker accepts: its open-file limit, as it computes it
+    /// (the same limit applies to this process, which holds a FIFO per
+    /// subscriber too).
+    fn client_budget(&self) -> usize {
+        let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .unwrap_or((1024, 1024));
+        crate::broker::client_capacity(soft)
+    }
+
+    fn fs_kind(&self) -> &'static str {
+        if self.dir.starts_with("/dev/shm") {
+            "tmpfs"
+        } else {
+            "the default temp directory"
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `lines` lines of `PUB <topic> <payload>` cycling over `topics`, as one
+/// buffer of about 64 KiB to write repeatedly.
+fn pub_chunk(topics: &[String], payload: usize, lines: usize) -> Vec<u8> {
+    let body = vec![b'x'; payload];
+    let mut out = Vec::new();
+    for i in 0..lines {
+        out.extend_from_slice(b"PUB ");
+        out.extend_from_slice(topics[i % topics.len()].as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(&body);
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Writes `n` lines (in chunks from `pub_chunk`) to `w`.
+fn write_lines(w: &mut File, topics: &[String], payload: usize, n: u64) -> io::Result<()> {
+    let line_len = 4 + topics[0].len() + 1 + payload + 1;
+    let per_chunk = ((64 * 1024 / line_len).max(1) / topics.len()).max(1) * topics.len();
+    let chunk = pub_chunk(topics, payload, per_chunk);
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(per_chunk as u64) as usize;
+        let end = if k == per_chunk {
+            chunk.len()
+        } else {
+            chunk
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| b == b'\n')
+                .nth(k - 1)
+                .map(|(i, _)| i + 1)
+                .unwrap_or(chunk.len())
+        };
+        w.write_all(&chunk[..end])?;
+        left -= k as u64;
+    }
+    Ok(())
+}
+
+/// Reads each of `readers` until it has seen `expected` lines. One thread
+/// per reader (blocking reads, 256 KiB at a time), or two polling threads
+/// for many readers. Returns the channel each thread reports on, and how
+/// many threads report.
+fn count_lines(readers: Vec<File>, expected: u64) -> (mpsc::Receiver<io::Result<u64>>, usize) {
+    let (tx, rx) = mpsc::channel();
+    // Many readers: a few threads polling many descriptors each.
+    let groups = if readers.len() > 16 { 2 } else { readers.len() };
+    let mut buckets: Vec<Vec<File>> = (0..groups).map(|_| Vec::new()).collect();
+    for (i, r) in readers.into_iter().enumerate() {
+        buckets[i % groups].push(r);
+    }
+    for bucket in buckets {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let r = if bucket.len() == 1 {
+                count_one(bucket.into_iter().next().expect("one"), expected)
+            } else {
+                count_many(bucket, expected)
+            };
+            let _ = tx.send(r);
+        });
+    }
+    (rx, groups)
+}
+
+fn count_one(mut r: File, expected: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut seen = 0u64;
+    while seen < expected {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("EOF after {seen} of {expected} lines"),
+            ));
+        }
+        seen += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+    }
+    Ok(seen)
+}
+
+fn count_many(files: Vec<File>, expected: u64) -> io::Result<u64> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsRawFd;
+    for f in &files {
+        let flags = OFlag::from_bits_truncate(fcntl(f.as_raw_fd(), FcntlArg::F_GETFL)?);
+        fcntl(f.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    }
+    let mut seen = vec![0u64; files.len()];
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut open: Vec<usize> = (0..files.len()).collect();
+    while !open.is_empty() {
+        let mut fds: Vec<PollFd> = open
+            .iter()
+            .map(|&i| PollFd::new(files[i].as_fd(), PollFlags::POLLIN))
+            .collect();
+        poll(&mut fds, PollTimeout::NONE)?;
+        let ready: Vec<usize> = fds
+            .iter()
+            .zip(&open)
+            .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(_, &i)| i)
+            .collect();
+        drop(fds);
+        for i in ready {
+            while seen[i] < expected {
+                match (&files[i]).read(&mut buf) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "EOF on subscriber {i} of {} after {} of {expected} lines",
+                                files.len(),
+                                seen[i]
+                            ),
+                        ))
+                    }
+                    Ok(n) => seen[i] += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        open.retain(|&i| seen[i] < expected);
+    }
+    Ok(seen.iter().sum())
+}
+
+/// Waits for every reader group; returns the elapsed time since `start`.
+fn await_readers(
+    rx: &mpsc::Receiver<io::Result<u64>>,
+    groups: usize,
+    start: Instant,
+) -> Result<Duration> {
+    for _ in 0..groups {
+        match rx.recv_timeout(SCENARIO_LIMIT) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(BenchError::Failed(format!("a subscriber failed: {e}"))),
+            Err(_) => {
+                return Err(BenchError::Failed(format!(
+                    "deliveries incomplete after {SCENARIO_LIMIT:?}"
+                )))
+            }
+        }
+    }
+    Ok(start.elapsed())
+}
+
+/// `publishers` clients each publish `n` messages spread over `topics`
+/// topics; `subscribers` clients split evenly over the topics. Returns
+/// deliveries per second.
+fn fan(
+    broker: &Broker,
+    publishers: usize,
+    subscribers: usize,
+    topics: usize,
+    n: u64,
+    payload: usize,
+) -> Result<f64> {
+    let names: Vec<String> = (0..topics).map(|t| format!("bench.t{t}")).collect();
+    let mut readers = Vec::new();
+    for s in 0..subscribers {
+        let (_, recv) = broker.connect(&[names[s % topics].clone()])?.into_files()?;
+        readers.push(recv);
+    }
+    let per_sub = n * publishers as u64 / topics as u64;
+    let mut writers = Vec::new();
+    for _ in 0..publishers {
+        writers.push(broker.connect(&[])?.into_files()?.0);
+    }
+    let (rx, groups) = count_lines(readers, per_sub);
+    let start = Instant::now();
+    for mut w in writers {
+        let names = names.clone();
+        std::thread::spawn(move || write_lines(&mut w, &names, payload, n));
+    }
+    let took = await_readers(&rx, groups, start)?;
+    Ok((per_sub * subscribers as u64) as f64 / took.as_secs_f64())
+}
+
+fn mkfifo(path: &Path) -> io::Result<()> {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(io::Error::from)
+}
+
+fn open_rw(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+}
+
+/// The bare-pipe ceiling: `writers` threads write `n` lines each into FIFO
+/// A, a relay copies A to `outputs` FIFOs in 64 KiB blocks, and a reader per
+/// output counts lines. Returns deliveries per second.
+fn relay_ceiling(writers: usize, outputs: usize, n: u64, payload: usize) -> Result<f64> {
+    let tmp = scratch_dir()?;
+    let input = tmp.path().join("in");
+    mkfifo(&input)?;
+    let mut outs = Vec::new();
+    let mut readers = Vec::new();
+    for i in 0..outputs {
+        let p = tmp.path().join(format!("out{i}"));
+        mkfifo(&p)?;
+        // O_RDWR: opens never block, and the relay never sees EOF.
+        outs.push(open_rw(&p)?);
+        readers.push(File::open(&p)?);
+    }
+    let topic = vec!["bench.t0".to_owned()];
+    let line_len = (4 + topic[0].len() + 1 + payload + 1) as u64;
+    let total = line_len * n * writers as u64;
+    let mut relay_in = open_rw(&input)?;
+    std::thread::spawn(move || -> io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut copied = 0u64;
+        while copied < total {
+            let k = relay_in.read(&mut buf)?;
+            for o in &mut outs {
+                o.write_all(&buf[..k])?;
+            }
+            copied += k as u64;
+        }
+        Ok(())
+    });
+    let (rx, groups) = count_lines(readers, n * writers as u64);
+    let start = Instant::now();
+    for _ in 0..writers {
+        let mut w = std::fs::OpenOptions::new().write(true).open(&input)?;
+        let topic = topic.clone();
+        std::thread::spawn(move || write_lines(&mut w, &topic, payload, n));
+    }
+    let took = await_readers(&rx, groups, start)?;
+    Ok((n * writers as u64 * outputs as u64) as f64 / took.as_secs_f64())
+}
+
+/// Nanoseconds since a fixed origin, comparable across threads.
+fn now_ns(origin: Instant) -> u64 {
+    origin.elapsed().as_nanos() as u64
+}
+
+/// Round trips of `n` messages: A writes `PUB lat.out <seq> <pad>` into
+/// `a_send`, the echo reads them from `b_recv` and writes
+/// `PUB lat.back <seq> <pad>` into `b_send`, and A reads them back from
+/// `a_recv`. `rate`: messages per second, or None for as fast as possible.
+/// Returns the round-trip times in nanoseconds.
+fn rtt(
+    a_send: File,
+    a_recv: File,
+    b_recv: File,
+    b_send: File,
+    n: u64,
+    rate: Option<u64>,
+    payload: usize,
+) -> Result<Vec<u64>> {
+    let origin = Instant::now();
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    // Echo: every complete line "<KW> lat.out <rest>" becomes "PUB lat.back <rest>".
+    std::thread::spawn(move || echo(b_recv, b_send));
+    // Receiver on A.
+    let (tx, rx) = mpsc::channel();
+    let sent2 = sent.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(collect_rtts(a_recv, &sent2, n, origin));
+    });
+    // Sender on A.
+    let pad = "x".repeat(payload.saturating_sub(12));
+    std::thread::spawn(move || send_paced(a_send, &sent, n, rate, &pad, origin));
+    match rx.recv_timeout(SCENARIO_LIMIT) {
+        Ok(r) => r.map_err(|e| BenchError::Failed(format!("round trips failed: {e}"))),
+        Err(_) => Err(BenchError::Failed(format!(
+            "round trips incomplete after {SCENARIO_LIMIT:?}"
+        ))),
+    }
+}
+
+fn echo(mut from: File, mut to: File) -> io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let k = from.read(&mut buf)?;
+        if k == 0 {
+            return Ok(());
+        }
+        pending.extend_from_slice(&buf[..k]);
+        let mut start = 0;
+        while let Some(i) = memchr::memchr(b'\n', &pending[start..]) {
+            let line = &pending[start..start + i];
+            // Skip the keyword and the topic; keep "<seq> <pad>".
+            let rest = line.splitn(3, |&b| b == b' ').nth(2).unwrap_or_default();
+            out.extend_from_slice(b"PUB lat.back ");
+            out.extend_from_slice(rest);
+            out.push(b'\n');
+            start += i + 1;
+        }
+        pending.drain(..start);
+        to.write_all(&out)?;
+        out.clear();
+    }
+}
+
+fn collect_rtts(
+    mut from: File,
+    sent: &[AtomicU64],
+    n: u64,
+    origin: Instant,
+) -> io::Result<Vec<u64>> {
+    let mut rtts = Vec::with_capacity(n as usize);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    while (rtts.len() as u64) < n {
+        let k = from.read(&mut buf)?;
+        if k == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "EOF during round trips",
+            ));
+        }
+        let now = now_ns(origin);
+        pending.extend_from_slice(&buf[..k]);
+        let mut start = 0;
+        while let Some(i) = memchr::memchr(b'\n', &pending[start..]) {
+            let line = &pending[start..start + i];
+            let seq = line
+                .split(|&b| b == b' ')
+                .nth(2)
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(|s| s.parse::<usize>().ok());
+            if let Some(seq) = seq.filter(|&s| s < sent.len()) {
+                rtts.push(now.saturating_sub(sent[seq].load(Ordering::Acquire)));
+            }
+            start += i + 1;
+        }
+        pending.drain(..start);
+    }
+    Ok(rtts)
+}
+
+fn send_paced(
+    mut to: File,
+    sent: &[AtomicU64],
+    n: u64,
+    rate: Option<u64>,
+    pad: &str,
+    origin: Instant,
+) -> io::Result<()> {
+    match rate {
+        Some(rate) => {
+            // Fine-grained sleeps: the default 50 µs timer slack would make a
+            // 100 µs period bursty.
+            // SAFETY: PR_SET_TIMERSLACK takes an unsigned long and changes
+            // only this thread's timer slack.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+            let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
+            let start = Instant::now();
+            let mut line = Vec::new();
+            for i in 0..n {
+                let due = start + period * i as u32;
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                line.clear();
+                writeln!(line, "PUB lat.out {i} {pad}")?;
+                sent[i as usize].store(now_ns(origin), Ordering::Release);
+                to.write_all(&line)?;
+            }
+        }
+        None => {
+            let mut chunk = Vec::new();
+            let mut i = 0u64;
+            while i < n {
+                chunk.clear();
+                let end = (i + 64).min(n);
+                let stamp = now_ns(origin);
+                for j in i..end {
+                    writeln!(chunk, "PUB lat.out {j} {pad}")?;
+                    sent[j as usize].store(stamp, Ordering::Release);
+                }
+                to.write_all(&chunk)?;
+                i = end;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Round-trip times over bare relays and over a broker, for the same load.
+fn rtt_pair(n: u64, rate: Option<u64>, payload: usize) -> Result<(Vec<u64>, Vec<u64>)> {
+    // Bare: A -> F1 -relay-> F2 -> B -> F3 -relay-> F4 -> A.
+    let tmp = scratch_dir()?;
+    let f: Vec<PathBuf> = (1..=4).map(|i| tmp.path().join(format!("f{i}"))).collect();
+    for p in &f {
+        mkfifo(p)?;
+    }
+    for (from, to) in [(0, 1), (2, 3)] {
+        let mut r = open_rw(&f[from])?;
+        let mut w = open_rw(&f[to])?;
+        std::thread::spawn(move || -> io::Result<()> {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let k = r.read(&mut buf)?;
+                w.write_all(&buf[..k])?;
+            }
+        });
+    }
+    let relay = rtt(
+        std::fs::OpenOptions::new().write(true).open(&f[0])?,
+        File::open(&f[3])?,
+        File::open(&f[1])?,
+        std::fs::OpenOptions::new().write(true).open(&f[2])?,
+        n,
+        rate,
+        payload,
+    )?;
+    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
+    let (a_send, a_recv) = broker.connect(&["lat.back".into()])?.into_files()?;
+    let (b_send, b_recv) = broker.connect(&["lat.out".into()])?.into_files()?;
+    let through = rtt(a_send, a_recv, b_recv, b_send, n, rate, payload)?;
+    Ok((relay, through))
+}
+
+fn percentile(samples: &[u64], q: f64) -> u64 {
+    if samples.is_empty() {
+        return 0;
+    }
+    let mut s = samples.to_vec();
+    s.sort_unstable();
+    let i = ((s.len() as f64 - 1.0) * q).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+/// Handshake capacity: 4 threads each write their share of `n` HELLO lines
+/// (one `write` per line, as separate clients would) naming the thread's
+/// own reply FIFO, then read the answers. Returns WELCOMEs per second, from
+/// the first HELLO to the last answer. The clients stay connected, idle.
+fn handshakes(broker: &Broker, n: usize) -> Result<f64> {
+    let threads = 4;
+    let tmp = scratch_dir()?;
+    let mut replies = Vec::new();
+    for t in 0..threads {
+        let path = tmp.path().join(format!("reply{t}"));
+        mkfifo(&path)?;
+        // Open our end first so the broker's open for writing succeeds at once.
+        replies.push((path.clone(), open_rw(&path)?));
+    }
+    let start = Instant::now();
+    let workers: Vec<_> = replies
+        .into_iter()
+        .enumerate()
+        .map(|(t, (path, mut reply))| {
+            let hello = broker.dir.join("hello");
+            let count = n / threads + usize::from(t < n % threads);
+            std::thread::spawn(move || -> io::Result<usize> {
+                let writer = std::thread::spawn(move || -> io::Result<()> {
+                    let mut h = std::fs::OpenOptions::new().write(true).open(hello)?;
+                    let line = format!("HELLO reply={}\n", path.display());
+                    for _ in 0..count {
+                        h.write_all(line.as_bytes())?;
+                    }
+                    Ok(())
+                });
+                let mut welcomed = 0;
+                let mut answers = 0;
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut pending = Vec::new();
+                while answers < count {
+                    let k = reply.read(&mut buf)?;
+                    pending.extend_from_slice(&buf[..k]);
+                    while let Some(i) = memchr::memchr(b'\n', &pending) {
+                        welcomed += usize::from(pending.starts_with(b"WELCOME "));
+                        answers += 1;
+                        pending.drain(..=i);
+                    }
+                }
+                writer
+                    .join()
+                    .map_err(|_| io::Error::other("HELLO writer panicked"))??;
+                Ok(welcomed)
+            })
+        })
+        .collect();
+    let mut welcomed = 0;
+    for w in workers {
+        welcomed += w
+            .join()
+            .map_err(|_| BenchError::Failed("a handshake thread panicked".into()))??;
+    }
+    let took = start.elapsed();
+    if welcomed < n {
+        return Err(BenchError::Failed(format!(
+            "only {welcomed} of {n} handshakes were welcomed"
+        )));
+    }
+    Ok(n as f64 / took.as_secs_f64())
+}
+
+/// Connects `n` more idle clients (untimed). Returns how many it connected.
+fn connect_idle(broker: &Broker, n: usize) -> Result<usize> {
+    let threads = 4;
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let dir = broker.dir.clone();
+            let count = n / threads + usize::from(t < n % threads);
+            std::thread::spawn(move || {
+                let mut ok = 0;
+                for _ in 0..count {
+                    match Client::connect(&dir, &ConnectOptions::default(), Duration::from_secs(10))
+                    {
+                        Ok(c) => {
+                            c.into_parts();
+                            ok += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    Ok(workers.into_iter().map(|w| w.join().unwrap_or(0)).sum())
+}
+
+fn rss_bytes(pid: i32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| BenchError::Failed("no VmRSS in /proc/PID/status".into()))
+}
+
+/// CPU seconds (user + system) the process spends over `window`.
+fn idle_cpu(pid: i32, window: Duration) -> Result<f64> {
+    let ticks = || -> Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let get = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime: fields 14 and 15 of proc(5), 12th and 13th after ')'.
+        Ok(get(11) + get(12))
+    };
+    let before = ticks()?;
+    std::thread::sleep(window);
+    let after = ticks()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((after - before) as f64 / hz)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_targets() {
+        let s: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&s, 0.5), 501);
+        assert_eq!(percentile(&s, 0.99), 990);
+        assert_eq!(percentile(&[], 0.5), 0);
+        let m = Measurement::new("x", "msg/s", 3.0)
+            .ceiling(10.0)
+            .target(Target::RatioAtLeast(0.30));
+        assert_eq!(m.met(), Some(true));
+        let m = Measurement::new("x", "µs", 30.0)
+            .ceiling(10.0)
+            .target(Target::RatioAtMost(2.0));
+        assert_eq!(m.met(), Some(false));
+        assert!(render(&[m]).contains("MISSED"));
+    }
+
+    #[test]
+    fn publish_chunks_hold_whole_lines() {
+        let topics = vec!["a".to_owned(), "b".to_owned()];
+        let c = pub_chunk(&topics, 3, 4);
+        assert_eq!(c, b"PUB a xxx\nPUB b xxx\nPUB a xxx\nPUB b xxx\n");
+    }
+}
