@@ -1,0 +1,95 @@
+//! The delivery side: encoding one `MSG` line, and `RouterCore::publish`
+//! queueing it into every subscriber's outbox.
+//!
+//! Run with `cargo bench --bench fanout`. Throughput is reported in messages
+//! for encoding and in deliveries (messages × subscribers) for publishing.
+
+use std::collections::VecDeque;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fifobus::protocol::encode;
+use fifobus::router::{BacklogLimits, Entry, Outbox, RouterCore};
+use fifobus::topic::{Pattern, Topic};
+
+/// Publishes timed back to back before the outboxes are drained (untimed).
+const DRAIN_EVERY: u64 = 1024;
+
+fn payload(len: usize) -> Bytes {
+    (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+fn encode_msg(c: &mut Criterion) {
+    let topic: Topic = "chat.room.42".parse().expect("valid topic");
+    let mut g = c.benchmark_group("fanout/encode_msg");
+    g.throughput(Throughput::Elements(1));
+    for (name, len) in [("64B", 64), ("1KiB", 1024)] {
+        let p = payload(len);
+        g.bench_function(name, |b| {
+            b.iter(|| encode::msg(black_box(&topic), black_box(&p)))
+        });
+    }
+    g.finish();
+}
+
+fn publish(c: &mut Criterion) {
+    let topic: Topic = "chat.room.42".parse().expect("valid topic");
+    let sub: Pattern = topic.clone().into();
+    let p = payload(64);
+    // Never reached: DRAIN_EVERY lines per outbox between drains.
+    let limits = BacklogLimits {
+        messages: 1 << 20,
+        bytes: 1 << 30,
+        ..BacklogLimits::default()
+    };
+
+    let mut g = c.benchmark_group("fanout/publish_64B");
+    g.measurement_time(Duration::from_secs(3));
+    for subscribers in [1u64, 10, 100] {
+        let mut core = RouterCore::new();
+        let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
+            .map(|key| {
+                let o = Arc::new(Outbox::new(limits));
+                core.attach(key, o.clone(), vec![sub.clone()]);
+                o
+            })
+            .collect();
+        let mut drained: VecDeque<Entry> = VecDeque::new();
+        let read_at = Instant::now();
+
+        g.throughput(Throughput::Elements(subscribers));
+        g.bench_function(format!("{subscribers}_subs"), |b| {
+            // Steady state: the topic's route is cached after the first
+            // publish, so this is encode once + one push per subscriber.
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(DRAIN_EVERY);
+                    let start = Instant::now();
+                    for _ in 0..n {
+                        let d = core.publish(black_box(&topic), black_box(&p), read_at);
+                        debug_assert_eq!(d.delivered as u64, subscribers);
+                        black_box(d);
+                    }
+                    elapsed += start.elapsed();
+                    left -= n;
+                    // Untimed: what each client's writer would do.
+                    for o in &outboxes {
+                        o.take(&mut drained);
+                        debug_assert_eq!(drained.len() as u64, n);
+                        drained.clear();
+                    }
+                }
+                elapsed
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, encode_msg, publish);
+criterion_main!(benches);
