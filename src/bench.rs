@@ -39,6 +39,9 @@ pub struct BenchOptions {
     pub idle_seconds: u64,
     pub handshakes: usize,
     pub progress: bool,
+    pub only: Option<String>,
+    /// Throughput figures are the median of this many runs.
+    pub runs: usize,
 }
 
 impl BenchOptions {
@@ -52,6 +55,8 @@ impl BenchOptions {
             idle_seconds: 10,
             handshakes: 5_000,
             progress: true,
+            only: None,
+            runs: 3,
         }
     }
 
@@ -63,6 +68,7 @@ impl BenchOptions {
             idle_clients: 200,
             idle_seconds: 1,
             handshakes: 200,
+            runs: 1,
             ..Self::full()
         }
     }
@@ -185,160 +191,191 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
     let step = |name: &str| {
         bar.set_message(name.to_owned());
     };
+    // --only NAME runs the scenarios whose group name contains NAME
+    // ("1 -> 1", "1 -> 10", "10 -> 1", "100 topics", "latency",
+    // "saturation", "clients"), e.g. to profile one of them.
+    let wanted = |group: &str| opts.only.as_deref().is_none_or(|o| group.contains(o));
 
-    step("1 -> 1");
-    let relay = relay_ceiling(1, 1, opts.messages, opts.payload)?;
-    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
-    let one = fan(&broker, 1, 1, 1, opts.messages, opts.payload)?;
-    drop(broker);
-    rows.push(
-        Measurement::new("1 -> 1, msg/s", "msg/s", one)
-            .ceiling(relay)
-            .target(Target::RatioAtLeast(0.30))
-            .note("ceiling: bare relay FIFO A -> FIFO B in 64 KiB blocks"),
-    );
-    let broker = Broker::start(&["--metrics-addr", "off"])?;
-    let off = fan(&broker, 1, 1, 1, opts.messages, opts.payload)?;
-    drop(broker);
-    rows.push(
-        Measurement::new("1 -> 1, metrics off, msg/s", "msg/s", off)
-            .ceiling(relay)
-            .note(format!("metrics on / off = {:.2}", one / off)),
-    );
-    bar.inc(1);
-
-    step("1 -> 10");
-    let n = (opts.messages / 5).max(1);
-    let tee = relay_ceiling(1, 10, n, opts.payload)?;
-    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
-    let v = fan(&broker, 1, 10, 1, n, opts.payload)?;
-    drop(broker);
-    rows.push(
-        Measurement::new("1 -> 10, deliveries/s", "deliveries/s", v)
-            .ceiling(tee)
-            .target(Target::RatioAtLeast(0.30))
-            .note("ceiling: bare tee FIFO A -> 10 FIFOs"),
-    );
-    bar.inc(1);
-
-    step("10 -> 1");
-    let n = (opts.messages / 10).max(1);
-    let relay10 = relay_ceiling(10, 1, n, opts.payload)?;
-    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
-    let v = fan(&broker, 10, 1, 1, n, opts.payload)?;
-    drop(broker);
-    rows.push(
-        Measurement::new("10 -> 1, msg/s", "msg/s", v)
-            .ceiling(relay10)
-            .note("ceiling: 10 writers into one bare relay"),
-    );
-    bar.inc(1);
-
-    step("100 topics x 100 subscribers");
-    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
-    let per_topic = 100
-        .min(broker.client_budget().saturating_sub(10) / 100)
-        .max(1);
-    let n = (opts.messages / 50).max(100);
-    let v = fan(&broker, 1, 100 * per_topic, 100, n, opts.payload)?;
-    drop(broker);
-    let tee = relay_ceiling(1, per_topic, n, opts.payload)?;
-    let mut m = Measurement::new(
-        format!("100 topics x {per_topic} subscribers, deliveries/s"),
-        "deliveries/s",
-        v,
-    )
-    .ceiling(tee)
-    .note(format!("ceiling: bare tee to {per_topic} FIFOs"));
-    if per_topic < 100 {
-        m.note += &format!(
-            "; {per_topic} subscribers per topic, not 100: the open-file limit allows {} clients",
-            per_topic * 100
+    if wanted("1 -> 1") {
+        step("1 -> 1");
+        let runs = opts.runs;
+        let relay = median_of(runs, || relay_ceiling(1, 1, opts.messages, opts.payload))?;
+        let one = median_of(runs, || fresh_fan(ON, 1, 1, opts.messages, opts.payload))?;
+        rows.push(
+            Measurement::new("1 -> 1, msg/s", "msg/s", one)
+                .ceiling(relay)
+                .target(Target::RatioAtLeast(0.30))
+                .note("ceiling: bare relay FIFO A -> FIFO B in 64 KiB blocks"),
         );
-    }
-    rows.push(m);
-    bar.inc(1);
-
-    step("latency at a fixed rate");
-    let (relay_rtt, broker_rtt) = rtt_pair(opts.latency_messages, Some(opts.rate), opts.payload)?;
-    push_latency(
-        &mut rows,
-        &format!("round trip at {} msg/s", opts.rate),
-        &broker_rtt,
-        &relay_rtt,
-        true,
-    );
-    bar.inc(1);
-
-    step("latency at saturation");
-    let (relay_rtt, broker_rtt) = rtt_pair(opts.latency_messages * 5, None, opts.payload)?;
-    push_latency(
-        &mut rows,
-        "round trip at saturation",
-        &broker_rtt,
-        &relay_rtt,
-        false,
-    );
-    bar.inc(1);
-
-    step("handshakes");
-    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
-    let budget = broker.client_budget();
-    let hs = opts.handshakes.min(budget);
-    let rss_empty = rss_bytes(broker.pid())?;
-    let rate = handshakes(&broker, hs)?;
-    rows.push(
-        Measurement::new("handshakes/s", "handshakes/s", rate)
-            .target(Target::AtLeast(5000.0))
-            .note(format!(
-                "{hs} HELLO -> WELCOME from 4 threads, bus directory on {}",
-                broker.fs_kind()
-            )),
-    );
-    bar.inc(1);
-
-    step("idle clients");
-    let want = opts.idle_clients.min(budget);
-    let before = rss_empty;
-    let have = hs + connect_idle(&broker, want.saturating_sub(hs))?;
-    let after = rss_bytes(broker.pid())?;
-    let mut m = Measurement::new(
-        format!("resident memory, {have} idle clients, MiB"),
-        "MiB",
-        after as f64 / (1 << 20) as f64,
-    )
-    .note(format!(
-        "{:.1} KiB per client",
-        (after.saturating_sub(before)) as f64 / 1024.0 / have.max(1) as f64
-    ));
-    if have >= 10_000 {
-        m = m.target(Target::AtMost(256.0));
-    } else if have < opts.idle_clients {
-        let per = after.saturating_sub(before) as f64 / have.max(1) as f64;
-        let projected = (before as f64 + per * 10_000.0) / (1 << 20) as f64;
-        m.note += &format!(
-            "; only {have} clients fit the open-file limit here (3 fds each); 10,000 would be about {projected:.0} MiB"
+        let off = median_of(runs, || fresh_fan(OFF, 1, 1, opts.messages, opts.payload))?;
+        rows.push(
+            Measurement::new("1 -> 1, metrics off, msg/s", "msg/s", off)
+                .ceiling(relay)
+                .note(format!("metrics on / off = {:.2}", one / off)),
         );
+        bar.inc(1);
     }
-    rows.push(m);
-    bar.inc(1);
-
-    step("idle CPU");
-    let cpu = idle_cpu(broker.pid(), Duration::from_secs(opts.idle_seconds))?;
-    rows.push(
-        Measurement::new(
-            format!("CPU of an idle broker over {} s, s", opts.idle_seconds),
-            "s",
-            cpu,
+    if wanted("1 -> 10") {
+        step("1 -> 10");
+        let n = (opts.messages / 5).max(1);
+        let tee = median_of(opts.runs, || relay_ceiling(1, 10, n, opts.payload))?;
+        let v = median_of(opts.runs, || fresh_fan(ON, 1, 10, n, opts.payload))?;
+        rows.push(
+            Measurement::new("1 -> 10, deliveries/s", "deliveries/s", v)
+                .ceiling(tee)
+                .target(Target::RatioAtLeast(0.30))
+                .note("ceiling: bare tee FIFO A -> 10 FIFOs"),
+        );
+        bar.inc(1);
+    }
+    if wanted("10 -> 1") {
+        step("10 -> 1");
+        let n = (opts.messages / 10).max(1);
+        let relay10 = median_of(opts.runs, || relay_ceiling(10, 1, n, opts.payload))?;
+        let v = median_of(opts.runs, || fresh_fan(ON, 10, 1, n, opts.payload))?;
+        rows.push(
+            Measurement::new("10 -> 1, msg/s", "msg/s", v)
+                .ceiling(relay10)
+                .note("ceiling: 10 writers into one bare relay"),
+        );
+        bar.inc(1);
+    }
+    if wanted("100 topics") {
+        step("100 topics x 100 subscribers");
+        let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
+        let per_topic = 100
+            .min(broker.client_budget().saturating_sub(10) / 100)
+            .max(1);
+        let n = (opts.messages / 50).max(100);
+        let v = fan(&broker, 1, 100 * per_topic, 100, n, opts.payload)?;
+        drop(broker);
+        let tee = relay_ceiling(1, per_topic, n, opts.payload)?;
+        let mut m = Measurement::new(
+            format!("100 topics x {per_topic} subscribers, deliveries/s"),
+            "deliveries/s",
+            v,
         )
-        .target(Target::AtMost(0.0))
+        .ceiling(tee)
+        .note(format!("ceiling: bare tee to {per_topic} FIFOs"));
+        if per_topic < 100 {
+            m.note += &format!(
+                "; {per_topic} subscribers per topic, not 100: the open-file limit allows {} clients",
+                per_topic * 100
+            );
+        }
+        rows.push(m);
+        bar.inc(1);
+    }
+    if wanted("latency") {
+        step("latency at a fixed rate");
+        let (relay_rtt, broker_rtt) =
+            rtt_pair(opts.latency_messages, Some(opts.rate), opts.payload)?;
+        push_latency(
+            &mut rows,
+            &format!("round trip at {} msg/s", opts.rate),
+            &broker_rtt,
+            &relay_rtt,
+            true,
+        );
+        bar.inc(1);
+    }
+    if wanted("saturation") {
+        step("latency at saturation");
+        let (relay_rtt, broker_rtt) = rtt_pair(opts.latency_messages * 5, None, opts.payload)?;
+        push_latency(
+            &mut rows,
+            "round trip at saturation",
+            &broker_rtt,
+            &relay_rtt,
+            false,
+        );
+        bar.inc(1);
+    }
+    if wanted("clients") {
+        step("handshakes");
+        let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
+        let budget = broker.client_budget();
+        let hs = opts.handshakes.min(budget);
+        let rss_empty = rss_bytes(broker.pid())?;
+        let rate = handshakes(&broker, hs)?;
+        rows.push(
+            Measurement::new("handshakes/s", "handshakes/s", rate)
+                .target(Target::AtLeast(5000.0))
+                .note(format!(
+                    "{hs} HELLO -> WELCOME from 4 threads, bus directory on {}",
+                    broker.fs_kind()
+                )),
+        );
+        bar.inc(1);
+
+        step("idle clients");
+        let want = opts.idle_clients.min(budget);
+        let before = rss_empty;
+        let have = hs + connect_idle(&broker, want.saturating_sub(hs))?;
+        let after = rss_bytes(broker.pid())?;
+        let mut m = Measurement::new(
+            format!("resident memory, {have} idle clients, MiB"),
+            "MiB",
+            after as f64 / (1 << 20) as f64,
+        )
         .note(format!(
-            "with {have} idle clients connected; /proc/PID/stat, 10 ms resolution"
-        )),
-    );
-    bar.inc(1);
+            "{:.1} KiB per client",
+            (after.saturating_sub(before)) as f64 / 1024.0 / have.max(1) as f64
+        ));
+        if have >= 10_000 {
+            m = m.target(Target::AtMost(256.0));
+        } else if have < opts.idle_clients {
+            let per = after.saturating_sub(before) as f64 / have.max(1) as f64;
+            let projected = (before as f64 + per * 10_000.0) / (1 << 20) as f64;
+            m.note += &format!(
+                "; only {have} clients fit the open-file limit here (3 fds each); 10,000 would be about {projected:.0} MiB"
+            );
+        }
+        rows.push(m);
+        bar.inc(1);
+
+        step("idle CPU");
+        let cpu = idle_cpu(broker.pid(), Duration::from_secs(opts.idle_seconds))?;
+        rows.push(
+            Measurement::new(
+                format!("CPU of an idle broker over {} s, s", opts.idle_seconds),
+                "s",
+                cpu,
+            )
+            .target(Target::AtMost(0.0))
+            .note(format!(
+                "with {have} idle clients connected; /proc/PID/stat, 10 ms resolution"
+            )),
+        );
+        bar.inc(1);
+    }
     bar.finish_and_clear();
     Ok(rows)
+}
+
+const ON: &[&str] = &["--metrics-addr", "127.0.0.1:0"];
+const OFF: &[&str] = &["--metrics-addr", "off"];
+
+/// The median of `runs` measurements: one run on a shared 2-core machine
+/// can be off by a quarter; the median of three rarely is.
+fn median_of(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut v = (0..runs.max(1))
+        .map(|_| f())
+        .collect::<Result<Vec<f64>>>()?;
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+/// `fan` on a broker of its own, so repeated runs do not share clients.
+fn fresh_fan(
+    args: &[&str],
+    publishers: usize,
+    subscribers: usize,
+    n: u64,
+    payload: usize,
+) -> Result<f64> {
+    let broker = Broker::start(args)?;
+    fan(&broker, publishers, subscribers, 1, n, payload)
 }
 
 fn push_latency(
@@ -442,7 +479,13 @@ impl Broker {
     fn start(extra: &[&str]) -> Result<Broker> {
         let tmp = scratch_dir()?;
         let dir = tmp.path().join("bus");
-        let child = Command::new(std::env::current_exe()?)
+        // FIFOBUS_BENCH_BROKER=/path/to/other/fifobus measures another
+        // build's broker with the same clients: an A/B in one session.
+        let program = match std::env::var_os("FIFOBUS_BENCH_BROKER") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe()?,
+        };
+        let child = Command::new(program)
             .arg("serve")
             .arg("--dir")
             .arg(&dir)

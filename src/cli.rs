@@ -115,6 +115,9 @@ pub struct BenchArgs {
     /// Offered rate for the fixed-rate latency figures, messages per second
     #[arg(long, default_value_t = 10_000)]
     pub rate: u64,
+    /// Run only the scenario groups whose name contains this ("1 -> 1", "1 -> 10", "10 -> 1", "100 topics", "latency", "saturation", "clients")
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 #[derive(Debug, Args)]

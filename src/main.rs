@@ -99,6 +99,7 @@ fn bench(args: &BenchArgs) -> ExitCode {
     opts.payload = args.payload.max(12);
     opts.rate = args.rate.max(1);
     opts.progress = !args.json;
+    opts.only = args.only.clone();
     if let Some(m) = args.messages {
         opts.messages = m.max(100);
     }

@@ -20,6 +20,28 @@ pub fn msg(topic: &Topic, payload: &[u8]) -> Bytes {
     b.freeze()
 }
 
+/// Encodes `MSG <topic> <payload>` into `arena` and returns it as its own
+/// `Bytes`, sharing the arena's allocation with the lines encoded before it.
+/// The arena grows in 16 KiB chunks, so a stream of small messages costs one
+/// allocation per chunk instead of one per message. A queued line keeps its
+/// whole chunk alive; [`crate::router::Outbox`] bounds how many such lines a
+/// lagging client may hold (`PIN_LINES`).
+pub fn msg_into(arena: &mut BytesMut, topic: &Topic, payload: &[u8]) -> Bytes {
+    const STEP: usize = 16 * 1024;
+    let t = topic.as_bytes();
+    let len = 4 + t.len() + 1 + payload.len() + 1;
+    if arena.capacity() - arena.len() < len {
+        // A fresh chunk; the old one lives on while its lines are queued.
+        *arena = BytesMut::with_capacity(len.max(STEP));
+    }
+    arena.put_slice(b"MSG ");
+    arena.put_slice(t);
+    arena.put_u8(b' ');
+    arena.put_slice(payload);
+    arena.put_u8(b'\n');
+    arena.split().freeze()
+}
+
 pub fn pong(token: Option<&[u8]>) -> Bytes {
     match token {
         None => Bytes::from_static(b"PONG\n"),
@@ -66,6 +88,13 @@ mod tests {
         let t = Topic::parse(b"a.b").unwrap();
         assert_eq!(&msg(&t, b"hi there")[..], b"MSG a.b hi there\n");
         assert_eq!(&msg(&t, b"")[..], b"MSG a.b \n");
+        let mut arena = BytesMut::new();
+        let one = msg_into(&mut arena, &t, b"1");
+        let two = msg_into(&mut arena, &t, &[b'x'; 70_000]);
+        let three = msg_into(&mut arena, &t, b"3");
+        assert_eq!(&one[..], b"MSG a.b 1\n");
+        assert_eq!(two.len(), 70_009);
+        assert_eq!(&three[..], b"MSG a.b 3\n");
         assert_eq!(&pong(None)[..], b"PONG\n");
         assert_eq!(&pong(Some(b"7"))[..], b"PONG 7\n");
         assert_eq!(&dropped(3)[..], b"DROPPED 3\n");

@@ -23,6 +23,9 @@ use tokio::sync::Notify;
 use crate::protocol::encode;
 
 /// What happens when a client's backlog is full.
+/// Queued lines that may share an encoding-arena chunk (see `push_entry`).
+const PIN_LINES: usize = 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OverflowPolicy {
     /// Discard the oldest queued lines to make room (the client sees the newest).
@@ -157,9 +160,16 @@ impl Outbox {
     /// Queues one encoded line. Never blocks beyond a short lock. One line
     /// may exceed the byte cap when the queue is empty, so a line larger than
     /// the cap is still delivered to a reader that keeps up.
-    pub fn push_entry(&self, entry: Entry) -> Push {
+    pub fn push_entry(&self, mut entry: Entry) -> Push {
         let line_len = entry.line.len();
         let mut s = self.lock();
+        // Lines come from the router's encoding arena, sharing 16 KiB chunks
+        // with their neighbours. A client that is backed up keeps private
+        // copies instead, so it cannot pin more than PIN_LINES chunks (about
+        // 1 MiB) however long its backlog: the byte cap stays honest.
+        if s.queue.len() >= PIN_LINES {
+            entry.line = Bytes::copy_from_slice(&entry.line);
+        }
         if s.end.is_some() {
             return Push::Closed;
         }
@@ -389,6 +399,23 @@ mod tests {
         assert_eq!(o.abandoned(), Some(CloseReason::SlowConsumer));
         assert_eq!(o.push(line("c")), Push::Closed);
         assert!(taken(&o).is_empty());
+    }
+
+    #[test]
+    fn a_backed_up_client_keeps_copies_not_arena_chunks() {
+        let o = outbox(1000, 1 << 20, OverflowPolicy::DropOldest);
+        let arena = Bytes::from(vec![b'x'; 200 * 4]);
+        for i in 0..200 {
+            o.push(arena.slice(i * 4..i * 4 + 4));
+        }
+        let mut q = VecDeque::new();
+        o.take(&mut q);
+        let in_arena = |e: &Entry| {
+            let p = e.line.as_ptr() as usize;
+            (arena.as_ptr() as usize..arena.as_ptr() as usize + arena.len()).contains(&p)
+        };
+        assert_eq!(q.iter().filter(|e| in_arena(e)).count(), PIN_LINES);
+        assert!(q.iter().all(|e| e.line.len() == 4));
     }
 
     #[test]
