@@ -302,7 +302,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
             Measurement::new("handshakes/s", "handshakes/s", rate)
                 .target(Target::AtLeast(5000.0))
                 .note(format!(
-                    "{hs} HELLO -> WELCOME from 4 threads, bus directory on {}",
+                    "{hs} HELLOs written by 4 threads (one write each), answered on 4 reply FIFOs; bus directory on {}",
                     broker.fs_kind()
                 )),
         );

@@ -199,10 +199,15 @@ pub async fn run(
         next_key: AtomicU64::new(1),
         config,
     });
+    let pipe_clients = pipe_budget_clients(shared.config.pipe_size);
     tracing::info!(
-        "serving on {} (pid {}); open-file limit {fd_limit} allows about {max_clients} clients; metrics {}",
+        "serving on {} (pid {}); open-file limit {fd_limit} allows about {max_clients} clients; {}; metrics {}",
         bus.path().display(),
         std::process::id(),
+        pipe_clients.map_or_else(
+            || format!("client pipes of {} bytes", shared.config.pipe_size),
+            |n| format!("about {n} clients get {}-byte pipes before fs.pipe-user-pages-soft shrinks new ones to a page", shared.config.pipe_size)
+        ),
         metrics_addr.map_or_else(|| "off".to_owned(), |a| format!("on http://{a}/metrics")),
     );
     // Last: `hello` appearing is what clients and scripts wait for.
@@ -241,6 +246,19 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How many clients get their full pipe size before the user's pipe budget
+/// (`fs.pipe-user-pages-soft`, shared by all the user's pipes) runs out.
+/// `None` when there is no soft limit.
+fn pipe_budget_clients(pipe_size: usize) -> Option<usize> {
+    let pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let page = 4096;
+    (pages > 0).then(|| pages * page / (2 * pipe_size.max(page)))
 }
 
 /// How many clients an open-file limit allows.

@@ -84,6 +84,9 @@ pub struct ServeArgs {
     /// How long a client has to open its reply FIFO (e.g. 5s, 500ms)
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// Pipe buffer for each client FIFO (F_SETPIPE_SZ); smaller lets more clients keep it within fs.pipe-user-pages-soft
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    pub pipe_size: usize,
     /// Most clients at once [default: what the open-file limit allows]
     #[arg(long)]
     pub max_clients: Option<usize>,

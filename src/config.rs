@@ -22,6 +22,8 @@ pub struct BrokerConfig {
     pub flush_grace: Duration,
     /// Upper bound on clients; `None` derives it from the open-file limit.
     pub max_clients: Option<usize>,
+    /// Pipe buffer of each client FIFO (F_SETPIPE_SZ).
+    pub pipe_size: usize,
     pub metrics: MetricsEndpoint,
     pub metrics_limits: MetricsLimits,
 }
@@ -36,6 +38,7 @@ impl BrokerConfig {
             handshake_timeout: Duration::from_secs(5),
             flush_grace: Duration::from_millis(500),
             max_clients: None,
+            pipe_size: 64 * 1024,
             metrics: MetricsEndpoint::Default,
             metrics_limits: MetricsLimits::default(),
         }

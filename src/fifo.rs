@@ -163,6 +163,24 @@ pub async fn write_line(tx: &pipe::Sender, line: &[u8], timeout: Duration) -> io
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "pipe stayed full"))?
 }
 
+/// Asks for a pipe buffer of `size` bytes (F_SETPIPE_SZ) and returns the
+/// size the pipe really has. Linux gives a new pipe one page instead of the
+/// default 16 once the user's pipe buffers pass `fs.pipe-user-pages-soft`,
+/// and then refuses to grow it: the returned size says which happened.
+///
+/// # Errors
+/// When `fcntl` fails for another reason than the budget.
+pub fn set_pipe_size(fd: RawFd, size: usize) -> io::Result<usize> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let size = i32::try_from(size).unwrap_or(i32::MAX);
+    match fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)) {
+        Ok(n) => Ok(n as usize),
+        // Over the user's budget (EPERM) or over pipe-max-size: keep what we have.
+        Err(Errno::EPERM | Errno::EINVAL) => Ok(fcntl(fd, FcntlArg::F_GETPIPE_SZ)? as usize),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Bytes written to this pipe that no reader has taken yet (`FIONREAD`).
 pub fn unread_bytes(fd: RawFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;

@@ -8,6 +8,7 @@
 //! so a reply nobody reads times out without leaving anything behind.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -224,7 +225,7 @@ async fn create_client(
             "the broker is stopping",
         ));
     }
-    let (send, recv) = match make_client_fifos(&dir) {
+    let (send, recv) = match make_client_fifos(&dir, shared) {
         Ok(fifos) => fifos,
         Err(e) => {
             shared.router.detach(key).await;
@@ -259,7 +260,7 @@ async fn create_client(
     Ok((outbox, id, dir))
 }
 
-fn make_client_fifos(dir: &Path) -> io::Result<(pipe::Receiver, pipe::Sender)> {
+fn make_client_fifos(dir: &Path, shared: &Shared) -> io::Result<(pipe::Receiver, pipe::Sender)> {
     use std::os::unix::fs::DirBuilderExt;
     let mut builder = std::fs::DirBuilder::new();
     builder.mode(0o700);
@@ -273,10 +274,18 @@ fn make_client_fifos(dir: &Path) -> io::Result<(pipe::Receiver, pipe::Sender)> {
     let opened = (|| {
         fifo::make(&dir.join("send"), 0o600)?;
         fifo::make(&dir.join("recv"), 0o600)?;
-        Ok((
-            fifo::open_resilient_rx(&dir.join("send"))?,
-            fifo::open_resilient_tx(&dir.join("recv"))?,
-        ))
+        let send = fifo::open_resilient_rx(&dir.join("send"))?;
+        let recv = fifo::open_resilient_tx(&dir.join("recv"))?;
+        // The pipe size is chosen, not left to chance (--pipe-size); when the
+        // user's pipe budget is spent the kernel gives less: say so.
+        let want = shared.config.pipe_size;
+        for fd in [send.as_raw_fd(), recv.as_raw_fd()] {
+            let got = fifo::set_pipe_size(fd, want)?;
+            if got < want {
+                warn_throttled!(shared.throttle, "pipe-budget", "new client pipes get {got} bytes, not {want}: this user's pipe buffers passed fs.pipe-user-pages-soft (see docs/performance.md)");
+            }
+        }
+        Ok((send, recv))
     })();
     if opened.is_err() {
         let _ = busdir::remove_client_dir(dir);
