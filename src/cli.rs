@@ -22,7 +22,7 @@ Protocol: docs/protocol.md";
 #[derive(Debug, Parser)]
 #[command(name = "fifobus", version, about = "A message broker for local processes over named pipes", after_help = EXAMPLES, args_override_self = true)]
 pub struct Cli {
-    /// Bus directory [default: $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /tmp/fifobus-<uid>]
+    /// Bus directory [default: $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /tmp/fifobus-UID]
     #[arg(long, global = true, value_name = "DIR")]
     pub dir: Option<PathBuf>,
 

@@ -17,7 +17,7 @@
 //! - [`session`]: one client's reader, writer and teardown.
 //! - [`broker`]: wiring and ordered shutdown.
 //! - [`metrics`], [`http`]: Prometheus metrics and the `/metrics` endpoint.
-//! - [`client`], [`commands`], [`cli`], [`stats`], [`bench`]: the client side and the command line.
+//! - [`client`], [`commands`], [`cli`], [`stats`], [`bench`](mod@bench): the client side and the command line.
 //!
 //! # Data path of one `PUB`
 //!

@@ -8,7 +8,7 @@
 //! - writers observe the latency histogram locally and flush it once per
 //!   batch;
 //! - backlogs are not counted at all: they are read from the live outboxes
-//!   when Prometheus scrapes ([`BacklogCollector`]).
+//!   when Prometheus scrapes (`BacklogCollector`).
 //!
 //! Cardinality is bounded: the first `--metrics-topic-limit` topics and
 //! `--metrics-client-limit` client labels get their own series; the rest are

@@ -2,7 +2,7 @@
 //!
 //! It blocks only when there is nothing to do (an idle broker spends no CPU),
 //! and once woken drains more messages without waiting, up to
-//! [`WORK_PER_TURN`],
+//! `WORK_PER_TURN`,
 //! so that a busy router pays the channel's wake-up cost once per batch.
 //! Readers send one message per read, not per line. The channel is bounded:
 //! when the router falls behind, readers wait, stop reading, and publishers

@@ -132,124 +132,95 @@ fn ascii_str(bytes: &[u8]) -> &str {
     unsafe { std::str::from_utf8_unchecked(bytes) }
 }
 
+/// The surface `Topic` and `Pattern` share: both are validated byte strings
+/// backed by [`Bytes`], so fan-out clones are a refcount bump and holders
+/// never re-check them.
+macro_rules! validated_name {
+    ($name:ident, $patterns:expr, $what:literal) => {
+        impl $name {
+            /// Validates and copies `raw`.
+            pub fn parse(raw: &[u8]) -> Result<$name, TopicError> {
+                validate(raw, $patterns)?;
+                Ok($name(Bytes::copy_from_slice(raw)))
+            }
+
+            /// Validates `raw` and keeps it without copying (e.g. a slice of
+            /// a read buffer).
+            pub fn from_bytes(raw: Bytes) -> Result<$name, TopicError> {
+                validate(&raw, $patterns)?;
+                Ok($name(raw))
+            }
+
+            #[doc = concat!("A copy in its own allocation. A parsed ", $what, " is a slice of the")]
+            /// read buffer it came from; anything stored long-term
+            /// (subscriptions, caches) keeps a detached copy so that it does
+            /// not pin that whole buffer.
+            pub fn detached(&self) -> $name {
+                $name(Bytes::copy_from_slice(&self.0))
+            }
+
+            pub fn as_str(&self) -> &str {
+                ascii_str(&self.0)
+            }
+
+            pub fn as_bytes(&self) -> &[u8] {
+                &self.0
+            }
+
+            /// The shared buffer, for writing it out without copying.
+            pub fn as_bytes_shared(&self) -> &Bytes {
+                &self.0
+            }
+
+            /// The dot-separated segments; never empty, each non-empty.
+            pub fn segments(&self) -> impl Iterator<Item = &str> {
+                self.as_str().split('.')
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self.as_str(), f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = TopicError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $name::parse(s.as_bytes())
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                self.as_str()
+            }
+        }
+    };
+}
+
 /// A concrete topic a message is published to, e.g. `sensors.kitchen.temp`.
-///
-/// Always valid (constructed only through validation), so holders never
-/// re-check it; backed by [`Bytes`] so fan-out clones are a refcount bump.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Topic(Bytes);
 
-impl Topic {
-    /// A copy in its own allocation. A parsed topic is a slice of the
-    /// read buffer it came from; anything stored long-term (subscriptions,
-    /// caches) keeps a detached copy so it does not pin that whole buffer.
-    pub fn detached(&self) -> Topic {
-        Topic(Bytes::copy_from_slice(&self.0))
-    }
+validated_name!(Topic, false, "topic");
 
-    /// Validates and copies `raw`.
-    pub fn parse(raw: &[u8]) -> Result<Topic, TopicError> {
-        validate(raw, false)?;
-        Ok(Topic(Bytes::copy_from_slice(raw)))
-    }
-
-    /// Validates `raw` and keeps it without copying (e.g. a slice of a read
-    /// buffer).
-    pub fn from_bytes(raw: Bytes) -> Result<Topic, TopicError> {
-        validate(&raw, false)?;
-        Ok(Topic(raw))
-    }
-
-    pub fn as_str(&self) -> &str {
-        ascii_str(&self.0)
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The shared buffer, for writing the topic out without copying.
-    pub fn as_bytes_shared(&self) -> &Bytes {
-        &self.0
-    }
-
-    /// The dot-separated segments; never empty, each segment non-empty.
-    pub fn segments(&self) -> impl Iterator<Item = &str> {
-        self.as_str().split('.')
-    }
-}
-
-impl fmt::Display for Topic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Debug for Topic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl FromStr for Topic {
-    type Err = TopicError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Topic::parse(s.as_bytes())
-    }
-}
-
-impl AsRef<str> for Topic {
-    fn as_ref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-/// A subscription pattern, e.g. `sensors.*.temp` or `sensors.>`.
-///
-/// Same representation and guarantees as [`Topic`]; a segment may also be
-/// exactly `*` (one segment) or, last, exactly `>` (one or more segments).
+/// A subscription pattern, e.g. `sensors.*.temp` or `sensors.>`: a topic
+/// whose segments may also be exactly `*` (one segment) or, last, exactly
+/// `>` (one or more segments).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Pattern(Bytes);
 
+validated_name!(Pattern, true, "pattern");
+
 impl Pattern {
-    /// A copy in its own allocation. A parsed pattern is a slice of the
-    /// read buffer it came from; anything stored long-term (subscriptions,
-    /// caches) keeps a detached copy so it does not pin that whole buffer.
-    pub fn detached(&self) -> Pattern {
-        Pattern(Bytes::copy_from_slice(&self.0))
-    }
-
-    /// Validates and copies `raw`.
-    pub fn parse(raw: &[u8]) -> Result<Pattern, TopicError> {
-        validate(raw, true)?;
-        Ok(Pattern(Bytes::copy_from_slice(raw)))
-    }
-
-    /// Validates `raw` and keeps it without copying.
-    pub fn from_bytes(raw: Bytes) -> Result<Pattern, TopicError> {
-        validate(&raw, true)?;
-        Ok(Pattern(raw))
-    }
-
-    pub fn as_str(&self) -> &str {
-        ascii_str(&self.0)
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The shared buffer, for writing the pattern out without copying.
-    pub fn as_bytes_shared(&self) -> &Bytes {
-        &self.0
-    }
-
-    /// The dot-separated segments; `*` and `>` appear as themselves.
-    pub fn segments(&self) -> impl Iterator<Item = &str> {
-        self.as_str().split('.')
-    }
-
     /// True if the pattern has no wildcards, i.e. matches exactly one topic.
     pub fn is_literal(&self) -> bool {
         // Validation guarantees `*`/`>` bytes only occur as wildcards.
@@ -277,32 +248,6 @@ impl Pattern {
             }
         }
         topic_segs.next().is_none()
-    }
-}
-
-impl fmt::Display for Pattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Debug for Pattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl FromStr for Pattern {
-    type Err = TopicError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Pattern::parse(s.as_bytes())
-    }
-}
-
-impl AsRef<str> for Pattern {
-    fn as_ref(&self) -> &str {
-        self.as_str()
     }
 }
 
