@@ -88,7 +88,35 @@ pub async fn run(mut bus: BusDir, shared: Arc<Shared>) -> BusDir {
     }
     // First thing at shutdown: no new client may start writing HELLO.
     let _ = std::fs::remove_file(bus.path().join(busdir::HELLO));
+    // Those that already did get a prompt answer rather than a timeout.
+    if drain(bus.hello(), &mut buf).is_ok() {
+        while let Some(line) = splitter.next_line(&mut buf) {
+            if let Line::Complete(l) = line {
+                if let Some(reply) = Hello::parse(&l)
+                    .map(|h| Some(h.reply))
+                    .unwrap_or_else(|r| r.reply)
+                {
+                    shared
+                        .tracker
+                        .spawn(async move { refuse_for_shutdown(&reply).await });
+                }
+            }
+        }
+    }
     bus
+}
+
+/// Answers `ERR shutting-down` on a reply FIFO if it can be opened at once
+/// (its client is waiting on it); the shutdown deadline leaves no time for more.
+async fn refuse_for_shutdown(reply: &Path) {
+    const QUICK: std::time::Duration = std::time::Duration::from_millis(100);
+    if let Ok(tx) = fifo::open_reply(reply, QUICK).await {
+        let e = ProtocolError::new(
+            ErrorCode::ShuttingDown,
+            "the broker is stopping; try again when it is back",
+        );
+        let _ = fifo::write_line(&tx, &encode::err(&e), QUICK).await;
+    }
 }
 
 fn drain(rx: &pipe::Receiver, buf: &mut BytesMut) -> io::Result<()> {
@@ -135,7 +163,10 @@ async fn handshake(line: &[u8], shared: &Arc<Shared>) {
     let hello = hello.expect("set above");
     let reply = tokio::select! {
         r = fifo::open_reply(&hello.reply, shared.config.handshake_timeout) => r,
-        () = shared.cancel.cancelled() => return,
+        () = shared.cancel.cancelled() => {
+            refuse_for_shutdown(&hello.reply).await;
+            return;
+        }
     };
     let reply = match reply {
         Ok(r) => r,
