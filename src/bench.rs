@@ -185,6 +185,9 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
 /// # Errors
 /// When a broker cannot be started or a scenario cannot complete.
 pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
+    // This process holds a FIFO per subscriber, as the broker holds two per
+    // client: give it the same room the broker gives itself.
+    crate::broker::raise_open_file_limit();
     let steps: u64 = 9;
     let bar = progress(opts.progress, steps);
     let mut rows = Vec::new();
@@ -256,7 +259,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
             v,
         )
         .ceiling(tee)
-        .note(format!("ceiling: bare tee to {per_topic} FIFOs"));
+        .note(format!("ceiling: bare tee to {per_topic} FIFOs (the same fan-out per message, over fewer FIFOs in all)"));
         if per_topic < 100 {
             m.note += &format!(
                 "; {per_topic} subscribers per topic, not 100: the open-file limit allows {} clients",
@@ -296,6 +299,11 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
         let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
         let budget = broker.client_budget();
         let hs = opts.handshakes.min(budget);
+        if hs == 0 {
+            return Err(BenchError::Failed(
+                "the open-file limit leaves room for no client; raise it (ulimit -n)".into(),
+            ));
+        }
         let rss_empty = rss_bytes(broker.pid())?;
         let rate = handshakes(&broker, hs)?;
         rows.push(
@@ -750,6 +758,8 @@ fn fan(
         let (_, recv) = broker.connect(&[names[s % topics].clone()])?.into_files()?;
         readers.push(recv);
     }
+    // Whole rounds over the topics, so every subscriber expects the same count.
+    let n = (n / topics as u64).max(1) * topics as u64;
     let per_sub = n * publishers as u64 / topics as u64;
     let mut writers = Vec::new();
     for _ in 0..publishers {
@@ -949,7 +959,11 @@ fn send_paced(
                 }
                 line.clear();
                 writeln!(line, "PUB lat.out {i} {pad}")?;
-                sent[i as usize].store(now_ns(origin), Ordering::Release);
+                // Stamp the scheduled time, not the actual one: if this
+                // thread was held up, that delay is part of what a client at
+                // this rate would see (no coordinated omission).
+                let scheduled = due.saturating_duration_since(origin).as_nanos() as u64;
+                sent[i as usize].store(scheduled, Ordering::Release);
                 to.write_all(&line)?;
             }
         }

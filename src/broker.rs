@@ -269,7 +269,7 @@ pub fn client_capacity(fd_limit: u64) -> usize {
 /// Raises the open-file limit as far as allowed: to the hard limit, and as
 /// root beyond it, up to `fs.nr_open`. Each client costs descriptors, so
 /// this is how many clients the broker can take. Returns the soft limit.
-fn raise_open_file_limit() -> u64 {
+pub fn raise_open_file_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return 1024;

@@ -136,12 +136,16 @@ impl LineReader {
         loop {
             self.buf.reserve(CHUNK);
             let spare = self.buf.spare_capacity_mut();
-            // SAFETY: read(2) only writes into the buffer; the bytes it
-            // reports are initialised before set_len below.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len())
+            // SAFETY: read(2) writes at most spare.len() bytes into this
+            // (uninitialised) memory and reports how many it wrote.
+            let rc =
+                unsafe { libc::read(self.fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+            let result = if rc < 0 {
+                Err(Errno::last())
+            } else {
+                Ok(rc as usize)
             };
-            match nix::unistd::read(self.fd.as_raw_fd(), dst) {
+            match result {
                 Ok(0) => {
                     self.eof = true;
                     return Ok(());
@@ -164,6 +168,11 @@ impl LineReader {
     /// EOF was seen: the broker closed its end. Buffered lines may remain.
     fn at_eof(&self) -> bool {
         self.eof
+    }
+
+    /// Bytes of an incomplete last line (meaningful once at EOF).
+    fn partial(&self) -> &[u8] {
+        &self.buf
     }
 
     /// The next line, waiting until `deadline` (None: forever). `Ok(None)`
@@ -380,6 +389,12 @@ impl Client {
     /// read before EOF may still be buffered.
     pub fn at_eof(&self) -> bool {
         self.recv.at_eof()
+    }
+
+    /// What is left after the last complete line: at EOF, an incomplete
+    /// line the broker never finished.
+    pub fn partial_line(&self) -> &[u8] {
+        self.recv.partial()
     }
 
     pub fn recv_fd(&self) -> BorrowedFd<'_> {

@@ -208,10 +208,17 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                         return Ok(ExitCode::SUCCESS);
                     }
                 }
-                Reply::Dropped(n) => eprintln!(
-                    "fifobus sub: the broker dropped {n} messages (this reader fell behind)"
-                ),
-                Reply::Err { code, text } => eprintln!("fifobus sub: broker error: {code} {text}"),
+                Reply::Dropped(n) => {
+                    // Flush first, so the notice stands where the gap is.
+                    let _ = out.flush();
+                    eprintln!(
+                        "fifobus sub: the broker dropped {n} messages (this reader fell behind)"
+                    )
+                }
+                Reply::Err { code, text } => {
+                    let _ = out.flush();
+                    eprintln!("fifobus sub: broker error: {code} {text}")
+                }
                 Reply::Bye => {
                     let _ = out.flush();
                     eprintln!("fifobus sub: the broker is shutting down");
@@ -225,6 +232,12 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
         }
         // Every complete line has been handled; only now does EOF end us.
         if client.at_eof() {
+            if !client.partial_line().is_empty() {
+                eprintln!(
+                    "fifobus sub: incomplete last line: {}",
+                    String::from_utf8_lossy(client.partial_line())
+                );
+            }
             eprintln!("fifobus sub: the broker closed the connection");
             return Ok(ExitCode::FAILURE);
         }

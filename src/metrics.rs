@@ -112,7 +112,8 @@ pub struct Metrics {
 /// Live clients, for the scrape-time backlog figures.
 #[derive(Default)]
 struct ClientTable {
-    clients: DashMap<ClientKey, (String, Arc<Outbox>)>,
+    /// Live clients: (series label, folded into `_other`?, outbox).
+    clients: DashMap<ClientKey, (String, bool, Arc<Outbox>)>,
     /// Labels that have their own series (bounded by the client limit).
     /// Labels that have their own series (bounded by the client limit), and
     /// how many live clients use each.
@@ -192,7 +193,7 @@ impl Metrics {
             "Client lines answered with ERR, by kind.",
             &["kind"],
         );
-        let folded = counter_vec(&r, "fifobus_metrics_series_folded_total", "Times a topic or client was counted under the _other label because its kind reached the series limit.", &["kind"]);
+        let folded = counter_vec(&r, "fifobus_metrics_series_folded_total", "Times a topic or client was put under the _other label because its kind reached the series limit (a folded topic counts again each time the router's topic cache is rebuilt after interest changes).", &["kind"]);
         for kind in ["topic", "client"] {
             folded.with_label_values(&[kind]);
         }
@@ -280,7 +281,8 @@ impl Metrics {
     /// or under `_other` once the client limit is reached.
     pub fn client_joined(&self, key: ClientKey, label: &str, outbox: Arc<Outbox>) {
         let mut labelled = self.clients.labels();
-        let label = if labelled.contains_key(label) || labelled.len() < self.limits.clients {
+        let own = labelled.contains_key(label) || labelled.len() < self.limits.clients;
+        let label = if own {
             *labelled.entry(label.to_owned()).or_default() += 1;
             label.to_owned()
         } else {
@@ -288,11 +290,15 @@ impl Metrics {
             OTHER.to_owned()
         };
         drop(labelled);
-        self.clients.clients.insert(key, (label, outbox));
+        // Remember whether it was folded: a client may also be *named* _other.
+        self.clients.clients.insert(key, (label, !own, outbox));
     }
 
     pub fn client_left(&self, key: ClientKey) {
-        if let Some((_, (label, _))) = self.clients.clients.remove(&key) {
+        if let Some((_, (label, folded, _))) = self.clients.clients.remove(&key) {
+            if folded {
+                return;
+            }
             // Free the label's slot once no live client uses it.
             let mut labelled = self.clients.labels();
             if let Some(n) = labelled.get_mut(&label) {
@@ -397,7 +403,7 @@ impl Collector for BacklogCollector {
         let mut per_label: HashMap<String, (usize, usize)> = HashMap::new();
         let (mut msgs, mut bytes) = (0, 0);
         for entry in self.table.clients.iter() {
-            let (label, outbox) = entry.value();
+            let (label, _, outbox) = entry.value();
             let (m, b) = outbox.backlog();
             let sum = per_label.entry(label.clone()).or_default();
             sum.0 += m;
@@ -447,6 +453,45 @@ mod tests {
         assert!(!text.contains(r#"topic="c""#));
         assert!(text.contains(r#"fifobus_metrics_series_folded_total{kind="topic"} 2"#));
         assert!(text.contains("fifobus_topics 2"));
+    }
+
+    #[test]
+    fn a_client_named_other_keeps_its_slot_when_a_folded_client_leaves() {
+        let m = Metrics::new(MetricsLimits {
+            topics: 1,
+            clients: 1,
+        });
+        let o = || Arc::new(Outbox::new(BacklogLimits::default()));
+        m.client_joined(1, OTHER, o());
+        m.client_joined(2, "bob", o()); // folded
+        m.client_left(2);
+        m.client_joined(3, "carol", o()); // still folded: the one slot is taken
+        let text = m.encode();
+        assert!(!text.contains(r#"client="carol""#), "{text}");
+    }
+
+    #[test]
+    fn unrouted_counts_only_messages_nobody_subscribed_to() {
+        use crate::router::{OverflowPolicy, RouterCore};
+        let m = Metrics::new(MetricsLimits::default());
+        let mut core = RouterCore::with_metrics(m.clone(), OverflowPolicy::DropNewest);
+        let full = Arc::new(Outbox::new(BacklogLimits {
+            messages: 1,
+            bytes: 1 << 20,
+            policy: OverflowPolicy::DropNewest,
+        }));
+        core.attach(1, full, vec!["t".parse().unwrap()]);
+        let now = std::time::Instant::now();
+        for topic in ["t", "t", "nobody"] {
+            core.publish(
+                &topic.parse().unwrap(),
+                &bytes::Bytes::from_static(b"x"),
+                now,
+            );
+        }
+        let text = m.encode();
+        assert!(text.contains("fifobus_messages_unrouted_total 1"), "{text}");
+        assert!(text.contains(r#"fifobus_messages_dropped_total{reason="backlog-drop-newest"} 1"#));
     }
 
     #[test]

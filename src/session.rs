@@ -52,11 +52,14 @@ pub struct Session {
 impl Session {
     /// Runs the client until it ends, then tears it down.
     pub async fn run(self, shared: Arc<Shared>) {
-        let reason = self.serve(&shared).await;
-        self.teardown(&shared, reason).await;
+        let (reason, deadline) = self.serve(&shared).await;
+        self.teardown(&shared, reason, deadline).await;
     }
 
-    async fn serve(&self, shared: &Shared) -> CloseReason {
+    /// Serves until the client ends; returns why, and the deadline for
+    /// flushing it: one grace period from the moment the end began, shared
+    /// by writing the last lines and waiting for the client to read them.
+    async fn serve(&self, shared: &Shared) -> (CloseReason, Instant) {
         let grace = shared.config.flush_grace;
         let latency = shared.metrics.as_ref().map(|m| m.latency.local());
         let writer = write_lines(&self.recv, &self.outbox, latency);
@@ -70,40 +73,57 @@ impl Session {
                 None => std::future::pending().await,
             }
         };
+        // Biased: when the pidfd and new data are ready together, take the
+        // pid branch, whose drain passes the data on anyway.
         let ended_by = tokio::select! {
-            reason = &mut writer => return reason,
-            reason = &mut reader => reason.unwrap_or(CloseReason::Shutdown),
+            biased;
+            reason = &mut writer => return (reason, Instant::now() + grace),
             () = pid_exit => {
                 // Pass on what the client wrote before it died, then end it.
                 stop.cancel();
                 let _ = tokio::time::timeout(grace, &mut reader).await;
                 CloseReason::PidExited
             }
+            reason = &mut reader => reason.unwrap_or(CloseReason::Shutdown),
             () = shared.cancel.cancelled() => CloseReason::Shutdown,
             () = self.outbox.closed() => {
                 // Closed by the router (BYE, overflow) or the watcher (deleted).
                 // A flush gets the grace period, no more: a client that says
                 // BYE and never reads must not keep its session forever.
-                return match tokio::time::timeout(grace, &mut writer).await {
+                let deadline = Instant::now() + grace;
+                let reason = match tokio::time::timeout_at(deadline, &mut writer).await {
                     Ok(reason) => reason,
                     Err(_) => self.outbox.reason().unwrap_or(CloseReason::Shutdown),
                 };
+                return (reason, deadline);
             }
         };
+        let deadline = Instant::now() + grace;
         let farewell = ended_by.flushes().then(encode::bye);
         self.outbox.close(ended_by.clone(), farewell);
-        // Reasons that flush get the grace period to write what is queued;
-        // the others make the writer return at once.
-        tokio::time::timeout(grace, &mut writer)
+        // Reasons that flush get what is left of the grace period to write
+        // what is queued; the others make the writer return at once.
+        let reason = tokio::time::timeout_at(deadline, &mut writer)
             .await
-            .unwrap_or(ended_by)
+            .unwrap_or(ended_by);
+        (reason, deadline)
     }
 
-    async fn teardown(self, shared: &Shared, reason: CloseReason) {
+    async fn teardown(self, shared: &Shared, reason: CloseReason, deadline: Instant) {
         if reason.flushes() {
             // Closing our end of `recv` destroys whatever the client has not
-            // read yet, the final BYE included; give it a moment to read.
-            wait_until_read(&self.recv, shared.config.flush_grace).await;
+            // read yet, the final BYE included: let it read, until the
+            // deadline or until its process is gone (then nobody will).
+            let gone = async {
+                match &self.pid {
+                    Some(p) => p.exited().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wait_until_read(&self.recv, deadline) => {}
+                () = gone => {}
+            }
         }
         if let Some(wd) = self.watch {
             shared.watcher.unwatch_client(wd, &self.outbox);
@@ -176,11 +196,10 @@ async fn read_commands(
                 return Some(CloseReason::Shutdown);
             }
             if batch.bye {
-                if last {
-                    return None;
-                }
-                // The router closes the outbox; anything sent after BYE is ignored.
-                return std::future::pending().await;
+                // The router closes the outbox; anything sent after BYE is
+                // ignored. Wait only to be stopped.
+                stop.cancelled().await;
+                return None;
             }
             if batch.drained {
                 break;
@@ -371,10 +390,9 @@ fn write_some(
     Ok(())
 }
 
-/// Waits, up to `grace`, until the client has read everything in `recv`.
+/// Waits, until `deadline` at most, for the client to read everything in `recv`.
 /// Only runs while a client is ending, so a short poll is acceptable here.
-async fn wait_until_read(recv: &pipe::Sender, grace: Duration) {
-    let deadline = Instant::now() + grace;
+async fn wait_until_read(recv: &pipe::Sender, deadline: Instant) {
     while Instant::now() < deadline {
         match fifo::unread_bytes(recv.as_raw_fd()) {
             Ok(0) | Err(_) => return,

@@ -524,6 +524,14 @@ fn bench_quick_reports_every_scenario() {
             "{r}"
         );
     }
+    // A scenario that silently measured nothing (e.g. no client fitting the
+    // open-file limit) must not pass as a figure of 0.
+    for r in rows
+        .iter()
+        .filter(|r| !r["scenario"].as_str().unwrap().contains("CPU"))
+    {
+        assert!(r["fifobus"].as_f64().unwrap() > 0.0, "{r}");
+    }
     let throughput = rows
         .iter()
         .find(|r| r["scenario"] == "1 -> 1, msg/s")

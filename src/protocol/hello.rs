@@ -198,10 +198,14 @@ fn parse_name(v: &[u8]) -> Result<String, String> {
     if v.is_empty() || v.len() > MAX_NAME_LEN {
         return Err(format!("name= must be 1 to {MAX_NAME_LEN} bytes"));
     }
+    // Names become metric labels and log fields: besides spaces and control
+    // characters, keep out what the label syntax uses (" \\ , = { }).
+    let label_safe =
+        |c: char| !(c.is_control() || matches!(c, ' ' | '"' | '\\' | ',' | '=' | '{' | '}'));
     match std::str::from_utf8(v) {
-        Ok(s) if !s.chars().any(|c| c.is_control() || c == ' ') => Ok(s.to_owned()),
+        Ok(s) if s.chars().all(label_safe) => Ok(s.to_owned()),
         _ => Err(format!(
-            "name= must be printable UTF-8 without spaces, got '{}'",
+            "name= must be printable UTF-8 without spaces or \" \\ , = {{ }}, got '{}'",
             escape_for_display(v, 40)
         )),
     }
@@ -276,6 +280,18 @@ mod tests {
         h.name = None;
         h.reply = PathBuf::from("/tmp/sp ace/r");
         assert!(h.encode().is_err());
+    }
+
+    #[test]
+    fn names_must_be_label_safe() {
+        for bad in [&b"a=b"[..], b"c,d", b"x}y", b"q\"r", b"b\\s"] {
+            let mut line = b"HELLO reply=/r name=".to_vec();
+            line.extend_from_slice(bad);
+            assert_eq!(
+                Hello::parse(&line).unwrap_err().error.code,
+                ErrorCode::BadHello
+            );
+        }
     }
 
     #[test]

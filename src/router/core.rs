@@ -190,11 +190,11 @@ impl RouterCore {
             let len = payload.len() as u64;
             tm.published.inc();
             tm.published_bytes.inc_by(len);
-            if d.delivered > 0 {
+            if route.subscribers.is_empty() {
+                m.shared.unrouted.inc();
+            } else {
                 tm.delivered.inc_by(d.delivered as u64);
                 tm.delivered_bytes.inc_by(d.delivered as u64 * len);
-            } else {
-                m.shared.unrouted.inc();
             }
             if d.dropped > 0 {
                 m.dropped.inc_by(d.dropped as u64);

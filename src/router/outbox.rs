@@ -22,10 +22,10 @@ use tokio::sync::Notify;
 
 use crate::protocol::encode;
 
-/// What happens when a client's backlog is full.
 /// Queued lines that may share an encoding-arena chunk (see `push_entry`).
 const PIN_LINES: usize = 64;
 
+/// What happens when a client's backlog is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OverflowPolicy {
     /// Discard the oldest queued lines to make room (the client sees the newest).
@@ -163,13 +163,6 @@ impl Outbox {
     pub fn push_entry(&self, mut entry: Entry) -> Push {
         let line_len = entry.line.len();
         let mut s = self.lock();
-        // Lines come from the router's encoding arena, sharing 16 KiB chunks
-        // with their neighbours. A client that is backed up keeps private
-        // copies instead, so it cannot pin more than PIN_LINES chunks (about
-        // 1 MiB) however long its backlog: the byte cap stays honest.
-        if s.queue.len() >= PIN_LINES {
-            entry.line = Bytes::copy_from_slice(&entry.line);
-        }
         if s.end.is_some() {
             return Push::Closed;
         }
@@ -205,6 +198,14 @@ impl Outbox {
                     return Push::Disconnected(discarded);
                 }
             }
+        }
+        // Lines come from the router's encoding arena, sharing 16 KiB chunks
+        // with their neighbours. A client that is backed up keeps private
+        // copies instead, so it pins at most PIN_LINES chunks here (plus as
+        // many in its writer's hand: about 2 MiB) however long its backlog:
+        // the byte cap stays honest.
+        if s.queue.len() >= PIN_LINES {
+            entry.line = Bytes::copy_from_slice(&entry.line);
         }
         let was_empty = s.queue.is_empty();
         s.bytes += line_len;
@@ -243,7 +244,8 @@ impl Outbox {
                 s.queue.push_back(Entry::control(f));
             }
         } else {
-            discarded = s.queue.len();
+            // Messages only: BYE, PONG, ERR or DROPPED lines are not data lost.
+            discarded = s.queue.iter().filter(|e| e.published.is_some()).count();
             s.queue.clear();
             s.bytes = 0;
         }
@@ -300,7 +302,7 @@ impl Outbox {
     /// still queued. For the `client-gone` drop count at teardown.
     pub fn undelivered(&self) -> usize {
         let s = self.lock();
-        s.discarded_at_close + s.queue.len()
+        s.discarded_at_close + s.queue.iter().filter(|e| e.published.is_some()).count()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -430,10 +432,16 @@ mod tests {
     #[test]
     fn a_client_that_is_gone_overrides_a_pending_flush() {
         let o = outbox(10, 1 << 20, OverflowPolicy::DropOldest);
-        o.push(line("a"));
+        o.push_entry(Entry {
+            line: line("MSG t a"),
+            published: Some(Instant::now()),
+        });
+        o.push(line("PONG"));
         assert_eq!(o.close(CloseReason::Bye, Some(encode::bye())), Some(0));
         assert_eq!(o.close(CloseReason::Shutdown, Some(encode::bye())), None);
-        assert_eq!(o.close(CloseReason::Removed, None), Some(2));
+        // Only the message counts as lost, not PONG or the farewell BYE.
+        assert_eq!(o.close(CloseReason::Removed, None), Some(1));
+        assert_eq!(o.undelivered(), 1);
         assert_eq!(o.abandoned(), Some(CloseReason::Removed));
         assert_eq!(o.close(CloseReason::PidExited, None), None);
     }
