@@ -830,6 +830,33 @@ fn relay_ceiling(writers: usize, outputs: usize, n: u64, payload: usize) -> Resu
     Ok((n * writers as u64 * outputs as u64) as f64 / took.as_secs_f64())
 }
 
+/// Complete lines out of a byte stream, with the broker's own splitter.
+struct Lines {
+    buf: bytes::BytesMut,
+    splitter: crate::protocol::LineSplitter,
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Lines {
+            buf: bytes::BytesMut::new(),
+            splitter: crate::protocol::LineSplitter::new(1 << 20),
+        }
+    }
+}
+
+impl Lines {
+    /// Appends `data` and calls `each` for every line it completes.
+    fn feed(&mut self, data: &[u8], mut each: impl FnMut(&[u8])) {
+        self.buf.extend_from_slice(data);
+        while let Some(line) = self.splitter.next_line(&mut self.buf) {
+            if let crate::protocol::Line::Complete(l) = line {
+                each(&l);
+            }
+        }
+    }
+}
+
 /// Nanoseconds since a fixed origin, comparable across threads.
 fn now_ns(origin: Instant) -> u64 {
     origin.elapsed().as_nanos() as u64
@@ -872,25 +899,20 @@ fn rtt(
 
 fn echo(mut from: File, mut to: File) -> io::Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
-    let mut pending: Vec<u8> = Vec::new();
+    let mut lines = Lines::default();
     let mut out = Vec::new();
     loop {
         let k = from.read(&mut buf)?;
         if k == 0 {
             return Ok(());
         }
-        pending.extend_from_slice(&buf[..k]);
-        let mut start = 0;
-        while let Some(i) = memchr::memchr(b'\n', &pending[start..]) {
-            let line = &pending[start..start + i];
+        lines.feed(&buf[..k], |line| {
             // Skip the keyword and the topic; keep "<seq> <pad>".
             let rest = line.splitn(3, |&b| b == b' ').nth(2).unwrap_or_default();
             out.extend_from_slice(b"PUB lat.back ");
             out.extend_from_slice(rest);
             out.push(b'\n');
-            start += i + 1;
-        }
-        pending.drain(..start);
+        });
         to.write_all(&out)?;
         out.clear();
     }
@@ -904,7 +926,7 @@ fn collect_rtts(
 ) -> io::Result<Vec<u64>> {
     let mut rtts = Vec::with_capacity(n as usize);
     let mut buf = vec![0u8; 256 * 1024];
-    let mut pending: Vec<u8> = Vec::new();
+    let mut lines = Lines::default();
     while (rtts.len() as u64) < n {
         let k = from.read(&mut buf)?;
         if k == 0 {
@@ -914,10 +936,7 @@ fn collect_rtts(
             ));
         }
         let now = now_ns(origin);
-        pending.extend_from_slice(&buf[..k]);
-        let mut start = 0;
-        while let Some(i) = memchr::memchr(b'\n', &pending[start..]) {
-            let line = &pending[start..start + i];
+        lines.feed(&buf[..k], |line| {
             let seq = line
                 .split(|&b| b == b' ')
                 .nth(2)
@@ -926,9 +945,7 @@ fn collect_rtts(
             if let Some(seq) = seq.filter(|&s| s < sent.len()) {
                 rtts.push(now.saturating_sub(sent[seq].load(Ordering::Acquire)));
             }
-            start += i + 1;
-        }
-        pending.drain(..start);
+        });
     }
     Ok(rtts)
 }
@@ -1064,15 +1081,13 @@ fn handshakes(broker: &Broker, n: usize) -> Result<f64> {
                 let mut welcomed = 0;
                 let mut answers = 0;
                 let mut buf = vec![0u8; 64 * 1024];
-                let mut pending = Vec::new();
+                let mut lines = Lines::default();
                 while answers < count {
                     let k = reply.read(&mut buf)?;
-                    pending.extend_from_slice(&buf[..k]);
-                    while let Some(i) = memchr::memchr(b'\n', &pending) {
-                        welcomed += usize::from(pending.starts_with(b"WELCOME "));
+                    lines.feed(&buf[..k], |line| {
+                        welcomed += usize::from(line.starts_with(b"WELCOME "));
                         answers += 1;
-                        pending.drain(..=i);
-                    }
+                    });
                 }
                 writer
                     .join()

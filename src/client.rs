@@ -135,32 +135,17 @@ impl LineReader {
         const CHUNK: usize = 64 * 1024;
         loop {
             self.buf.reserve(CHUNK);
-            let spare = self.buf.spare_capacity_mut();
-            // SAFETY: read(2) writes at most spare.len() bytes into this
-            // (uninitialised) memory and reports how many it wrote.
-            let rc =
-                unsafe { libc::read(self.fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
-            let result = if rc < 0 {
-                Err(Errno::last())
-            } else {
-                Ok(rc as usize)
-            };
+            let result = crate::fifo::read_into(self.fd.as_raw_fd(), &mut self.buf);
             match result {
                 Ok(0) => {
                     self.eof = true;
                     return Ok(());
                 }
-                Ok(n) => {
-                    let len = self.buf.len();
-                    // SAFETY: read(2) initialised these n bytes.
-                    unsafe { self.buf.set_len(len + n) };
-                    if n < CHUNK {
-                        return Ok(());
-                    }
-                }
-                Err(Errno::EAGAIN) => return Ok(()),
-                Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
+                Ok(n) if n < CHUNK => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }

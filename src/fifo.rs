@@ -181,6 +181,25 @@ pub fn set_pipe_size(fd: RawFd, size: usize) -> io::Result<usize> {
     }
 }
 
+/// One plain `read(2)` into the spare capacity of `buf` (reserve first);
+/// returns how many bytes it appended. For callers outside tokio's
+/// readiness tracking: the blocking client, and a session's final drain.
+///
+/// # Errors
+/// The `read(2)` error, `WouldBlock` included.
+pub fn read_into(fd: RawFd, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: read(2) writes at most spare.len() bytes into this
+    // (uninitialised) memory and reports how many it wrote.
+    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: read(2) initialised the first n bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}
+
 /// Bytes written to this pipe that no reader has taken yet (`FIONREAD`).
 pub fn unread_bytes(fd: RawFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;

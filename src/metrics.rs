@@ -240,29 +240,31 @@ impl Metrics {
         })
     }
 
-    /// Handles for a topic seen for the first time (the router caches them),
-    /// or the shared `_other` handles once the topic limit is reached.
-    pub fn topic(&self, topic: &str) -> TopicMetrics {
+    /// Handles for a topic seen for the first time (the router keeps them),
+    /// or `None` once the topic limit is reached: the topic is folded into
+    /// [`Metrics::other_topic`].
+    pub fn topic(&self, topic: &str) -> Option<TopicMetrics> {
         let mut n = self
             .topics_with_series
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if *n >= self.limits.topics {
             self.folded.with_label_values(&["topic"]).inc();
-            return self.other_topic.clone();
+            return None;
         }
         *n += 1;
         self.topics.set(*n as i64);
-        TopicMetrics {
+        Some(TopicMetrics {
             published: self.published.with_label_values(&[topic]),
             published_bytes: self.published_bytes.with_label_values(&[topic]),
             delivered: self.delivered.with_label_values(&[topic]),
             delivered_bytes: self.delivered_bytes.with_label_values(&[topic]),
-        }
+        })
     }
 
-    pub fn topic_limit(&self) -> usize {
-        self.limits.topics
+    /// The shared handles of the `_other` topic series.
+    pub fn other_topic(&self) -> TopicMetrics {
+        self.other_topic.clone()
     }
 
     pub fn dropped(&self, reason: DropReason) -> IntCounter {
@@ -445,7 +447,10 @@ mod tests {
             clients: 1,
         });
         for t in ["a", "b", "c", "d"] {
-            m.topic(t).published.inc();
+            m.topic(t)
+                .unwrap_or_else(|| m.other_topic())
+                .published
+                .inc();
         }
         let text = m.encode();
         assert!(text.contains(r#"fifobus_messages_published_total{topic="a"} 1"#));

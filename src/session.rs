@@ -56,6 +56,14 @@ impl Session {
         self.teardown(&shared, reason, deadline).await;
     }
 
+    /// Resolves when the `pid=` process exits; never without `pid=`.
+    async fn pid_exited(&self) {
+        match &self.pid {
+            Some(p) => p.exited().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Serves until the client ends; returns why, and the deadline for
     /// flushing it: one grace period from the moment the end began, shared
     /// by writing the last lines and waiting for the client to read them.
@@ -67,18 +75,12 @@ impl Session {
         let stop = CancellationToken::new();
         let reader = read_commands(self, shared, &stop);
         tokio::pin!(reader);
-        let pid_exit = async {
-            match &self.pid {
-                Some(p) => p.exited().await,
-                None => std::future::pending().await,
-            }
-        };
         // Biased: when the pidfd and new data are ready together, take the
         // pid branch, whose drain passes the data on anyway.
         let ended_by = tokio::select! {
             biased;
             reason = &mut writer => return (reason, Instant::now() + grace),
-            () = pid_exit => {
+            () = self.pid_exited() => {
                 // Pass on what the client wrote before it died, then end it.
                 stop.cancel();
                 let _ = tokio::time::timeout(grace, &mut reader).await;
@@ -114,15 +116,9 @@ impl Session {
             // Closing our end of `recv` destroys whatever the client has not
             // read yet, the final BYE included: let it read, until the
             // deadline or until its process is gone (then nobody will).
-            let gone = async {
-                match &self.pid {
-                    Some(p) => p.exited().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 () = wait_until_read(&self.recv, deadline) => {}
-                () = gone => {}
+                () = self.pid_exited() => {}
             }
         }
         if let Some(wd) = self.watch {
@@ -274,7 +270,7 @@ fn read_batch(
         }
         buf.reserve(READ_CHUNK);
         let n = if raw {
-            read_raw(s.send.as_raw_fd(), buf)
+            fifo::read_into(s.send.as_raw_fd(), buf)
         } else {
             s.send.try_read_buf(buf)
         };
@@ -293,20 +289,6 @@ fn read_batch(
             Err(e) => return Err(e),
         }
     }
-}
-
-/// A plain `read(2)` into the spare capacity of `buf`.
-fn read_raw(fd: std::os::fd::RawFd, buf: &mut BytesMut) -> io::Result<usize> {
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: read(2) writes at most spare.len() bytes into this memory and
-    // reports how many; only those are marked initialised below.
-    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: read(2) initialised the first n bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n as usize) };
-    Ok(n as usize)
 }
 
 /// Writes the outbox to `recv` until the outbox ends; returns why.
@@ -366,13 +348,14 @@ fn write_some(
     batch: &mut VecDeque<Entry>,
     latency: Option<&prometheus::local::LocalHistogram>,
 ) -> io::Result<()> {
-    let slices: Vec<IoSlice<'_>> = batch
-        .iter()
-        .take(MAX_IOVECS)
-        .map(|e| IoSlice::new(&e.line))
-        .collect();
-    let mut n = recv.try_write_vectored(&slices)?;
-    drop(slices);
+    // On the stack: a writev per batch should not cost an allocation too.
+    let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+    let mut count = 0;
+    for (slot, e) in slices.iter_mut().zip(batch.iter()) {
+        *slot = IoSlice::new(&e.line);
+        count += 1;
+    }
+    let mut n = recv.try_write_vectored(&slices[..count])?;
     let now = latency.map(|_| std::time::Instant::now());
     while n > 0 {
         let front = batch.front_mut().expect("wrote more than was queued");

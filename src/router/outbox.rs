@@ -132,6 +132,13 @@ struct State {
     end: Option<CloseReason>,
 }
 
+impl State {
+    /// Queued messages; BYE, PONG, ERR or DROPPED lines are not data to lose.
+    fn messages_queued(&self) -> usize {
+        self.queue.iter().filter(|e| e.published.is_some()).count()
+    }
+}
+
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
@@ -244,8 +251,7 @@ impl Outbox {
                 s.queue.push_back(Entry::control(f));
             }
         } else {
-            // Messages only: BYE, PONG, ERR or DROPPED lines are not data lost.
-            discarded = s.queue.iter().filter(|e| e.published.is_some()).count();
+            discarded = s.messages_queued();
             s.queue.clear();
             s.bytes = 0;
         }
@@ -302,7 +308,7 @@ impl Outbox {
     /// still queued. For the `client-gone` drop count at teardown.
     pub fn undelivered(&self) -> usize {
         let s = self.lock();
-        s.discarded_at_close + s.queue.iter().filter(|e| e.published.is_some()).count()
+        s.discarded_at_close + s.messages_queued()
     }
 
     pub fn is_closed(&self) -> bool {
