@@ -49,7 +49,7 @@ fn publish(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout/publish_64B");
     g.measurement_time(Duration::from_secs(3));
     for subscribers in [1u64, 10, 100] {
-        let mut core = RouterCore::new();
+        let mut core = RouterCore::new(fifobus::counters::Counters::new(1000));
         let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
             .map(|key| {
                 let o = Arc::new(Outbox::new(limits));

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,14 +16,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::busdir::{BusDir, BusDirError};
 use crate::config::BrokerConfig;
+use crate::context::Context;
+use crate::counters::Counters;
 use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::router::RouterHandle;
 use crate::throttle::LogThrottle;
 use crate::watch::FsWatcher;
 use crate::{http, rendezvous};
 
 /// The whole shutdown must fit in the 2 seconds promised to operators.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1500);
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_millis(1500);
 /// Descriptors kept for the broker itself (hello, inotify, epoll, logs,
 /// metrics connections) and for the reply FIFOs of pending handshakes.
 const RESERVED_FDS: u64 = 64 + rendezvous::MAX_PENDING_HANDSHAKES as u64;
@@ -45,66 +47,6 @@ pub enum BrokerError {
         addr: String,
         source: std::io::Error,
     },
-}
-
-/// What every task of the broker shares.
-pub struct Shared {
-    pub config: BrokerConfig,
-    pub router: RouterHandle,
-    pub watcher: Arc<FsWatcher>,
-    pub cancel: CancellationToken,
-    pub tracker: TaskTracker,
-    pub clients_dir: PathBuf,
-    pub throttle: LogThrottle,
-    /// `None` when `--metrics-addr off`: nothing is counted at all.
-    pub metrics: Option<Arc<Metrics>>,
-    pub max_clients: usize,
-    clients: AtomicUsize,
-    next_key: AtomicU64,
-}
-
-/// A reserved place for one client; given back on drop unless kept.
-pub struct ClientSlot<'a> {
-    shared: &'a Shared,
-    kept: bool,
-}
-
-impl ClientSlot<'_> {
-    /// The client exists now; its session gives the place back when it ends.
-    pub fn keep(mut self) {
-        self.kept = true;
-    }
-}
-
-impl Drop for ClientSlot<'_> {
-    fn drop(&mut self) {
-        if !self.kept {
-            self.shared.client_left();
-        }
-    }
-}
-
-impl Shared {
-    pub fn client_slot(&self) -> Option<ClientSlot<'_>> {
-        let taken = self.clients.fetch_add(1, Ordering::AcqRel);
-        let slot = ClientSlot {
-            shared: self,
-            kept: false,
-        };
-        (taken < self.max_clients).then_some(slot)
-    }
-
-    pub fn client_left(&self) {
-        self.clients.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    pub fn client_count(&self) -> usize {
-        self.clients.load(Ordering::Acquire)
-    }
-
-    pub fn next_key(&self) -> u64 {
-        self.next_key.fetch_add(1, Ordering::Relaxed)
-    }
 }
 
 /// Runs a broker on `config.dir` until `shutdown` resolves.
@@ -158,10 +100,9 @@ pub async fn run(
             });
         }
     };
-    let metrics = listener
-        .as_ref()
-        .map(|_| Metrics::new(config.metrics_limits));
-    let watcher = match FsWatcher::new(bus.path()) {
+    let counters = Counters::new(config.metrics_limits.topics);
+    let clients = Registry::new(max_clients, config.metrics_limits.clients, counters.clone());
+    let watcher = match FsWatcher::new(bus.path(), clients.clone()) {
         Ok(w) => w,
         Err(source) => {
             let dir = bus.path().to_owned();
@@ -173,10 +114,11 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
-    let metrics_addr = match (listener, &metrics) {
-        (Some(l), Some(m)) => {
+    let metrics_addr = match listener {
+        Some(l) => {
             let addr = l.local_addr().ok();
-            tokio::spawn(http::serve(l, m.clone(), cancel.clone()));
+            let metrics = Metrics::new(counters.clone(), clients.clone());
+            tokio::spawn(http::serve(l, metrics, cancel.clone()));
             if let Some(a) = addr {
                 if let Err(e) = bus.write_metrics_addr(a) {
                     tracing::warn!("cannot record the metrics address: {e}");
@@ -184,29 +126,27 @@ pub async fn run(
             }
             addr
         }
-        _ => None,
+        None => None,
     };
-    let shared = Arc::new(Shared {
-        router: RouterHandle::spawn(metrics.clone(), config.backlog.policy),
+    let ctx = Arc::new(Context {
+        router: RouterHandle::spawn(counters.clone()),
+        clients,
         watcher,
+        counters,
         cancel,
         tracker: tracker.clone(),
         clients_dir: bus.clients_dir(),
         throttle: LogThrottle::default(),
-        metrics,
-        max_clients,
-        clients: AtomicUsize::new(0),
-        next_key: AtomicU64::new(1),
         config,
     });
-    let pipe_clients = pipe_budget_clients(shared.config.pipe_size);
+    let pipe_clients = pipe_budget_clients(ctx.config.pipe_size);
     tracing::info!(
         "serving on {} (pid {}); open-file limit {fd_limit} allows about {max_clients} clients; {}; metrics {}",
         bus.path().display(),
         std::process::id(),
         pipe_clients.map_or_else(
-            || format!("client pipes of {} bytes", shared.config.pipe_size),
-            |n| format!("about {n} clients get {}-byte pipes before fs.pipe-user-pages-soft shrinks new ones to a page", shared.config.pipe_size)
+            || format!("client pipes of {} bytes", ctx.config.pipe_size),
+            |n| format!("about {n} clients get {}-byte pipes before fs.pipe-user-pages-soft shrinks new ones to a page", ctx.config.pipe_size)
         ),
         metrics_addr.map_or_else(|| "off".to_owned(), |a| format!("on http://{a}/metrics")),
     );
@@ -223,12 +163,12 @@ pub async fn run(
     }
     // For systemd Type=notify units; a no-op elsewhere.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let rendezvous = tracker.spawn(rendezvous::run(bus, shared.clone()));
+    let rendezvous = tracker.spawn(rendezvous::run(bus, ctx.clone()));
 
     shutdown.await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    tracing::info!(clients = shared.client_count(), "shutting down");
-    shared.cancel.cancel();
+    tracing::info!(clients = ctx.clients.len(), "shutting down");
+    ctx.cancel.cancel();
     tracker.close();
     let bus = rendezvous.await;
     if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::http::MetricsEndpoint;
+use crate::config::MetricsEndpoint;
 use crate::router::OverflowPolicy;
 
 const EXAMPLES: &str = "\
@@ -79,7 +79,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub backlog_bytes: usize,
     /// What to do when a client's backlog is full
-    #[arg(long, value_enum, default_value_t = OverflowPolicy::DropOldest)]
+    #[arg(long, default_value = "drop-oldest", value_parser = overflow_parser())]
     pub overflow: OverflowPolicy,
     /// How long a client has to open its reply FIFO (e.g. 5s, 500ms)
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -206,6 +206,23 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     n.checked_mul(1 << shift)
         .filter(|&v| v > 0)
         .ok_or_else(|| format!("'{s}' is out of range"))
+}
+
+/// `--overflow`: the policy names with their meaning, listed in `--help`.
+/// (The router's policy type stays free of clap.)
+fn overflow_parser() -> impl clap::builder::TypedValueParser<Value = OverflowPolicy> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new([
+        PossibleValue::new("drop-oldest")
+            .help("Discard the oldest queued lines to make room (the client sees the newest)"),
+        PossibleValue::new("drop-newest").help("Discard the new line (the client sees the oldest)"),
+        PossibleValue::new("disconnect")
+            .help("End the client: its directory is removed and its reader sees EOF"),
+    ])
+    .map(|s| {
+        s.parse::<OverflowPolicy>()
+            .expect("every listed name parses")
+    })
 }
 
 #[cfg(test)]

@@ -3,9 +3,55 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::http::MetricsEndpoint;
-use crate::metrics::MetricsLimits;
+use std::net::SocketAddr;
+
 use crate::router::BacklogLimits;
+
+/// Where `fifobus serve` serves metrics by default. Loopback only: metrics
+/// name topics and clients, which is nobody else's business.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9478";
+
+/// The `--metrics-addr` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsEndpoint {
+    /// Serve nothing (the broker counts all the same).
+    Off,
+    /// The default address; if it is taken (another user's broker), fall
+    /// back to a free loopback port rather than refuse to start.
+    Default,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for MetricsEndpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" | "none" => Ok(MetricsEndpoint::Off),
+            "default" => Ok(MetricsEndpoint::Default),
+            _ => s.parse().map(MetricsEndpoint::At).map_err(|_| {
+                format!("'{s}' is not HOST:PORT (e.g. {DEFAULT_METRICS_ADDR}) or 'off'")
+            }),
+        }
+    }
+}
+
+/// Cardinality caps of the metric series (`--metrics-topic-limit`,
+/// `--metrics-client-limit`); the rest are summed under `_other`.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsLimits {
+    pub topics: usize,
+    pub clients: usize,
+}
+
+impl Default for MetricsLimits {
+    fn default() -> Self {
+        MetricsLimits {
+            topics: 1000,
+            clients: 1000,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {

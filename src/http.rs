@@ -3,7 +3,6 @@
 //! Nothing here knows broker internals: the handlers only encode what
 //! [`Metrics`] holds, so `fifobus stats` and Prometheus see the same figures.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -14,35 +13,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{MetricsEndpoint, DEFAULT_METRICS_ADDR};
 use crate::metrics::Metrics;
-
-/// Where `fifobus serve` listens by default. Loopback only: metrics name
-/// topics and clients, which is nobody else's business.
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9478";
-
-/// The `--metrics-addr` setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MetricsEndpoint {
-    Off,
-    /// The default address; if it is taken (another user's broker), fall
-    /// back to a free loopback port rather than refuse to start.
-    Default,
-    At(SocketAddr),
-}
-
-impl std::str::FromStr for MetricsEndpoint {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "off" | "none" => Ok(MetricsEndpoint::Off),
-            "default" => Ok(MetricsEndpoint::Default),
-            _ => s.parse().map(MetricsEndpoint::At).map_err(|_| {
-                format!("'{s}' is not HOST:PORT (e.g. {DEFAULT_METRICS_ADDR}) or 'off'")
-            }),
-        }
-    }
-}
 
 /// Binds the metrics listener.
 ///

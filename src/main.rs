@@ -41,7 +41,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         max_clients: args.max_clients,
         pipe_size: args.pipe_size,
         metrics: args.metrics_addr,
-        metrics_limits: fifobus::metrics::MetricsLimits {
+        metrics_limits: fifobus::config::MetricsLimits {
             topics: args.metrics_topic_limit,
             clients: args.metrics_client_limit,
         },

@@ -1,319 +1,50 @@
-//! Prometheus metrics: one [`Metrics`] value, shared by every part of the
-//! broker, read by `/metrics` and `fifobus stats`.
+//! Prometheus exposition of what the broker counts, built at scrape time.
 //!
-//! Counting stays off the per-message cost as far as possible:
-//! - label handles are resolved once per topic ([`TopicMetrics`], kept by
-//!   the router beside its match cache), once per client and once per error
-//!   code, never per message: a count is one uncontended atomic increment;
-//! - writers observe the latency histogram locally and flush it once per
-//!   batch;
-//! - backlogs are not counted at all: they are read from the live outboxes
-//!   when Prometheus scrapes (`BacklogCollector`).
+//! Nothing here is on the message path: the router, sessions and
+//! rendezvous count into [`Counters`] (plain atomics), and the live clients
+//! are in the [`Registry`]. When Prometheus scrapes, [`Exporter`] reads
+//! both and builds the metric families, so backlogs and client counts are
+//! exact at that moment and counting never depends on serving.
 //!
-//! Cardinality is bounded: the first `--metrics-topic-limit` topics and
-//! `--metrics-client-limit` client labels get their own series; the rest are
-//! summed into one series labelled `_other`, and
+//! Cardinality is bounded where the names come from ([`Counters::topic`],
+//! [`Registry::insert`]): the first `--metrics-topic-limit` topics and
+//! `--metrics-client-limit` client labels get their own series; the rest
+//! are summed into one series labelled `_other`, and
 //! `fifobus_metrics_series_folded_total` counts the folds.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
-use dashmap::DashMap;
 use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::proto::{self, MetricFamily, MetricType};
+use prometheus::Registry as PromRegistry;
 
-use crate::router::{ClientKey, Outbox};
+use crate::counters::{Counters, DropReason, Rejection, LATENCY_BUCKETS};
+use crate::protocol::ErrorCode;
+use crate::registry::Registry;
 
-/// The label of the series that sums everything over a cardinality cap.
-pub const OTHER: &str = "_other";
-
-#[derive(Debug, Clone, Copy)]
-pub struct MetricsLimits {
-    pub topics: usize,
-    pub clients: usize,
-}
-
-impl Default for MetricsLimits {
-    fn default() -> Self {
-        MetricsLimits {
-            topics: 1000,
-            clients: 1000,
-        }
-    }
-}
-
-/// Why messages were discarded; the `reason` label of
-/// `fifobus_messages_dropped_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// Backlog full, oldest discarded (`--overflow drop-oldest`).
-    BacklogOldest,
-    /// Backlog full, newest discarded (`--overflow drop-newest`).
-    BacklogNewest,
-    /// Backlog full, client ended with its backlog (`--overflow disconnect`).
-    SlowConsumer,
-    /// Queued for a client that went away (pid exited, directory removed).
-    ClientGone,
-}
-
-impl DropReason {
-    const ALL: [DropReason; 4] = [
-        DropReason::BacklogOldest,
-        DropReason::BacklogNewest,
-        DropReason::SlowConsumer,
-        DropReason::ClientGone,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::BacklogOldest => "backlog-drop-oldest",
-            DropReason::BacklogNewest => "backlog-drop-newest",
-            DropReason::SlowConsumer => "slow-consumer",
-            DropReason::ClientGone => "client-gone",
-        }
-    }
-}
-
-/// Counter handles for one topic (or for `_other`).
-#[derive(Clone)]
-pub struct TopicMetrics {
-    pub published: IntCounter,
-    pub published_bytes: IntCounter,
-    pub delivered: IntCounter,
-    pub delivered_bytes: IntCounter,
-}
+pub use crate::counters::OTHER;
 
 pub struct Metrics {
-    registry: Registry,
-    limits: MetricsLimits,
-    published: IntCounterVec,
-    published_bytes: IntCounterVec,
-    delivered: IntCounterVec,
-    delivered_bytes: IntCounterVec,
-    other_topic: TopicMetrics,
-    topics_with_series: Mutex<usize>,
-    pub unrouted: IntCounter,
-    dropped: IntCounterVec,
-    pub subscriptions: IntGauge,
-    pub topics: IntGauge,
-    pub handshakes_accepted: IntCounter,
-    handshakes_rejected: IntCounterVec,
-    /// One handle per error code, resolved up front: a client flooding bad
-    /// lines costs an atomic increment per line, not a label lookup.
-    protocol_errors: Vec<IntCounter>,
-    pub latency: Histogram,
-    folded: IntCounterVec,
-    clients: Arc<ClientTable>,
-}
-
-/// Live clients, for the scrape-time backlog figures.
-#[derive(Default)]
-struct ClientTable {
-    /// Live clients: (series label, folded into `_other`?, outbox).
-    clients: DashMap<ClientKey, (String, bool, Arc<Outbox>)>,
-    /// Labels that have their own series (bounded by the client limit).
-    /// Labels that have their own series (bounded by the client limit), and
-    /// how many live clients use each.
-    labelled: Mutex<HashMap<String, usize>>,
-}
-
-impl ClientTable {
-    fn labels(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        self.labelled.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let v = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(v.clone())).expect("unique metric");
-    v
-}
-
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
-}
-
-fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+    registry: PromRegistry,
 }
 
 impl Metrics {
-    pub fn new(limits: MetricsLimits) -> Arc<Metrics> {
-        let r = Registry::new();
-        let published = counter_vec(
-            &r,
-            "fifobus_messages_published_total",
-            "Messages published, by topic.",
-            &["topic"],
-        );
-        let published_bytes = counter_vec(
-            &r,
-            "fifobus_published_bytes_total",
-            "Payload bytes published, by topic.",
-            &["topic"],
-        );
-        let delivered = counter_vec(
-            &r,
-            "fifobus_messages_delivered_total",
-            "Messages queued for a subscriber (one per subscriber), by topic.",
-            &["topic"],
-        );
-        let delivered_bytes = counter_vec(
-            &r,
-            "fifobus_delivered_bytes_total",
-            "Payload bytes queued for subscribers, by topic.",
-            &["topic"],
-        );
-        let other_topic = TopicMetrics {
-            published: published.with_label_values(&[OTHER]),
-            published_bytes: published_bytes.with_label_values(&[OTHER]),
-            delivered: delivered.with_label_values(&[OTHER]),
-            delivered_bytes: delivered_bytes.with_label_values(&[OTHER]),
-        };
-        let dropped = counter_vec(&r, "fifobus_messages_dropped_total", "Lines discarded instead of delivered, by reason (every one is also reported to its client as DROPPED <n>, except client-gone).", &["reason"]);
-        for reason in DropReason::ALL {
-            dropped.with_label_values(&[reason.as_str()]);
-        }
-        let handshakes_rejected = counter_vec(
-            &r,
-            "fifobus_handshakes_rejected_total",
-            "HELLOs refused or abandoned, by reason.",
-            &["reason"],
-        );
-        let protocol_errors = counter_vec(
-            &r,
-            "fifobus_protocol_errors_total",
-            "Client lines answered with ERR, by kind.",
-            &["kind"],
-        );
-        let folded = counter_vec(&r, "fifobus_metrics_series_folded_total", "Times a topic or client was put under the _other label because its kind reached the series limit (a folded topic counts again each time the router's topic cache is rebuilt after interest changes).", &["kind"]);
-        for kind in ["topic", "client"] {
-            folded.with_label_values(&[kind]);
-        }
-        let latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "fifobus_delivery_latency_seconds",
-                "Time from reading a PUB on the publisher's send FIFO to writing the MSG into a subscriber's recv FIFO.",
-            )
-            .buckets(prometheus::exponential_buckets(5e-6, 2.5, 14).expect("valid buckets")),
-        )
-        .expect("valid metric");
-        r.register(Box::new(latency.clone()))
-            .expect("unique metric");
-        let clients = Arc::new(ClientTable::default());
-        r.register(Box::new(BacklogCollector::new(clients.clone())))
+    /// Metrics over `counters` and the live `clients`, plus the process's
+    /// own figures (CPU, memory, descriptors).
+    pub fn new(counters: Arc<Counters>, clients: Arc<Registry>) -> Arc<Metrics> {
+        let registry = PromRegistry::new();
+        registry
+            .register(Box::new(Exporter::new(counters, clients)))
             .expect("unique metric");
         #[cfg(target_os = "linux")]
-        r.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))
-        .expect("unique metric");
-        Arc::new(Metrics {
-            limits,
-            unrouted: counter(&r, "fifobus_messages_unrouted_total", "Messages published to a topic nobody was subscribed to."),
-            subscriptions: gauge(&r, "fifobus_subscriptions", "Subscriptions (pattern, client pairs) in force."),
-            topics: gauge(&r, "fifobus_topics", "Distinct topics published to since start that have their own series (at most --metrics-topic-limit)."),
-            handshakes_accepted: counter(&r, "fifobus_handshakes_accepted_total", "HELLOs answered with WELCOME."),
-            published,
-            published_bytes,
-            delivered,
-            delivered_bytes,
-            other_topic,
-            topics_with_series: Mutex::new(0),
-            dropped,
-            handshakes_rejected,
-            protocol_errors: crate::protocol::ErrorCode::ALL
-                .iter()
-                .map(|c| protocol_errors.with_label_values(&[c.as_str()]))
-                .collect(),
-            latency,
-            folded,
-            clients,
-            registry: r,
-        })
-    }
-
-    /// Handles for a topic seen for the first time (the router keeps them),
-    /// or `None` once the topic limit is reached: the topic is folded into
-    /// [`Metrics::other_topic`].
-    pub fn topic(&self, topic: &str) -> Option<TopicMetrics> {
-        let mut n = self
-            .topics_with_series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if *n >= self.limits.topics {
-            self.folded.with_label_values(&["topic"]).inc();
-            return None;
-        }
-        *n += 1;
-        self.topics.set(*n as i64);
-        Some(TopicMetrics {
-            published: self.published.with_label_values(&[topic]),
-            published_bytes: self.published_bytes.with_label_values(&[topic]),
-            delivered: self.delivered.with_label_values(&[topic]),
-            delivered_bytes: self.delivered_bytes.with_label_values(&[topic]),
-        })
-    }
-
-    /// The shared handles of the `_other` topic series.
-    pub fn other_topic(&self) -> TopicMetrics {
-        self.other_topic.clone()
-    }
-
-    pub fn dropped(&self, reason: DropReason) -> IntCounter {
-        self.dropped.with_label_values(&[reason.as_str()])
-    }
-
-    pub fn handshake_rejected(&self, reason: &str) {
-        self.handshakes_rejected.with_label_values(&[reason]).inc();
-    }
-
-    pub fn protocol_error(&self, code: crate::protocol::ErrorCode) {
-        self.protocol_errors[code.index()].inc();
-    }
-
-    /// Registers a live client under `label` (its `name=`, else its uuid),
-    /// or under `_other` once the client limit is reached.
-    pub fn client_joined(&self, key: ClientKey, label: &str, outbox: Arc<Outbox>) {
-        let mut labelled = self.clients.labels();
-        let own = labelled.contains_key(label) || labelled.len() < self.limits.clients;
-        let label = if own {
-            *labelled.entry(label.to_owned()).or_default() += 1;
-            label.to_owned()
-        } else {
-            self.folded.with_label_values(&["client"]).inc();
-            OTHER.to_owned()
-        };
-        drop(labelled);
-        // Remember whether it was folded: a client may also be *named* _other.
-        self.clients.clients.insert(key, (label, !own, outbox));
-    }
-
-    pub fn client_left(&self, key: ClientKey) {
-        if let Some((_, (label, folded, _))) = self.clients.clients.remove(&key) {
-            if folded {
-                return;
-            }
-            // Free the label's slot once no live client uses it.
-            let mut labelled = self.clients.labels();
-            if let Some(n) = labelled.get_mut(&label) {
-                *n -= 1;
-                if *n == 0 {
-                    labelled.remove(&label);
-                }
-            }
-        }
-    }
-
-    pub fn client_count(&self) -> usize {
-        self.clients.clients.len()
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        Arc::new(Metrics { registry })
     }
 
     /// The text exposition format, for `/metrics`.
@@ -327,67 +58,50 @@ impl Metrics {
     }
 }
 
-/// Per-client and total backlog, and the client count, read from the live
-/// outboxes at scrape time.
-struct BacklogCollector {
-    table: Arc<ClientTable>,
-    per_client_messages: IntGaugeVec,
-    per_client_bytes: IntGaugeVec,
-    total_messages: IntGauge,
-    total_bytes: IntGauge,
-    clients: IntGauge,
+/// Reads [`Counters`] and the [`Registry`] into metric families.
+struct Exporter {
+    counters: Arc<Counters>,
+    clients: Arc<Registry>,
     descs: Vec<Desc>,
-    /// Scrapes may overlap; the gauges are reset and refilled under this.
+    /// Scrapes may overlap; each builds its families under this.
     scrape: Mutex<()>,
 }
 
-impl BacklogCollector {
-    fn new(table: Arc<ClientTable>) -> Self {
-        const NOTE: &str = " Counts lines waiting in the broker; up to one pipe buffer more may sit in the recv FIFO itself.";
-        let per_client_messages = IntGaugeVec::new(
-            Opts::new(
-                "fifobus_client_backlog_messages",
-                format!("Lines queued for a client, by client.{NOTE}"),
-            ),
-            &["client"],
-        )
-        .expect("valid metric");
-        let per_client_bytes = IntGaugeVec::new(
-            Opts::new(
-                "fifobus_client_backlog_bytes",
-                format!("Bytes queued for a client, by client.{NOTE}"),
-            ),
-            &["client"],
-        )
-        .expect("valid metric");
-        let total_messages = IntGauge::new(
-            "fifobus_backlog_messages",
-            format!("Lines queued for all clients.{NOTE}"),
-        )
-        .expect("valid metric");
-        let total_bytes = IntGauge::new(
-            "fifobus_backlog_bytes",
-            format!("Bytes queued for all clients.{NOTE}"),
-        )
-        .expect("valid metric");
-        let clients = IntGauge::new("fifobus_clients", "Clients connected.").expect("valid metric");
-        let descs = [
-            per_client_messages.desc(),
-            per_client_bytes.desc(),
-            total_messages.desc(),
-            total_bytes.desc(),
-            clients.desc(),
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-        BacklogCollector {
-            table,
-            per_client_messages,
-            per_client_bytes,
-            total_messages,
-            total_bytes,
+/// Name, help, type and label of every family the exporter builds, in the
+/// order it builds them: the single list that `desc()` and `collect()` share.
+const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
+    ("fifobus_messages_published_total", "Messages published, by topic.", MetricType::COUNTER, Some("topic")),
+    ("fifobus_published_bytes_total", "Payload bytes published, by topic.", MetricType::COUNTER, Some("topic")),
+    ("fifobus_messages_delivered_total", "Messages queued for a subscriber (one per subscriber), by topic.", MetricType::COUNTER, Some("topic")),
+    ("fifobus_delivered_bytes_total", "Payload bytes queued for subscribers, by topic.", MetricType::COUNTER, Some("topic")),
+    ("fifobus_messages_unrouted_total", "Messages published to a topic nobody was subscribed to.", MetricType::COUNTER, None),
+    ("fifobus_messages_dropped_total", "Lines discarded instead of delivered, by reason (every one is also reported to its client as DROPPED <n>, except client-gone).", MetricType::COUNTER, Some("reason")),
+    ("fifobus_subscriptions", "Subscriptions (pattern, client pairs) in force.", MetricType::GAUGE, None),
+    ("fifobus_topics", "Distinct topics published to since start that have their own series (at most --metrics-topic-limit).", MetricType::GAUGE, None),
+    ("fifobus_handshakes_accepted_total", "HELLOs answered with WELCOME.", MetricType::COUNTER, None),
+    ("fifobus_handshakes_rejected_total", "HELLOs refused or abandoned, by reason.", MetricType::COUNTER, Some("reason")),
+    ("fifobus_protocol_errors_total", "Client lines answered with ERR, by kind.", MetricType::COUNTER, Some("kind")),
+    ("fifobus_metrics_series_folded_total", "Times a topic or client was put under the _other label because its kind reached the series limit (a folded topic counts again each time the router's topic cache is rebuilt after interest changes).", MetricType::COUNTER, Some("kind")),
+    ("fifobus_delivery_latency_seconds", "Time from reading a PUB on the publisher's send FIFO to writing the MSG into a subscriber's recv FIFO.", MetricType::HISTOGRAM, None),
+    ("fifobus_client_backlog_messages", "Lines queued for a client, by client. Counts lines waiting in the broker; up to one pipe buffer more may sit in the recv FIFO itself.", MetricType::GAUGE, Some("client")),
+    ("fifobus_client_backlog_bytes", "Bytes queued for a client, by client. Counts lines waiting in the broker; up to one pipe buffer more may sit in the recv FIFO itself.", MetricType::GAUGE, Some("client")),
+    ("fifobus_backlog_messages", "Lines queued for all clients. Counts lines waiting in the broker; up to one pipe buffer more may sit in the recv FIFO itself.", MetricType::GAUGE, None),
+    ("fifobus_backlog_bytes", "Bytes queued for all clients. Counts lines waiting in the broker; up to one pipe buffer more may sit in the recv FIFO itself.", MetricType::GAUGE, None),
+    ("fifobus_clients", "Clients connected.", MetricType::GAUGE, None),
+];
+
+impl Exporter {
+    fn new(counters: Arc<Counters>, clients: Arc<Registry>) -> Self {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help, _, label)| {
+                let labels = label.iter().map(|l| l.to_string()).collect();
+                Desc::new(name.to_string(), help.to_string(), labels, HashMap::new())
+                    .expect("valid metric")
+            })
+            .collect();
+        Exporter {
+            counters,
             clients,
             descs,
             scrape: Mutex::new(()),
@@ -395,62 +109,154 @@ impl BacklogCollector {
     }
 }
 
-impl Collector for BacklogCollector {
+/// One family being filled: samples are appended with [`Family::add`].
+struct Family<'a> {
+    label: Option<&'a str>,
+    mf: MetricFamily,
+}
+
+impl<'a> Family<'a> {
+    fn new(&(name, help, kind, label): &'a (&str, &str, MetricType, Option<&str>)) -> Self {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_owned());
+        mf.set_help(help.to_owned());
+        mf.set_field_type(kind);
+        Family { label, mf }
+    }
+
+    /// A sample, labelled with `value_of_label` when the family has a label.
+    fn add(&mut self, value_of_label: Option<&str>, value: u64) {
+        let mut m = proto::Metric::default();
+        if let (Some(name), Some(v)) = (self.label, value_of_label) {
+            let mut pair = proto::LabelPair::default();
+            pair.set_name(name.to_owned());
+            pair.set_value(v.to_owned());
+            m.set_label(vec![pair]);
+        }
+        if self.mf.get_field_type() == MetricType::COUNTER {
+            let mut c = proto::Counter::default();
+            c.set_value(value as f64);
+            m.set_counter(c);
+        } else {
+            let mut g = proto::Gauge::default();
+            g.set_value(value as f64);
+            m.set_gauge(g);
+        }
+        self.mf.mut_metric().push(m);
+    }
+}
+
+impl Collector for Exporter {
     fn desc(&self) -> Vec<&Desc> {
         self.descs.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &self.counters;
+        let mut f: Vec<Family> = FAMILIES.iter().map(Family::new).collect();
+        c.for_each_topic(|topic, t| {
+            f[0].add(Some(topic), t.published.load(Relaxed));
+            f[1].add(Some(topic), t.published_bytes.load(Relaxed));
+            f[2].add(Some(topic), t.delivered.load(Relaxed));
+            f[3].add(Some(topic), t.delivered_bytes.load(Relaxed));
+        });
+        f[4].add(None, c.unrouted.load(Relaxed));
+        for r in DropReason::ALL {
+            f[5].add(Some(r.as_str()), c.dropped_total(r));
+        }
+        f[6].add(None, c.subscriptions.load(Relaxed));
+        f[7].add(None, c.topic_count() as u64);
+        f[8].add(None, c.handshakes_accepted.load(Relaxed));
+        for r in Rejection::all() {
+            f[9].add(Some(r.as_str()), c.handshakes_rejected(r));
+        }
+        for code in ErrorCode::ALL {
+            f[10].add(Some(code.as_str()), c.protocol_errors(code));
+        }
+        f[11].add(Some("topic"), c.folded_topics.load(Relaxed));
+        f[11].add(Some("client"), c.folded_clients.load(Relaxed));
+        f[12].mf.mut_metric().push(latency(c));
+        self.backlogs(&mut f[13..]);
+        f.into_iter()
+            .map(|f| f.mf)
+            .filter(|mf| !mf.get_metric().is_empty())
+            .collect()
+    }
+}
+
+impl Exporter {
+    /// Per-client (by series label) and total backlog, and the client
+    /// count, read from the live outboxes now.
+    fn backlogs(&self, f: &mut [Family]) {
         let mut per_label: HashMap<String, (usize, usize)> = HashMap::new();
-        let (mut msgs, mut bytes) = (0, 0);
-        for entry in self.table.clients.iter() {
-            let (label, _, outbox) = entry.value();
-            let (m, b) = outbox.backlog();
-            let sum = per_label.entry(label.clone()).or_default();
+        let (mut msgs, mut bytes, mut clients) = (0, 0, 0);
+        self.clients.for_each(|client| {
+            let (m, b) = client.outbox.backlog();
+            let sum = per_label.entry(client.series.clone()).or_default();
             sum.0 += m;
             sum.1 += b;
             msgs += m;
             bytes += b;
-        }
-        self.per_client_messages.reset();
-        self.per_client_bytes.reset();
+            clients += 1;
+        });
         for (label, (m, b)) in &per_label {
-            self.per_client_messages
-                .with_label_values(&[label])
-                .set(*m as i64);
-            self.per_client_bytes
-                .with_label_values(&[label])
-                .set(*b as i64);
+            f[0].add(Some(label), *m as u64);
+            f[1].add(Some(label), *b as u64);
         }
-        self.total_messages.set(msgs as i64);
-        self.total_bytes.set(bytes as i64);
-        self.clients.set(self.table.clients.len() as i64);
-        let mut families = self.per_client_messages.collect();
-        families.extend(self.per_client_bytes.collect());
-        families.extend(self.total_messages.collect());
-        families.extend(self.total_bytes.collect());
-        families.extend(self.clients.collect());
-        families
+        f[2].add(None, msgs as u64);
+        f[3].add(None, bytes as u64);
+        f[4].add(None, clients);
     }
+}
+
+fn latency(c: &Counters) -> proto::Metric {
+    let snap = c.latency.snapshot();
+    let mut h = proto::Histogram::default();
+    h.set_sample_count(snap.count);
+    h.set_sample_sum(snap.sum_seconds);
+    h.set_bucket(
+        LATENCY_BUCKETS
+            .iter()
+            .zip(&snap.cumulative)
+            .map(|(&upper, &n)| {
+                let mut b = proto::Bucket::default();
+                b.set_upper_bound(upper);
+                b.set_cumulative_count(n);
+                b
+            })
+            .collect(),
+    );
+    let mut m = proto::Metric::default();
+    m.set_histogram(h);
+    m
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::BacklogLimits;
+    use crate::router::{BacklogLimits, Outbox, OverflowPolicy, RouterCore};
+    use std::path::PathBuf;
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(BacklogLimits::default()))
+    }
+
+    fn setup(topics: usize, clients: usize) -> (Arc<Counters>, Arc<Registry>, Arc<Metrics>) {
+        let c = Counters::new(topics);
+        let r = Registry::new(100, clients, c.clone());
+        let m = Metrics::new(c.clone(), r.clone());
+        (c, r, m)
+    }
 
     #[test]
     fn topics_over_the_limit_fold_into_other() {
-        let m = Metrics::new(MetricsLimits {
-            topics: 2,
-            clients: 1,
-        });
+        let (c, _, m) = setup(2, 1);
         for t in ["a", "b", "c", "d"] {
-            m.topic(t)
-                .unwrap_or_else(|| m.other_topic())
+            c.topic(t)
+                .unwrap_or_else(|| c.other_topic())
                 .published
-                .inc();
+                .fetch_add(1, Relaxed);
         }
         let text = m.encode();
         assert!(text.contains(r#"fifobus_messages_published_total{topic="a"} 1"#));
@@ -462,24 +268,20 @@ mod tests {
 
     #[test]
     fn a_client_named_other_keeps_its_slot_when_a_folded_client_leaves() {
-        let m = Metrics::new(MetricsLimits {
-            topics: 1,
-            clients: 1,
-        });
-        let o = || Arc::new(Outbox::new(BacklogLimits::default()));
-        m.client_joined(1, OTHER, o());
-        m.client_joined(2, "bob", o()); // folded
-        m.client_left(2);
-        m.client_joined(3, "carol", o()); // still folded: the one slot is taken
+        let (_, r, m) = setup(1, 1);
+        let dir = PathBuf::from("/nonexistent");
+        r.insert(1, OTHER.into(), dir.clone(), outbox(), None);
+        r.insert(2, "bob".into(), dir.clone(), outbox(), None); // folded
+        r.remove(2);
+        r.insert(3, "carol".into(), dir, outbox(), None); // still folded: the one slot is taken
         let text = m.encode();
         assert!(!text.contains(r#"client="carol""#), "{text}");
     }
 
     #[test]
     fn unrouted_counts_only_messages_nobody_subscribed_to() {
-        use crate::router::{OverflowPolicy, RouterCore};
-        let m = Metrics::new(MetricsLimits::default());
-        let mut core = RouterCore::with_metrics(m.clone(), OverflowPolicy::DropNewest);
+        let (c, _, m) = setup(1000, 1000);
+        let mut core = RouterCore::new(c);
         let full = Arc::new(Outbox::new(BacklogLimits {
             messages: 1,
             bytes: 1 << 20,
@@ -501,17 +303,15 @@ mod tests {
 
     #[test]
     fn backlog_is_read_at_scrape_time_and_clients_fold() {
-        let m = Metrics::new(MetricsLimits {
-            topics: 1,
-            clients: 1,
-        });
-        let a = Arc::new(Outbox::new(BacklogLimits::default()));
-        let b = Arc::new(Outbox::new(BacklogLimits::default()));
+        let (_, r, m) = setup(1, 1);
+        let a = outbox();
+        let b = outbox();
         a.push(bytes::Bytes::from_static(b"MSG t x\n"));
         b.push(bytes::Bytes::from_static(b"MSG t y\n"));
         b.push(bytes::Bytes::from_static(b"MSG t z\n"));
-        m.client_joined(1, "alice", a);
-        m.client_joined(2, "bob", b);
+        let dir = PathBuf::from("/nonexistent");
+        r.insert(1, "alice".into(), dir.clone(), a, None);
+        r.insert(2, "bob".into(), dir, b, None);
         let text = m.encode();
         assert!(
             text.contains(r#"fifobus_client_backlog_messages{client="alice"} 1"#),
@@ -521,12 +321,34 @@ mod tests {
         assert!(text.contains("fifobus_backlog_messages 3"));
         assert!(text.contains("fifobus_backlog_bytes 24"));
         assert!(text.contains("fifobus_clients 2"));
-        m.client_left(2);
+        r.remove(2);
         let text = m.encode();
         assert!(
             !text.contains(r#"client="_other""#),
             "a departed client's series goes"
         );
         assert!(text.contains("fifobus_clients 1"));
+    }
+
+    #[test]
+    fn every_family_is_valid_exposition_with_a_latency_histogram() {
+        let (c, _, m) = setup(10, 10);
+        let mut l = c.local_latency();
+        l.observe(std::time::Duration::from_micros(7));
+        l.flush();
+        let text = m.encode();
+        assert!(
+            text.contains(r#"fifobus_delivery_latency_seconds_bucket{le="0.000005"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"fifobus_delivery_latency_seconds_bucket{le="0.0000125"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"fifobus_delivery_latency_seconds_bucket{le="+Inf"} 1"#));
+        assert!(text.contains("fifobus_delivery_latency_seconds_count 1"));
+        assert!(text.contains("# TYPE fifobus_messages_published_total counter"));
+        assert!(text.contains("# TYPE fifobus_clients gauge"));
+        assert!(text.contains(r#"fifobus_protocol_errors_total{kind="unknown-command"} 0"#));
     }
 }

@@ -17,12 +17,12 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
-use crate::router::{CloseReason, Outbox};
+use crate::registry::Registry;
+use crate::router::CloseReason;
 
 /// Resolves when a given process exits.
 pub struct PidWatch {
@@ -73,8 +73,8 @@ impl AsRawFd for InotifyFd {
 pub struct FsWatcher {
     inotify: AsyncFd<InotifyFd>,
     bus_dir: WatchDescriptor,
-    /// Watched client directories, and the outbox that ends each client.
-    clients: DashMap<WatchDescriptor, (Arc<Outbox>, std::path::PathBuf)>,
+    /// The live clients, each with the watch on its directory.
+    clients: Arc<Registry>,
     hello_removed: Notify,
 }
 
@@ -85,11 +85,12 @@ const CLIENT_EVENTS: AddWatchFlags = AddWatchFlags::IN_DELETE
     .union(AddWatchFlags::IN_ONLYDIR);
 
 impl FsWatcher {
-    /// Watches the bus directory for a deleted or renamed `hello`.
+    /// Watches the bus directory for a deleted or renamed `hello`, and the
+    /// directories of `clients` as they are added.
     ///
     /// # Errors
     /// When inotify is unavailable or the directory cannot be watched.
-    pub fn new(bus_dir: &Path) -> io::Result<Arc<FsWatcher>> {
+    pub fn new(bus_dir: &Path, clients: Arc<Registry>) -> io::Result<Arc<FsWatcher>> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         let wd = inotify.add_watch(
             bus_dir,
@@ -98,32 +99,26 @@ impl FsWatcher {
         Ok(Arc::new(FsWatcher {
             inotify: register(InotifyFd(inotify))?,
             bus_dir: wd,
-            clients: DashMap::new(),
+            clients,
             hello_removed: Notify::new(),
         }))
     }
 
-    /// Ends `outbox`'s client when `dir`, or `send`/`recv` inside it, goes away.
+    /// Starts watching a client directory: once the client is registered
+    /// with the returned descriptor, deleting or renaming `dir`, or `send` or
+    /// `recv` inside it, ends that client.
     ///
     /// # Errors
     /// `ENOSPC` when the user's inotify watch limit is reached.
-    pub fn watch_client(&self, dir: &Path, outbox: Arc<Outbox>) -> io::Result<WatchDescriptor> {
-        let wd = self.inotify.get_ref().0.add_watch(dir, CLIENT_EVENTS)?;
-        self.clients.insert(wd, (outbox, dir.to_owned()));
-        Ok(wd)
+    pub fn watch_client(&self, dir: &Path) -> io::Result<WatchDescriptor> {
+        Ok(self.inotify.get_ref().0.add_watch(dir, CLIENT_EVENTS)?)
     }
 
-    /// Stops watching a client directory. Compares the outbox so that a watch
-    /// descriptor the kernel has since reused for another client is kept.
-    pub fn unwatch_client(&self, wd: WatchDescriptor, outbox: &Arc<Outbox>) {
-        if self
-            .clients
-            .remove_if(&wd, |_, (o, _)| Arc::ptr_eq(o, outbox))
-            .is_some()
-        {
-            // Fails with EINVAL when the directory is already gone; fine.
-            let _ = self.inotify.get_ref().0.rm_watch(wd);
-        }
+    /// Stops watching a client directory (a descriptor that
+    /// [`Registry::remove`] returned, so it is still that client's).
+    pub fn unwatch_client(&self, wd: WatchDescriptor) {
+        // Fails with EINVAL when the directory is already gone; fine.
+        let _ = self.inotify.get_ref().0.rm_watch(wd);
     }
 
     /// Resolves once `hello` was deleted or renamed since the last call.
@@ -174,12 +169,12 @@ impl FsWatcher {
             .intersects(AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF)
             || (ev.mask.intersects(gone) && matches!(name, Some("send" | "recv")));
         if ends_client {
-            if let Some(entry) = self.clients.get(&ev.wd) {
-                entry.0.close(CloseReason::Removed, None);
+            if let Some(client) = self.clients.by_watch(ev.wd) {
+                client.outbox.close(CloseReason::Removed, None);
             }
         }
         if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
-            self.clients.remove(&ev.wd);
+            self.clients.forget_watch(ev.wd);
         }
     }
 
@@ -189,14 +184,13 @@ impl FsWatcher {
     fn rescan(&self) {
         tracing::warn!("inotify queue overflowed; checking hello and every client directory");
         self.hello_removed.notify_one();
-        for entry in self.clients.iter() {
-            let (outbox, dir) = entry.value();
+        self.clients.for_each(|client| {
             let intact = ["send", "recv"]
                 .iter()
-                .all(|f| crate::fifo::is_fifo(&dir.join(f)));
+                .all(|f| crate::fifo::is_fifo(&client.dir.join(f)));
             if !intact {
-                outbox.close(CloseReason::Removed, None);
+                client.outbox.close(CloseReason::Removed, None);
             }
-        }
+        });
     }
 }

@@ -8,16 +8,15 @@
 //! client's earlier commands caused.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
-use std::time::Instant;
-
 use super::outbox::{CloseReason, Entry, Outbox, Push};
-use crate::metrics::{DropReason, Metrics, TopicMetrics};
+use crate::counters::{Counters, DropReason, TopicCounters};
 use crate::protocol::{encode, Command, ProtocolError};
-use crate::router::OverflowPolicy;
 use crate::topic::{Pattern, PatternIndex, Topic};
 
 /// Identifies a connected client inside the router (cheaper than its uuid).
@@ -46,14 +45,13 @@ pub struct Delivery {
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// What the router knows about a topic it has routed: who gets it (cleared
-/// when interest changes) and its metric handles (resolved once).
+/// when interest changes) and its counters (resolved once).
 #[derive(Clone)]
 struct Route {
     subscribers: Arc<[Arc<Outbox>]>,
-    metrics: Option<TopicMetrics>,
+    counters: Arc<TopicCounters>,
 }
 
-#[derive(Default)]
 pub struct RouterCore {
     index: PatternIndex<ClientKey>,
     clients: FastMap<ClientKey, Client>,
@@ -63,38 +61,24 @@ pub struct RouterCore {
     /// Where `MSG` lines are encoded: many lines share one allocation,
     /// instead of a malloc and a free per message.
     arena: bytes::BytesMut,
-    metrics: Option<RouterMetrics>,
-}
-
-/// The router's metric handles. Per-topic handles outlive the match cache,
-/// so a topic is labelled once however often interest changes.
-struct RouterMetrics {
-    shared: Arc<Metrics>,
-    topics: FastMap<Topic, TopicMetrics>,
-    dropped: prometheus::IntCounter,
-    slow_consumer: prometheus::IntCounter,
+    counters: Arc<Counters>,
+    /// Per-topic counters outlive the match cache, so a topic is resolved
+    /// once however often interest changes. Folded topics are not kept:
+    /// ever-new topic names must not grow this map without bound.
+    topics: FastMap<Topic, Arc<TopicCounters>>,
 }
 
 impl RouterCore {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A router that counts into `metrics`; `policy` names the drop reason.
-    pub fn with_metrics(metrics: Arc<Metrics>, policy: OverflowPolicy) -> Self {
-        let reason = match policy {
-            OverflowPolicy::DropOldest => DropReason::BacklogOldest,
-            OverflowPolicy::DropNewest => DropReason::BacklogNewest,
-            OverflowPolicy::Disconnect => DropReason::SlowConsumer,
-        };
+    /// A router that counts into `counters`.
+    pub fn new(counters: Arc<Counters>) -> Self {
         RouterCore {
-            metrics: Some(RouterMetrics {
-                dropped: metrics.dropped(reason),
-                slow_consumer: metrics.dropped(DropReason::SlowConsumer),
-                topics: FastMap::default(),
-                shared: metrics,
-            }),
-            ..Self::default()
+            index: PatternIndex::default(),
+            clients: FastMap::default(),
+            cache: FastMap::default(),
+            scratch: Vec::new(),
+            arena: bytes::BytesMut::new(),
+            counters,
+            topics: FastMap::default(),
         }
     }
 
@@ -167,7 +151,7 @@ impl RouterCore {
             return deliver(
                 route,
                 &mut self.arena,
-                self.metrics.as_ref(),
+                &self.counters,
                 topic,
                 payload,
                 read_at,
@@ -178,7 +162,7 @@ impl RouterCore {
         deliver(
             route,
             &mut self.arena,
-            self.metrics.as_ref(),
+            &self.counters,
             topic,
             payload,
             read_at,
@@ -200,35 +184,31 @@ impl RouterCore {
             .iter()
             .filter_map(|k| self.clients.get(k).map(|c| c.outbox.clone()))
             .collect();
-        let metrics = self.metrics.as_mut().map(|m| {
-            if let Some(tm) = m.topics.get(topic) {
-                return tm.clone();
-            }
-            // Folded topics share the _other handles; remembering them
-            // would let ever-new topic names grow this map without bound.
-            match m.shared.topic(topic.as_str()) {
-                Some(tm) => {
-                    m.topics.insert(topic.detached(), tm.clone());
-                    tm
+        let counters = match self.topics.get(topic) {
+            Some(c) => c.clone(),
+            None => match self.counters.topic(topic.as_str()) {
+                Some(c) => {
+                    self.topics.insert(topic.detached(), c.clone());
+                    c
                 }
-                None => m.shared.other_topic(),
-            }
-        });
+                None => self.counters.other_topic(),
+            },
+        };
         if self.cache.len() >= MATCH_CACHE_MAX {
             self.cache.clear();
         }
         let route = Route {
             subscribers,
-            metrics,
+            counters,
         };
         self.cache.insert(topic.detached(), route);
     }
 
     fn interest_changed(&mut self) {
         self.cache.clear();
-        if let Some(m) = &self.metrics {
-            m.shared.subscriptions.set(self.index.len() as i64);
-        }
+        self.counters
+            .subscriptions
+            .store(self.index.len() as u64, Relaxed);
     }
 
     fn subscribe(&mut self, key: ClientKey, p: Pattern) {
@@ -257,12 +237,15 @@ impl RouterCore {
 fn deliver(
     route: &Route,
     arena: &mut bytes::BytesMut,
-    metrics: Option<&RouterMetrics>,
+    counters: &Counters,
     topic: &Topic,
     payload: &Bytes,
     read_at: Instant,
 ) -> Delivery {
     let mut d = Delivery::default();
+    // Which policy dropped is told by the outcome, so the core needs no
+    // knowledge of the configured policy to count it.
+    let (mut oldest, mut newest) = (0, 0);
     if !route.subscribers.is_empty() {
         let line = encode::msg_into(arena, topic, payload);
         for outbox in route.subscribers.iter() {
@@ -274,31 +257,29 @@ fn deliver(
                 Push::Queued => d.delivered += 1,
                 Push::QueuedDropping(n) => {
                     d.delivered += 1;
-                    d.dropped += n;
+                    oldest += n;
                 }
-                Push::Dropped => d.dropped += 1,
+                Push::Dropped => newest += 1,
                 Push::Disconnected(n) => d.disconnected += n + 1,
                 Push::Closed => {}
             }
         }
     }
-    if let (Some(m), Some(tm)) = (metrics, &route.metrics) {
-        let len = payload.len() as u64;
-        tm.published.inc();
-        tm.published_bytes.inc_by(len);
-        if route.subscribers.is_empty() {
-            m.shared.unrouted.inc();
-        } else {
-            tm.delivered.inc_by(d.delivered as u64);
-            tm.delivered_bytes.inc_by(d.delivered as u64 * len);
-        }
-        if d.dropped > 0 {
-            m.dropped.inc_by(d.dropped as u64);
-        }
-        if d.disconnected > 0 {
-            m.slow_consumer.inc_by(d.disconnected as u64);
-        }
+    d.dropped = oldest + newest;
+    let len = payload.len() as u64;
+    let tc = &route.counters;
+    tc.published.fetch_add(1, Relaxed);
+    tc.published_bytes.fetch_add(len, Relaxed);
+    if route.subscribers.is_empty() {
+        counters.unrouted.fetch_add(1, Relaxed);
+    } else {
+        tc.delivered.fetch_add(d.delivered as u64, Relaxed);
+        tc.delivered_bytes
+            .fetch_add(d.delivered as u64 * len, Relaxed);
     }
+    counters.dropped(DropReason::BacklogOldest, oldest as u64);
+    counters.dropped(DropReason::BacklogNewest, newest as u64);
+    counters.dropped(DropReason::SlowConsumer, d.disconnected as u64);
     d
 }
 
@@ -340,7 +321,7 @@ mod tests {
 
     #[test]
     fn overlapping_patterns_deliver_once() {
-        let mut core = RouterCore::new();
+        let mut core = RouterCore::new(Counters::new(100));
         let a = client(&mut core, 1, &["chat.>", "chat.*", "chat.room"]);
         core.now(2, cmd("PUB chat.room hi"));
         client(&mut core, 2, &[]);
@@ -351,7 +332,7 @@ mod tests {
 
     #[test]
     fn publisher_receives_its_own_messages_then_pong() {
-        let mut core = RouterCore::new();
+        let mut core = RouterCore::new(Counters::new(100));
         let a = client(&mut core, 1, &[]);
         core.now(1, cmd("SUB t"));
         core.now(1, cmd("PUB t 1"));
@@ -368,7 +349,7 @@ mod tests {
 
     #[test]
     fn cache_follows_interest_changes() {
-        let mut core = RouterCore::new();
+        let mut core = RouterCore::new(Counters::new(100));
         let a = client(&mut core, 1, &["t"]);
         let b = client(&mut core, 2, &[]);
         core.now(1, cmd("PUB t 1"));
@@ -385,7 +366,7 @@ mod tests {
 
     #[test]
     fn bye_unsubscribes_and_closes_with_bye_last() {
-        let mut core = RouterCore::new();
+        let mut core = RouterCore::new(Counters::new(100));
         let a = client(&mut core, 1, &["t"]);
         core.now(1, cmd("PUB t 1"));
         core.now(1, cmd("BYE"));

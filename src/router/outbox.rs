@@ -26,7 +26,7 @@ use crate::protocol::encode;
 const PIN_LINES: usize = 64;
 
 /// What happens when a client's backlog is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OverflowPolicy {
     /// Discard the oldest queued lines to make room (the client sees the newest).
     #[default]
@@ -35,6 +35,40 @@ pub enum OverflowPolicy {
     DropNewest,
     /// End the client: its directory is removed and its reader sees EOF.
     Disconnect,
+}
+
+impl OverflowPolicy {
+    pub const ALL: [OverflowPolicy; 3] = [
+        OverflowPolicy::DropOldest,
+        OverflowPolicy::DropNewest,
+        OverflowPolicy::Disconnect,
+    ];
+
+    /// The name used on the command line (`--overflow`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverflowPolicy::DropOldest => "drop-oldest",
+            OverflowPolicy::DropNewest => "drop-newest",
+            OverflowPolicy::Disconnect => "disconnect",
+        }
+    }
+}
+
+impl std::str::FromStr for OverflowPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("'{s}' is not drop-oldest, drop-newest or disconnect"))
+    }
+}
+
+impl std::fmt::Display for OverflowPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::core::{ClientKey, RouterCore};
-use super::outbox::{Outbox, OverflowPolicy};
-use crate::metrics::Metrics;
+use super::outbox::Outbox;
+use crate::counters::Counters;
 use crate::protocol::{Command, ProtocolError};
 use crate::topic::Pattern;
 
@@ -55,13 +55,9 @@ pub struct RouterHandle {
 
 impl RouterHandle {
     /// Starts the router task and returns a handle to it.
-    pub fn spawn(metrics: Option<Arc<Metrics>>, policy: OverflowPolicy) -> RouterHandle {
+    pub fn spawn(counters: Arc<Counters>) -> RouterHandle {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        let core = match metrics {
-            Some(m) => RouterCore::with_metrics(m, policy),
-            None => RouterCore::new(),
-        };
-        tokio::spawn(run(rx, core));
+        tokio::spawn(run(rx, RouterCore::new(counters)));
         RouterHandle { tx }
     }
 

@@ -1,0 +1,34 @@
+//! [`Context`]: what every task of a running broker shares.
+//!
+//! It lives in a module of its own so that the wiring ([`crate::broker`])
+//! sits on top: the rendezvous and the sessions take a `Context`, and
+//! nothing below imports the module that builds it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::BrokerConfig;
+use crate::counters::Counters;
+use crate::registry::Registry;
+use crate::router::RouterHandle;
+use crate::throttle::LogThrottle;
+use crate::watch::FsWatcher;
+
+pub struct Context {
+    pub config: BrokerConfig,
+    pub router: RouterHandle,
+    /// The live clients and the connection limit.
+    pub clients: Arc<Registry>,
+    pub watcher: Arc<FsWatcher>,
+    pub counters: Arc<Counters>,
+    /// Cancelled once, when the broker starts to stop.
+    pub cancel: CancellationToken,
+    /// Every session and handshake task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// `<bus>/clients`, where client directories are made.
+    pub clients_dir: PathBuf,
+    pub throttle: LogThrottle,
+}

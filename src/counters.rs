@@ -1,0 +1,348 @@
+//! The broker's plain counters: what happened, counted where it happens.
+//!
+//! The router, the sessions and the rendezvous count into atomics here and
+//! know nothing of Prometheus; [`crate::metrics`] reads these at scrape time
+//! (rumqttd's meters, nats-server's `Varz`). So counting never depends on
+//! whether metrics are served, the pure core stays pure, and a count is one
+//! relaxed atomic add.
+//!
+//! Cardinality is bounded here, where the names come from: the first
+//! `topic_limit` topics get counters of their own, the rest share the
+//! `_other` ones, and [`Counters::folded_topics`] says how often that
+//! happened.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::protocol::ErrorCode;
+
+/// The label of the series that sums everything over a cardinality cap.
+pub const OTHER: &str = "_other";
+
+/// Why messages were discarded; the `reason` label of
+/// `fifobus_messages_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Backlog full, oldest discarded (`--overflow drop-oldest`).
+    BacklogOldest,
+    /// Backlog full, newest discarded (`--overflow drop-newest`).
+    BacklogNewest,
+    /// Backlog full, client ended with its backlog (`--overflow disconnect`).
+    SlowConsumer,
+    /// Queued for a client that went away (pid exited, directory removed).
+    ClientGone,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::BacklogOldest,
+        DropReason::BacklogNewest,
+        DropReason::SlowConsumer,
+        DropReason::ClientGone,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::BacklogOldest => "backlog-drop-oldest",
+            DropReason::BacklogNewest => "backlog-drop-newest",
+            DropReason::SlowConsumer => "slow-consumer",
+            DropReason::ClientGone => "client-gone",
+        }
+    }
+}
+
+/// Why a handshake did not end in `WELCOME`: a protocol error code sent to
+/// the client, or a reply FIFO that could not be used at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Answered with `ERR <code>`, or unanswerable for that reason.
+    Code(ErrorCode),
+    /// Nobody opened the reply FIFO in time.
+    ReplyTimeout,
+}
+
+impl Rejection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Code(c) => c.as_str(),
+            Rejection::ReplyTimeout => "reply-timeout",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Rejection::Code(c) => c.index(),
+            Rejection::ReplyTimeout => ErrorCode::ALL.len(),
+        }
+    }
+
+    /// Every rejection, in a fixed order, for export.
+    pub fn all() -> impl Iterator<Item = Rejection> {
+        ErrorCode::ALL
+            .into_iter()
+            .map(Rejection::Code)
+            .chain([Rejection::ReplyTimeout])
+    }
+}
+
+/// Counts for one topic (or for `_other`). The router resolves a topic's
+/// counters once and keeps them beside its route.
+#[derive(Debug, Default)]
+pub struct TopicCounters {
+    pub published: AtomicU64,
+    pub published_bytes: AtomicU64,
+    pub delivered: AtomicU64,
+    pub delivered_bytes: AtomicU64,
+}
+
+/// Upper bounds of the delivery-latency buckets, in seconds: 5 µs to about
+/// 1.9 s in steps of 2.5×, as the dashboard expects.
+pub const LATENCY_BUCKETS: [f64; 14] = {
+    let mut b = [5e-6; 14];
+    let mut i = 1;
+    while i < b.len() {
+        b[i] = b[i - 1] * 2.5;
+        i += 1;
+    }
+    b
+};
+
+/// A fixed-bucket histogram of delivery latency. Writers observe into a
+/// [`LocalLatency`] and flush once per batch, so the shared atomics are
+/// touched once per `writev`, not once per line.
+#[derive(Debug, Default)]
+pub struct Latency {
+    /// Per-bucket (not cumulative) counts; the last slot is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+/// A snapshot of [`Latency`]: cumulative counts per bucket, count and sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencySnapshot {
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+impl Latency {
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let mut total = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .take(LATENCY_BUCKETS.len())
+            .map(|b| {
+                total += b.load(Relaxed);
+                total
+            })
+            .collect();
+        total += self.buckets[LATENCY_BUCKETS.len()].load(Relaxed);
+        LatencySnapshot {
+            cumulative,
+            count: total,
+            sum_seconds: self.sum_nanos.load(Relaxed) as f64 * 1e-9,
+        }
+    }
+}
+
+/// A writer's private share of [`Latency`]; see [`LocalLatency::flush`].
+#[derive(Debug)]
+pub struct LocalLatency {
+    shared: Arc<Counters>,
+    buckets: [u64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: u64,
+    dirty: bool,
+}
+
+impl LocalLatency {
+    pub fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i] += 1;
+        self.sum_nanos = self
+            .sum_nanos
+            .saturating_add(d.as_nanos().min(u64::MAX as u128) as u64);
+        self.dirty = true;
+    }
+
+    /// Adds what was observed since the last flush to the shared histogram.
+    pub fn flush(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
+        let shared = &self.shared.latency;
+        for (local, total) in self.buckets.iter_mut().zip(&shared.buckets) {
+            if *local > 0 {
+                total.fetch_add(std::mem::take(local), Relaxed);
+            }
+        }
+        shared
+            .sum_nanos
+            .fetch_add(std::mem::take(&mut self.sum_nanos), Relaxed);
+    }
+}
+
+impl Drop for LocalLatency {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Topics that have counters of their own.
+type TopicTable = std::collections::HashMap<String, Arc<TopicCounters>>;
+
+/// Everything the broker counts. One per broker, shared by `Arc`.
+#[derive(Debug)]
+pub struct Counters {
+    topic_limit: usize,
+    topics: Mutex<TopicTable>,
+    other_topic: Arc<TopicCounters>,
+    pub unrouted: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    /// Subscriptions (pattern, client pairs) in force; set by the router.
+    pub subscriptions: AtomicU64,
+    pub handshakes_accepted: AtomicU64,
+    rejected: [AtomicU64; ErrorCode::ALL.len() + 1],
+    protocol_errors: [AtomicU64; ErrorCode::ALL.len()],
+    pub folded_topics: AtomicU64,
+    pub folded_clients: AtomicU64,
+    pub latency: Latency,
+}
+
+impl Counters {
+    /// Counters whose first `topic_limit` topics get series of their own.
+    pub fn new(topic_limit: usize) -> Arc<Counters> {
+        Arc::new(Counters {
+            topic_limit,
+            topics: Mutex::default(),
+            other_topic: Arc::default(),
+            unrouted: AtomicU64::new(0),
+            dropped: Default::default(),
+            subscriptions: AtomicU64::new(0),
+            handshakes_accepted: AtomicU64::new(0),
+            rejected: Default::default(),
+            protocol_errors: Default::default(),
+            folded_topics: AtomicU64::new(0),
+            folded_clients: AtomicU64::new(0),
+            latency: Latency::default(),
+        })
+    }
+
+    /// A topic's own counters while fewer than the limit exist, else `None`
+    /// (counted as a fold): the caller counts it under [`Counters::other_topic`]
+    /// and should not remember it, or ever-new names would grow its memory.
+    /// Callers keep the result; this takes a lock.
+    pub fn topic(&self, name: &str) -> Option<Arc<TopicCounters>> {
+        let mut t = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = t.get(name) {
+            return Some(c.clone());
+        }
+        if t.len() >= self.topic_limit {
+            drop(t);
+            self.folded_topics.fetch_add(1, Relaxed);
+            return None;
+        }
+        let c = Arc::new(TopicCounters::default());
+        t.insert(name.to_owned(), c.clone());
+        Some(c)
+    }
+
+    /// The counters shared by every topic over the limit.
+    pub fn other_topic(&self) -> Arc<TopicCounters> {
+        self.other_topic.clone()
+    }
+
+    /// Calls `f` with every topic's label and counters, `_other` last.
+    pub fn for_each_topic(&self, mut f: impl FnMut(&str, &TopicCounters)) {
+        let t = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, c) in t.iter() {
+            f(name, c);
+        }
+        drop(t);
+        f(OTHER, &self.other_topic);
+    }
+
+    /// Topics with counters of their own (at most the limit).
+    pub fn topic_count(&self) -> usize {
+        self.topics.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        if n > 0 {
+            self.dropped[reason as usize].fetch_add(n, Relaxed);
+        }
+    }
+
+    pub fn dropped_total(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize].load(Relaxed)
+    }
+
+    pub fn handshake_rejected(&self, why: Rejection) {
+        self.rejected[why.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn handshakes_rejected(&self, why: Rejection) -> u64 {
+        self.rejected[why.index()].load(Relaxed)
+    }
+
+    pub fn protocol_error(&self, code: ErrorCode) {
+        self.protocol_errors[code.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn protocol_errors(&self, code: ErrorCode) -> u64 {
+        self.protocol_errors[code.index()].load(Relaxed)
+    }
+
+    /// A writer's local latency recorder, flushed into these counters.
+    pub fn local_latency(self: &Arc<Self>) -> LocalLatency {
+        LocalLatency {
+            shared: self.clone(),
+            buckets: [0; LATENCY_BUCKETS.len() + 1],
+            sum_nanos: 0,
+            dirty: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_over_the_limit_share_other_and_count_the_fold() {
+        let c = Counters::new(2);
+        let a = c.topic("a").unwrap();
+        assert!(Arc::ptr_eq(&a, &c.topic("a").unwrap()), "one per topic");
+        c.topic("b").unwrap();
+        assert!(c.topic("c").is_none());
+        assert!(c.topic("d").is_none());
+        assert_eq!(c.topic_count(), 2);
+        assert_eq!(c.folded_topics.load(Relaxed), 2);
+        let mut seen = Vec::new();
+        c.for_each_topic(|n, _| seen.push(n.to_owned()));
+        seen[..2].sort();
+        assert_eq!(seen, ["a", "b", OTHER]);
+    }
+
+    #[test]
+    fn latency_is_bucketed_cumulatively_once_flushed() {
+        let c = Counters::new(1);
+        let mut l = c.local_latency();
+        l.observe(Duration::from_micros(1));
+        l.observe(Duration::from_micros(10));
+        l.observe(Duration::from_secs(100));
+        assert_eq!(c.latency.snapshot().count, 0, "nothing before a flush");
+        l.flush();
+        let s = c.latency.snapshot();
+        assert_eq!(s.count, 3);
+        assert_eq!(s.cumulative[0], 1, "1 µs <= 5 µs");
+        assert_eq!(s.cumulative[1], 2, "10 µs <= 12.5 µs");
+        assert_eq!(*s.cumulative.last().unwrap(), 2, "100 s is only in +Inf");
+        assert!((s.sum_seconds - 100.000011).abs() < 1e-6);
+    }
+}

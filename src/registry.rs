@@ -1,0 +1,209 @@
+//! The live clients: one table, filled and emptied by [`crate::session`]
+//! alone, read by the watcher (which client does this inotify watch
+//! belong to?), the metrics (backlog per client, at scrape time) and the
+//! broker (how many are connected?).
+//!
+//! The connection limit is a semaphore: [`Registry::admit`] hands out a
+//! permit that the session owns, so a client's place is given back when its
+//! session is dropped, however it ends (mini-redis's `Listener`).
+//!
+//! Off the message path: the router keeps its own map of outboxes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use nix::sys::inotify::WatchDescriptor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::counters::{Counters, OTHER};
+use crate::router::{ClientKey, Outbox};
+
+/// What the rest of the broker may know about a live client.
+#[derive(Debug)]
+pub struct ClientEntry {
+    pub key: ClientKey,
+    /// The client's `name=`, else its uuid: what logs call it.
+    pub label: String,
+    /// The label of its metric series: `label`, or `_other` once
+    /// `--metrics-client-limit` labels are in use.
+    pub series: String,
+    pub dir: PathBuf,
+    pub outbox: Arc<Outbox>,
+    /// The inotify watch on `dir`, if one could be added.
+    pub watch: Option<WatchDescriptor>,
+}
+
+pub struct Registry {
+    clients: DashMap<ClientKey, Arc<ClientEntry>>,
+    by_watch: DashMap<WatchDescriptor, ClientKey>,
+    slots: Arc<Semaphore>,
+    max: usize,
+    /// Series labels in use, and how many live clients share each.
+    series: Mutex<HashMap<String, usize>>,
+    series_limit: usize,
+    counters: Arc<Counters>,
+    next_key: AtomicU64,
+}
+
+impl Registry {
+    /// A table for at most `max` clients, of which the first
+    /// `series_limit` distinct labels get metric series of their own.
+    pub fn new(max: usize, series_limit: usize, counters: Arc<Counters>) -> Arc<Registry> {
+        Arc::new(Registry {
+            clients: DashMap::new(),
+            by_watch: DashMap::new(),
+            slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            max,
+            series: Mutex::default(),
+            series_limit,
+            counters,
+            next_key: AtomicU64::new(1),
+        })
+    }
+
+    /// A place for one more client, or `None` when `max` are connected.
+    /// The place is given back when the permit is dropped.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    pub fn next_key(&self) -> ClientKey {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a live client. `label` becomes its series label unless the
+    /// limit of distinct labels is reached: then it is counted under `_other`.
+    pub fn insert(
+        &self,
+        key: ClientKey,
+        label: String,
+        dir: PathBuf,
+        outbox: Arc<Outbox>,
+        watch: Option<WatchDescriptor>,
+    ) -> Arc<ClientEntry> {
+        let series = self.take_series(&label);
+        let entry = Arc::new(ClientEntry {
+            key,
+            label,
+            series,
+            dir,
+            outbox,
+            watch,
+        });
+        if let Some(wd) = watch {
+            self.by_watch.insert(wd, key);
+        }
+        self.clients.insert(key, entry.clone());
+        entry
+    }
+
+    /// Forgets a client. Returns its watch descriptor if it is still this
+    /// client's (the kernel reuses descriptors once a watch is gone), so the
+    /// caller removes the right inotify watch.
+    pub fn remove(&self, key: ClientKey) -> Option<WatchDescriptor> {
+        let (_, entry) = self.clients.remove(&key)?;
+        self.give_back_series(&entry);
+        let wd = entry.watch?;
+        self.by_watch
+            .remove_if(&wd, |_, k| *k == key)
+            .map(|(wd, _)| wd)
+    }
+
+    /// The client watched through `wd`, if any.
+    pub fn by_watch(&self, wd: WatchDescriptor) -> Option<Arc<ClientEntry>> {
+        let key = *self.by_watch.get(&wd)?;
+        self.clients.get(&key).map(|e| e.clone())
+    }
+
+    /// The kernel dropped the watch `wd` (its directory is gone).
+    pub fn forget_watch(&self, wd: WatchDescriptor) {
+        self.by_watch.remove(&wd);
+    }
+
+    /// Calls `f` on every live client. Holds shard locks while it runs: keep
+    /// `f` short and do not call back into the registry.
+    pub fn for_each(&self, mut f: impl FnMut(&ClientEntry)) {
+        for e in self.clients.iter() {
+            f(e.value());
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    fn labels(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_series(&self, label: &str) -> String {
+        let mut labels = self.labels();
+        if labels.contains_key(label) || labels.len() < self.series_limit {
+            *labels.entry(label.to_owned()).or_default() += 1;
+            label.to_owned()
+        } else {
+            self.counters.folded_clients.fetch_add(1, Ordering::Relaxed);
+            OTHER.to_owned()
+        }
+    }
+
+    fn give_back_series(&self, entry: &ClientEntry) {
+        // A folded client never took a slot (a client may also be *named*
+        // _other, and then it did).
+        if entry.series == OTHER && entry.label != OTHER {
+            return;
+        }
+        let mut labels = self.labels();
+        if let Some(n) = labels.get_mut(&entry.series) {
+            *n -= 1;
+            if *n == 0 {
+                labels.remove(&entry.series);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::BacklogLimits;
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(BacklogLimits::default()))
+    }
+
+    #[test]
+    fn permits_bound_the_clients_and_come_back_on_drop() {
+        let r = Registry::new(2, 10, Counters::new(1));
+        let a = r.admit().expect("first");
+        let _b = r.admit().expect("second");
+        assert!(r.admit().is_none(), "the third waits for a place");
+        drop(a);
+        assert!(r.admit().is_some(), "a dropped permit is a free place");
+    }
+
+    #[test]
+    fn a_client_named_other_keeps_its_slot_when_a_folded_client_leaves() {
+        let c = Counters::new(1);
+        let r = Registry::new(10, 1, c.clone());
+        let dir = PathBuf::from("/nonexistent");
+        r.insert(1, OTHER.into(), dir.clone(), outbox(), None);
+        let bob = r.insert(2, "bob".into(), dir.clone(), outbox(), None);
+        assert_eq!(bob.series, OTHER, "folded: the one slot is taken");
+        r.remove(2);
+        let carol = r.insert(3, "carol".into(), dir, outbox(), None);
+        assert_eq!(carol.series, OTHER, "still folded: _other holds the slot");
+        assert_eq!(c.folded_clients.load(Ordering::Relaxed), 2);
+    }
+}
