@@ -176,9 +176,12 @@ pub fn temp_root() -> tempfile::TempDir {
 
 /// Waits for a child to exit (pidfd + poll), then reaps it.
 pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    // SAFETY: pidfd_open returns a fresh descriptor or -1.
+    // SAFETY: pidfd_open(2) takes two integers (pid_t, unsigned flags),
+    // touches no memory of ours, and returns a new descriptor or -1.
     let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
     if rc >= 0 {
+        // SAFETY: rc >= 0 is the descriptor pidfd_open just created, owned by
+        // nothing else, so this OwnedFd becomes its only owner.
         let fd = unsafe { OwnedFd::from_raw_fd(rc as i32) };
         let deadline = Instant::now() + timeout;
         loop {
