@@ -312,10 +312,6 @@ impl Metrics {
         }
     }
 
-    pub fn client_count(&self) -> usize {
-        self.clients.clients.len()
-    }
-
     /// The text exposition format, for `/metrics`.
     pub fn encode(&self) -> String {
         use prometheus::Encoder;
