@@ -9,13 +9,12 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{open, Flock, FlockArg, OFlag};
-use nix::sys::stat::Mode;
+use nix::fcntl::{Flock, FlockArg};
 
 use tokio::net::unix::pipe;
 
@@ -102,14 +101,14 @@ impl BusDir {
     /// [`BusDirError`], each variant saying what to do.
     pub fn open(path: &Path, mode: u32) -> Result<(BusDir, StaleCleanup), BusDirError> {
         let created = Self::create_or_check(path, mode)?;
-        let fd = open(
-            path,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        )
-        .map_err(|e| io_err("open", path)(e.into()))?;
-        // SAFETY: `open` returned a fresh descriptor that we now own.
-        let dir_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // `O_RDONLY | O_DIRECTORY | O_NOFOLLOW` (std adds `O_CLOEXEC`).
+        let dir_fd = OwnedFd::from(
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(io_err("open", path))?,
+        );
         let lock = match Flock::lock(dir_fd, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
             Err((_, Errno::EWOULDBLOCK)) => {

@@ -9,13 +9,14 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::Mode;
 
@@ -205,10 +206,15 @@ fn wait_fd(
     }
 }
 
-fn open_fd(path: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
-    let fd = open(path, flags | OFlag::O_CLOEXEC, Mode::empty())?;
-    // SAFETY: `open` returned a fresh descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// Opens `path` with `O_NONBLOCK` and either `O_WRONLY` or `O_RDONLY` (std
+/// adds `O_CLOEXEC`).
+fn open_nonblocking(path: &Path, write: bool) -> io::Result<OwnedFd> {
+    std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map(OwnedFd::from)
 }
 
 fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
@@ -238,22 +244,24 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let deadline = Instant::now() + timeout;
         let shown = bus_dir.display().to_string();
-        let hello = match open_fd(&bus_dir.join("hello"), OFlag::O_WRONLY | OFlag::O_NONBLOCK) {
+        let hello = match open_nonblocking(&bus_dir.join("hello"), true) {
             Ok(fd) => fd,
-            Err(Errno::ENOENT | Errno::ENOTDIR) => {
-                return Err(ClientError::NoBroker(shown, "no hello FIFO there"))
+            Err(e) => {
+                return Err(match e.raw_os_error() {
+                    Some(libc::ENOENT | libc::ENOTDIR) => {
+                        ClientError::NoBroker(shown, "no hello FIFO there")
+                    }
+                    Some(libc::ENXIO) => ClientError::NoBroker(shown, "hello has no reader"),
+                    _ => e.into(),
+                })
             }
-            Err(Errno::ENXIO) => return Err(ClientError::NoBroker(shown, "hello has no reader")),
-            Err(e) => return Err(io::Error::from(e).into()),
         };
         let reply_dir = reply_dir()?;
         let reply_path = reply_dir.path().join("reply");
         nix::unistd::mkfifo(&reply_path, Mode::from_bits_truncate(0o600))
             .map_err(io::Error::from)?;
         // Open our end first, so the broker's open for writing succeeds at once.
-        let mut reply = LineReader::new(
-            open_fd(&reply_path, OFlag::O_RDONLY | OFlag::O_NONBLOCK).map_err(io::Error::from)?,
-        );
+        let mut reply = LineReader::new(open_nonblocking(&reply_path, false)?);
         let line = Hello {
             reply: reply_path,
             name: opts.name.clone(),
@@ -300,11 +308,9 @@ impl Client {
             }
         };
         // The broker holds both FIFOs open, so neither open can block.
-        let send = open_fd(&dir.join("send"), OFlag::O_WRONLY | OFlag::O_NONBLOCK)
-            .map_err(io::Error::from)?;
+        let send = open_nonblocking(&dir.join("send"), true)?;
         set_blocking(&send)?;
-        let recv = open_fd(&dir.join("recv"), OFlag::O_RDONLY | OFlag::O_NONBLOCK)
-            .map_err(io::Error::from)?;
+        let recv = open_nonblocking(&dir.join("recv"), false)?;
         Ok(Client {
             id,
             dir,

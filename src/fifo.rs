@@ -14,15 +14,14 @@
 //!   opened for writing, and swapping the path between check and open does
 //!   not help an attacker.
 
-use std::ffi::CString;
+use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::fcntl::{open, OFlag};
 use nix::sys::stat::{fstat, Mode, SFlag};
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
@@ -41,14 +40,15 @@ pub fn is_fifo(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_fifo())
 }
 
+/// `O_RDWR | O_NONBLOCK | O_NOFOLLOW` (std adds `O_CLOEXEC`).
 fn open_own(path: &Path) -> io::Result<OwnedFd> {
-    let fd = open(
-        path,
-        OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-        Mode::empty(),
-    )?;
-    // SAFETY: `open` just returned this descriptor and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = OwnedFd::from(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(path)?,
+    );
     if !fd_is_fifo(fd.as_raw_fd())? {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -99,14 +99,18 @@ pub enum ReplyError {
 /// [`ReplyError`] saying which check failed.
 pub async fn open_reply(path: &Path, timeout: Duration) -> Result<pipe::Sender, ReplyError> {
     let shown = || path.display().to_string();
-    let handle = match open(
-        path,
-        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) {
-        Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
-        Err(Errno::ENOENT) => return Err(ReplyError::Missing(shown())),
-        Err(e) => return Err(ReplyError::Io(shown(), e.into())),
+    // `O_PATH | O_NOFOLLOW` (std adds `O_CLOEXEC`). std insists on an access
+    // mode; `read(true)` is `O_RDONLY`, which is 0 and which `O_PATH` ignores.
+    let handle = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(file) => OwnedFd::from(file),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            return Err(ReplyError::Missing(shown()))
+        }
+        Err(e) => return Err(ReplyError::Io(shown(), e)),
     };
     let st = fstat(handle.as_raw_fd()).map_err(|e| ReplyError::Io(shown(), e.into()))?;
     let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
@@ -116,27 +120,29 @@ pub async fn open_reply(path: &Path, timeout: Duration) -> Result<pipe::Sender, 
     if kind != SFlag::S_IFIFO {
         return Err(ReplyError::NotFifo(shown()));
     }
-    let via = CString::new(format!("/proc/self/fd/{}", handle.as_raw_fd()).as_bytes())
-        .expect("no NUL in a formatted path");
+    let via = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_millis(1);
     loop {
-        match open(
-            std::ffi::OsStr::from_bytes(via.as_bytes()),
-            OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => {
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                return pipe::Sender::from_owned_fd_unchecked(fd)
+        // `O_WRONLY | O_NONBLOCK` (std adds `O_CLOEXEC`); no `O_NOFOLLOW`:
+        // the `/proc/self/fd` entry is a magic link to the checked FIFO.
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&via)
+        {
+            Ok(file) => {
+                return pipe::Sender::from_owned_fd_unchecked(OwnedFd::from(file))
                     .map_err(|e| ReplyError::Io(shown(), e));
             }
-            Err(Errno::ENXIO) if Instant::now() + backoff < deadline => {
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                if Instant::now() + backoff >= deadline {
+                    return Err(ReplyError::NoReader(shown(), timeout));
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(50));
             }
-            Err(Errno::ENXIO) => return Err(ReplyError::NoReader(shown(), timeout)),
-            Err(e) => return Err(ReplyError::Io(shown(), e.into())),
+            Err(e) => return Err(ReplyError::Io(shown(), e)),
         }
     }
 }

@@ -33,12 +33,14 @@ impl PidWatch {
     /// # Errors
     /// `NotFound` when no such process exists; `EMFILE` when out of descriptors.
     pub fn open(pid: i32) -> io::Result<PidWatch> {
-        // SAFETY: pidfd_open takes (pid_t, unsigned flags) and returns a new fd or -1.
+        // SAFETY: pidfd_open(2) takes two integers (pid_t, unsigned flags),
+        // reads and writes no memory of ours, and returns a new fd or -1.
         let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: the syscall returned a fresh descriptor that we now own.
+        // SAFETY: rc >= 0 is a descriptor pidfd_open just created; nothing
+        // else in the process holds it, so this OwnedFd is its only owner.
         let fd = unsafe { OwnedFd::from_raw_fd(rc as RawFd) };
         Ok(PidWatch { fd: register(fd)? })
     }

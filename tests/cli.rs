@@ -390,7 +390,7 @@ fn sub_fails_when_the_broker_stops() {
     let mut bus = TempBus::start();
     let sub = Proc::start(fifobus(&bus.dir, &["sub", "t"]), None);
     wait_joined(&bus, "fifobus-sub");
-    let (broker, _) = bus.stop(Signal::SIGTERM);
+    let broker = bus.stop(Signal::SIGTERM);
     assert!(broker.success(), "{broker:?}");
     let (status, out, err) = sub.finish();
     assert!(!status.success(), "{status:?}");

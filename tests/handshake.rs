@@ -4,15 +4,14 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Instant;
 
 use common::*;
 use fifobus::client::{Client, ClientError, ConnectOptions};
 use fifobus::protocol::ErrorCode;
-use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 
 fn write_hello(bus: &TempBus, line: &str) {
@@ -26,13 +25,12 @@ fn write_hello(bus: &TempBus, line: &str) {
 /// Opens a FIFO for reading without blocking and returns a line reader on it.
 fn reply_reader(path: &Path) -> OwnedFd {
     nix::unistd::mkfifo(path, Mode::from_bits_truncate(0o600)).unwrap();
-    let fd = open(
-        path,
-        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .unwrap();
-    unsafe { OwnedFd::from_raw_fd(fd) }
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .unwrap()
+        .into()
 }
 
 fn read_reply_lines(fd: &OwnedFd, n: usize) -> Vec<String> {

@@ -151,9 +151,10 @@ fn sigterm_stops_promptly_with_blocked_clients_and_cleans_up() {
         })
         .unwrap();
     barrier(&mut idle);
-    let (status, took) = bus.stop(Signal::SIGTERM);
+    // That shutdown meets its deadline is tested in-process under tokio's
+    // paused time, not here against the wall clock.
+    let status = bus.stop(Signal::SIGTERM);
     assert!(status.success(), "{status:?}");
-    assert!(took < Duration::from_secs(2), "took {took:?}");
     assert!(!bus.dir.exists(), "bus directory removed");
     // Clients see the end: BYE then EOF, the writer gets EPIPE, the reader EOF.
     assert!(read_until(&mut idle, "BYE").is_empty());
@@ -166,7 +167,7 @@ fn sigterm_stops_promptly_with_blocked_clients_and_cleans_up() {
 fn sigint_works_like_sigterm() {
     let mut bus = TempBus::start();
     let _c = bus.connect("c", &[]);
-    let (status, _) = bus.stop(Signal::SIGINT);
+    let status = bus.stop(Signal::SIGINT);
     assert!(status.success());
     assert!(!bus.dir.exists());
 }
@@ -201,7 +202,7 @@ fn broker_killed_with_sigkill_leaves_nothing_that_stops_the_next() {
     let c = bus.connect("orphan", &["t"]);
     let stale = c.dir().to_owned();
     drop(c);
-    let (status, _) = bus.stop(Signal::SIGKILL);
+    let status = bus.stop(Signal::SIGKILL);
     assert!(!status.success());
     assert!(
         stale.exists() && bus.dir.join("hello").exists(),
@@ -279,9 +280,10 @@ fn sigterm_is_prompt_even_while_clients_flood_bad_lines() {
     }
     // The flood is under way once the broker has refused some of it.
     assert!(bus.wait_log("refused a line"));
-    let (status, took) = bus.stop(Signal::SIGTERM);
+    // That shutdown meets its deadline is tested in-process under tokio's
+    // paused time, not here against the wall clock.
+    let status = bus.stop(Signal::SIGTERM);
     assert!(status.success(), "{status:?}");
-    assert!(took < Duration::from_secs(2), "took {took:?} under a flood");
     for mut f in floods {
         assert!(wait_child(&mut f, T).is_some(), "flooder ended (EPIPE)");
     }

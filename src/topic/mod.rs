@@ -167,11 +167,6 @@ macro_rules! validated_name {
                 &self.0
             }
 
-            /// The shared buffer, for writing it out without copying.
-            pub fn as_bytes_shared(&self) -> &Bytes {
-                &self.0
-            }
-
             /// The dot-separated segments; never empty, each non-empty.
             pub fn segments(&self) -> impl Iterator<Item = &str> {
                 self.as_str().split('.')
