@@ -6,7 +6,6 @@
 //! means no broker), and every read and write goes through `poll(2)` with a
 //! timeout, so a missing or stuck broker is reported instead of hanging.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -21,7 +20,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::stat::Mode;
 
 use crate::protocol::hello::MAX_HELLO_LINE;
-use crate::protocol::{ErrorCode, Hello};
+use crate::protocol::{encode_ping, encode_pub, Command, EncodeError, ErrorCode, Hello, Reply};
 use crate::topic::{Pattern, Topic};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +35,9 @@ pub enum ClientError {
     Closed,
     #[error("unexpected reply from the broker: {0}")]
     Unexpected(String),
+    /// Refused before sending: the broker would not read it back as given.
+    #[error("cannot send this: {0}")]
+    Encode(#[from] EncodeError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -55,54 +57,6 @@ pub struct ConnectOptions {
     pub name: Option<String>,
     pub pid: Option<i32>,
     pub subs: Vec<Pattern>,
-}
-
-/// One line from `recv`, decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    Msg { topic: Vec<u8>, payload: Vec<u8> },
-    Pong(Option<Vec<u8>>),
-    Err { code: String, text: String },
-    Dropped(u64),
-    Bye,
-    Other(Vec<u8>),
-}
-
-impl Reply {
-    pub fn parse(line: &[u8]) -> Reply {
-        let (word, rest) = match memchr::memchr(b' ', line) {
-            Some(i) => (&line[..i], Some(&line[i + 1..])),
-            None => (line, None),
-        };
-        match (word, rest) {
-            (b"MSG", Some(rest)) => {
-                let (topic, payload) = match memchr::memchr(b' ', rest) {
-                    Some(i) => (&rest[..i], &rest[i + 1..]),
-                    None => (rest, &b""[..]),
-                };
-                Reply::Msg {
-                    topic: topic.to_vec(),
-                    payload: payload.to_vec(),
-                }
-            }
-            (b"PONG", token) => Reply::Pong(token.map(<[u8]>::to_vec)),
-            (b"BYE", None) => Reply::Bye,
-            (b"DROPPED", Some(n)) => match std::str::from_utf8(n).ok().and_then(|n| n.parse().ok())
-            {
-                Some(n) => Reply::Dropped(n),
-                None => Reply::Other(line.to_vec()),
-            },
-            (b"ERR", Some(rest)) => {
-                let rest = String::from_utf8_lossy(rest);
-                let (code, text) = rest.split_once(' ').unwrap_or((&rest, ""));
-                Reply::Err {
-                    code: code.to_owned(),
-                    text: text.to_owned(),
-                }
-            }
-            _ => Reply::Other(line.to_vec()),
-        }
-    }
 }
 
 /// Buffered line reading from a non-blocking descriptor, with deadlines.
@@ -294,12 +248,12 @@ impl Client {
             .map_err(|e| with_timeout(e, timeout))?
             .ok_or(ClientError::Closed)?;
         let (id, dir) = match Reply::parse(&answer) {
-            Reply::Err { code, text } => return Err(ClientError::Refused { code, text }),
-            Reply::Other(l) if l.starts_with(b"WELCOME ") => {
-                let mut parts = l[8..].splitn(2, |&b| b == b' ');
-                let id = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-                let dir = PathBuf::from(OsStr::from_bytes(parts.next().unwrap_or_default()));
-                (id, dir)
+            Reply::Welcome { id, dir } => (id.to_owned(), dir.to_owned()),
+            Reply::Err { code, text } => {
+                return Err(ClientError::Refused {
+                    code: code.to_owned(),
+                    text: text.to_owned(),
+                })
             }
             _ => {
                 return Err(ClientError::Unexpected(
@@ -336,18 +290,37 @@ impl Client {
         self.send.write_all(bytes)
     }
 
-    pub fn publish(&mut self, topic: &Topic, payload: &[u8]) -> io::Result<()> {
-        let mut line = Vec::with_capacity(topic.as_bytes().len() + payload.len() + 6);
-        line.extend_from_slice(b"PUB ");
-        line.extend_from_slice(topic.as_bytes());
-        line.push(b' ');
-        line.extend_from_slice(payload);
-        line.push(b'\n');
-        self.send_raw(&line)
+    /// Sends one command.
+    ///
+    /// # Errors
+    /// [`ClientError::Encode`] for a payload or token the broker could not
+    /// read back as given (nothing is sent); `Io` when the broker has gone.
+    pub fn send(&mut self, command: &Command) -> Result<(), ClientError> {
+        let mut line = Vec::new();
+        command.encode(&mut line)?;
+        Ok(self.send_raw(&line)?)
     }
 
-    pub fn subscribe(&mut self, pattern: &Pattern) -> io::Result<()> {
-        self.send_raw(format!("SUB {pattern}\n").as_bytes())
+    /// Sends `PUB`, without copying the payload into a [`Command`].
+    ///
+    /// # Errors
+    /// As [`Client::send`]: a payload holding a newline is refused.
+    pub fn publish(&mut self, topic: &Topic, payload: &[u8]) -> Result<(), ClientError> {
+        let mut line = Vec::new();
+        encode_pub(&mut line, topic, payload)?;
+        Ok(self.send_raw(&line)?)
+    }
+
+    /// # Errors
+    /// `Io` when the broker has gone.
+    pub fn subscribe(&mut self, pattern: &Pattern) -> Result<(), ClientError> {
+        self.send(&Command::Sub(pattern.clone()))
+    }
+
+    /// # Errors
+    /// `Io` when the broker has gone.
+    pub fn unsubscribe(&mut self, pattern: &Pattern) -> Result<(), ClientError> {
+        self.send(&Command::Unsub(pattern.clone()))
     }
 
     /// The next line from `recv`; `Ok(None)` at EOF (the broker closed it).
@@ -396,9 +369,13 @@ impl Client {
     /// matching `PONG`: when it returns, every earlier command took effect.
     ///
     /// # Errors
-    /// `Timeout`, or `Closed` if the broker closed the connection first.
+    /// `Timeout`, or `Closed` if the broker closed the connection first;
+    /// `Encode` for a token `PONG` could not echo (empty, starting with a
+    /// space, or holding a newline).
     pub fn ping(&mut self, token: &str, timeout: Duration) -> Result<Vec<Vec<u8>>, ClientError> {
-        self.send_raw(format!("PING {token}\n").as_bytes())?;
+        let mut line = Vec::new();
+        encode_ping(&mut line, Some(token.as_bytes()))?;
+        self.send_raw(&line)?;
         let deadline = Instant::now() + timeout;
         let mut before = Vec::new();
         loop {
@@ -407,7 +384,7 @@ impl Client {
                 .read_line(Some(deadline))
                 .map_err(|e| with_timeout(e, timeout))?
                 .ok_or(ClientError::Closed)?;
-            if Reply::parse(&line) == Reply::Pong(Some(token.as_bytes().to_vec())) {
+            if Reply::parse(&line) == Reply::Pong(Some(token.as_bytes())) {
                 return Ok(before);
             }
             before.push(line);
@@ -420,7 +397,7 @@ impl Client {
     /// # Errors
     /// `Timeout` if the broker does not answer.
     pub fn bye(mut self, timeout: Duration) -> Result<Vec<Vec<u8>>, ClientError> {
-        self.send_raw(b"BYE\n")?;
+        self.send(&Command::Bye)?;
         let deadline = Instant::now() + timeout;
         let mut before = Vec::new();
         while let Some(line) = self
@@ -428,7 +405,7 @@ impl Client {
             .read_line(Some(deadline))
             .map_err(|e| with_timeout(e, timeout))?
         {
-            if line == b"BYE" {
+            if Reply::parse(&line) == Reply::Bye {
                 break;
             }
             before.push(line);

@@ -11,7 +11,8 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::cli::{ConnectArgs, PubArgs, SubArgs};
-use crate::client::{Client, ClientError, ConnectOptions, Reply};
+use crate::client::{Client, ClientError, ConnectOptions};
+use crate::protocol::{encode_pub, EncodeError, Reply};
 use crate::topic::{Pattern, Topic};
 
 /// How long to wait for the broker's answer to a handshake or a barrier.
@@ -54,11 +55,16 @@ pub fn connect(dir: &Path, args: &ConnectArgs) -> Result<ExitCode, CommandError>
 pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
     let topic = Topic::parse(args.topic.as_bytes())
         .map_err(|e| CommandError::Usage(format!("invalid topic '{}': {e}", args.topic)))?;
-    if args.message.as_deref().is_some_and(|m| m.contains('\n')) {
-        return Err(CommandError::Usage(
-            "the message contains a newline; to send one message per line, pipe them to stdin"
-                .into(),
-        ));
+    // Encoded before connecting, so that bad input fails on its own.
+    let mut message_line = Vec::new();
+    if let Some(m) = &args.message {
+        encode_pub(&mut message_line, &topic, m.as_bytes()).map_err(|e| match e {
+            EncodeError::Newline { .. } => CommandError::Usage(
+                "the message contains a newline; to send one message per line, pipe them to stdin"
+                    .into(),
+            ),
+            e => CommandError::Usage(e.to_string()),
+        })?;
     }
     let opts = ConnectOptions {
         name: Some(args.name.clone()),
@@ -67,9 +73,10 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
     };
     let mut client = Client::connect(dir, &opts, ANSWER_TIMEOUT)?;
     let mut refusals = Refusals::default();
-    match &args.message {
-        Some(m) => client.publish(&topic, m.as_bytes())?,
-        None => publish_lines(&mut client, &topic, &mut refusals)?,
+    if args.message.is_some() {
+        client.send_raw(&message_line)?;
+    } else {
+        publish_lines(&mut client, &topic, &mut refusals)?;
     }
     for line in client.ping("pub-done", ANSWER_TIMEOUT)? {
         refusals.note(&line);
@@ -154,12 +161,12 @@ fn publish_lines(
     }
 }
 
-fn push_pub(out: &mut Vec<u8>, topic: &Topic, payload: &[u8]) {
-    out.extend_from_slice(b"PUB ");
-    out.extend_from_slice(topic.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(payload);
-    out.push(b'\n');
+/// One stdin line as a `PUB`. One trailing `\r` is dropped, as the broker
+/// drops it from the lines it reads, so that CRLF input publishes the same
+/// payloads as LF input.
+fn push_pub(out: &mut Vec<u8>, topic: &Topic, line: &[u8]) {
+    let payload = line.strip_suffix(b"\r").unwrap_or(line);
+    encode_pub(out, topic, payload).expect("a line split at newlines holds none");
 }
 
 pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
@@ -190,11 +197,12 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
             match Reply::parse(&line) {
                 Reply::Msg { topic, payload } => {
                     let written = if args.verbose {
-                        out.write_all(&topic).and_then(|()| out.write_all(b" "))
+                        out.write_all(topic.as_bytes())
+                            .and_then(|()| out.write_all(b" "))
                     } else {
                         Ok(())
                     }
-                    .and_then(|()| out.write_all(&payload))
+                    .and_then(|()| out.write_all(payload))
                     .and_then(|()| out.write_all(b"\n"));
                     if let Err(e) = written {
                         return reader_gone(e, client);
@@ -224,7 +232,7 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                     eprintln!("fifobus sub: the broker is shutting down");
                     return Ok(ExitCode::FAILURE);
                 }
-                Reply::Pong(_) | Reply::Other(_) => {}
+                Reply::Pong(_) | Reply::Welcome { .. } | Reply::Unknown(_) => {}
             }
         }
         if let Err(e) = out.flush() {

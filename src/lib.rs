@@ -5,7 +5,8 @@
 //!
 //! Pure logic, no I/O (property-tested):
 //! - [`topic`]: validated topics and patterns, and the subscription trie.
-//! - [`protocol`]: line splitting, command and HELLO parsing, reply encoding.
+//! - [`protocol`]: line splitting, and every line in both directions: client
+//!   commands and HELLO parsed and encoded, broker lines encoded and decoded.
 //! - [`router`]: the single owner of subscriptions ([`router::RouterCore`])
 //!   and the bounded per-client [`router::Outbox`].
 //!

@@ -60,7 +60,7 @@ fn default_max_line_accepts_large_payloads() {
     let bus = TempBus::start();
     let mut c = bus.connect("c", &["t"]);
     let payload = "y".repeat(512 * 1024);
-    c.send_raw(format!("PUB t {payload}\n").as_bytes()).unwrap();
+    c.publish(&topic("t"), payload.as_bytes()).unwrap();
     let lines = barrier(&mut c);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0].len(), 6 + payload.len());

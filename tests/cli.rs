@@ -166,10 +166,11 @@ fn wait_no_clients(bus: &TempBus) {
     );
 }
 
-/// Publishes raw `PUB` lines from a harness client, which then leaves.
-fn publish(bus: &TempBus, lines: &[u8]) {
+/// Publishes (topic, payload) pairs in one write from a harness client,
+/// which then leaves.
+fn publish(bus: &TempBus, messages: &[(&str, &str)]) {
     let mut p = bus.connect("test-publisher", &[]);
-    p.send_raw(lines).unwrap();
+    p.send_raw(&pub_lines(messages.iter().copied())).unwrap();
     assert_eq!(barrier(&mut p), Vec::<String>::new());
     assert!(p.bye(T).unwrap().is_empty());
 }
@@ -247,7 +248,7 @@ fn connect_prints_a_client_directory_that_receives_messages() {
         assert!(meta.file_type().is_fifo(), "{fifo} is a FIFO");
     }
 
-    publish(&bus, b"PUB chat.a hi\nPUB other.topic no\n");
+    publish(&bus, &[("chat.a", "hi"), ("other.topic", "no")]);
     let env = [("C", cdir.as_os_str())];
     let (status, out, err) = run(bash(r#"read -r l < "$C/recv"; echo "$l""#, &env));
     assert!(status.success(), "{err}");
@@ -323,7 +324,7 @@ fn sub_with_count_prints_that_many_payloads_and_exits() {
     let bus = TempBus::start();
     let sub = Proc::start(fifobus(&bus.dir, &["sub", "t", "-n", "2"]), None);
     wait_joined(&bus, "fifobus-sub");
-    publish(&bus, b"PUB t one\nPUB t two\nPUB t three\n");
+    publish(&bus, &[("t", "one"), ("t", "two"), ("t", "three")]);
     let (status, out, err) = sub.finish();
     assert!(status.success(), "{status:?}: {err}");
     assert_eq!(out, "one\ntwo\n");
@@ -337,7 +338,7 @@ fn sub_verbose_prints_topics() {
     let args = ["sub", "t.*", "-v", "-n", "2", "--name", "verbose"];
     let sub = Proc::start(fifobus(&bus.dir, &args), None);
     wait_joined(&bus, "verbose");
-    publish(&bus, b"PUB t.a one\nPUB u.a no\nPUB t.b two words\n");
+    publish(&bus, &[("t.a", "one"), ("u.a", "no"), ("t.b", "two words")]);
     let (status, out, err) = sub.finish();
     assert!(status.success(), "{status:?}: {err}");
     assert_eq!(out, "t.a one\nt.b two words\n");
@@ -348,10 +349,10 @@ fn sub_flushes_each_line() {
     let bus = TempBus::start();
     let mut sub = Proc::start(fifobus(&bus.dir, &["sub", "t"]), None);
     wait_joined(&bus, "fifobus-sub");
-    publish(&bus, b"PUB t one\n");
+    publish(&bus, &[("t", "one")]);
     assert_eq!(sub.line(), "one\n");
     assert!(sub.running(), "sub without -n keeps running");
-    publish(&bus, b"PUB t two\n");
+    publish(&bus, &[("t", "two")]);
     assert_eq!(sub.line(), "two\n");
     drop(sub);
     // It connected with pid=: the broker ends the client when it dies.
@@ -364,7 +365,7 @@ fn sub_ends_quietly_when_its_reader_goes_away() {
     let script = r#"set -o pipefail; "$B" --dir "$D" sub t | head -1"#;
     let pipeline = Proc::start(bash(script, &[("D", bus.dir.as_os_str())]), None);
     wait_joined(&bus, "fifobus-sub");
-    publish(&bus, b"PUB t first\nPUB t second\n");
+    publish(&bus, &[("t", "first"), ("t", "second")]);
     let (status, out, err) = pipeline.finish();
     assert!(
         status.success(),
@@ -454,10 +455,7 @@ fn stats_shows_topics_clients_and_drops() {
     let bus = TempBus::start_with(&["--backlog-messages", "10"]);
     let _stuck = bus.connect("stuck-reader", &["news.>"]);
     let mut p = bus.connect("newsroom", &[]);
-    let mut batch = Vec::new();
-    for i in 0..5000 {
-        batch.extend_from_slice(format!("PUB news.sport {i}\n").as_bytes());
-    }
+    let batch = pub_lines((0..5000).map(|i| ("news.sport", i.to_string())));
     p.send_raw(&batch).unwrap();
     barrier(&mut p);
     let (status, out, err) = run(fifobus(&bus.dir, &["stats", "--interval", "100ms"]));

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use common::*;
 use fifobus::client::{Client, ClientError, ConnectOptions};
-use fifobus::protocol::ErrorCode;
+use fifobus::protocol::{ErrorCode, Reply};
 use nix::sys::stat::Mode;
 
 fn write_hello(bus: &TempBus, line: &str) {
@@ -88,7 +88,7 @@ fn plain_shell_handshake_from_the_docs_works() {
     }
     // sub= was in force before WELCOME.
     let mut p = bus.connect("p", &[]);
-    p.send_raw(b"PUB chat.x hi\n").unwrap();
+    p.publish(&topic("chat.x"), b"hi").unwrap();
     barrier(&mut p);
     let (status, out, _) = sh(
         r#"read -r l < "$C/recv"; echo "$l""#,
@@ -270,10 +270,9 @@ fn ten_thousand_hellos_in_a_burst_are_all_answered() {
     }
     let mut welcomed = 0;
     for line in &lines {
-        if line.starts_with("WELCOME ") {
-            welcomed += 1;
-        } else {
-            assert!(line.starts_with("ERR too-many-clients"), "{line}");
+        match Reply::parse(line.trim_end_matches('\n').as_bytes()) {
+            Reply::Welcome { .. } => welcomed += 1,
+            r => assert_eq!(r.error_code(), Some(ErrorCode::TooManyClients), "{line}"),
         }
     }
     for w in writers {

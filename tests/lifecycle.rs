@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use fifobus::client::ConnectOptions;
+use fifobus::protocol::Reply;
 use nix::sys::signal::Signal;
 
 #[test]
@@ -32,7 +33,7 @@ fn client_whose_pid_dies_is_removed() {
     assert!(!dir.exists(), "directory removed before recv closed");
     // Its subscription is gone too: a publisher reaches nobody, and others are fine.
     let mut p = bus.connect("p", &[]);
-    p.send_raw(b"PUB t x\n").unwrap();
+    p.publish(&topic("t"), b"x").unwrap();
     barrier(&mut p);
 }
 
@@ -68,7 +69,7 @@ fn deleting_a_client_directory_or_fifo_ends_only_that_client() {
         assert!(wait_gone(c.dir(), T), "{victim}: directory removed");
     }
     let mut p = bus.connect("p", &[]);
-    p.send_raw(b"PUB t still-here\n").unwrap();
+    p.publish(&topic("t"), b"still-here").unwrap();
     barrier(&mut p);
     assert_eq!(barrier(&mut keep), ["MSG t still-here"]);
 }
@@ -296,10 +297,12 @@ fn bye_from_a_client_that_never_reads_still_ends_it() {
     let dir = c.dir().to_owned();
     // Fill its recv pipe (and some backlog), then say BYE without reading.
     let mut p = bus.connect("p", &[]);
-    let line = format!("PUB t {}\n", "y".repeat(1000));
-    p.send_raw(line.repeat(200).as_bytes()).unwrap();
+    let payload = "y".repeat(1000);
+    p.send_raw(&pub_lines((0..200).map(|_| ("t", &payload))))
+        .unwrap();
     barrier(&mut p);
-    c.send_raw(b"BYE\n").unwrap();
+    // Not `bye()`, which would read: this client never reads.
+    c.send(&fifobus::protocol::Command::Bye).unwrap();
     assert!(
         wait_gone(&dir, T),
         "the session ends after the grace period"
@@ -327,13 +330,10 @@ fn lines_written_just_before_a_pid_client_exits_are_delivered() {
     let mut got: Vec<u32> = (0..40)
         .map(|_| {
             let line = sub.read_line(Some(T)).unwrap().expect("a message");
-            String::from_utf8(line)
-                .unwrap()
-                .rsplit(' ')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
+            let Reply::Msg { payload, .. } = Reply::parse(&line) else {
+                panic!("not a MSG: {}", String::from_utf8_lossy(&line))
+            };
+            std::str::from_utf8(payload).unwrap().parse().unwrap()
         })
         .collect();
     got.sort_unstable();

@@ -5,16 +5,14 @@
 mod common;
 
 use common::*;
+use fifobus::protocol::Reply;
 
 /// Publishes `n` numbered messages on `t` and waits until the broker has
 /// queued them all (the publisher's PONG comes after every push).
 fn publish(bus: &TempBus, n: usize) {
     let mut p = bus.connect("pub", &[]);
-    let mut batch = Vec::new();
-    for i in 0..n {
-        batch.extend_from_slice(format!("PUB t {i}\n").as_bytes());
-    }
-    p.send_raw(&batch).unwrap();
+    p.send_raw(&pub_lines((0..n).map(|i| ("t", i.to_string()))))
+        .unwrap();
     barrier(&mut p);
 }
 
@@ -29,22 +27,29 @@ fn drain(c: &mut fifobus::client::Client) -> Vec<String> {
 fn account(lines: &[String]) -> (usize, u64, usize) {
     let (mut expected, mut delivered, mut dropped, mut gaps) = (0u64, 0, 0, 0);
     for line in lines {
-        if let Some(k) = line.strip_prefix("MSG t ") {
-            assert_eq!(
-                k.parse::<u64>().unwrap(),
-                expected,
-                "a loss not reported where it happened"
-            );
-            expected += 1;
-            delivered += 1;
-        } else if let Some(n) = line.strip_prefix("DROPPED ") {
-            let n: u64 = n.parse().unwrap();
-            assert!(n > 0);
-            expected += n;
-            dropped += n;
-            gaps += 1;
-        } else {
-            panic!("unexpected line {line:?}");
+        match Reply::parse(line.as_bytes()) {
+            Reply::Msg {
+                topic: "t",
+                payload,
+            } => {
+                assert_eq!(
+                    std::str::from_utf8(payload)
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap(),
+                    expected,
+                    "a loss not reported where it happened"
+                );
+                expected += 1;
+                delivered += 1;
+            }
+            Reply::Dropped(n) => {
+                assert!(n > 0);
+                expected += n;
+                dropped += n;
+                gaps += 1;
+            }
+            _ => panic!("unexpected line {line:?}"),
         }
     }
     assert_eq!(
@@ -128,10 +133,7 @@ fn a_slow_client_does_not_hold_up_a_fast_one() {
         let opts = fifobus::client::ConnectOptions::default();
         let mut p = fifobus::client::Client::connect(&dir, &opts, T).unwrap();
         for chunk in 0..20 {
-            let mut batch = Vec::new();
-            for i in 0..1000 {
-                batch.extend_from_slice(format!("PUB t {}\n", chunk * 1000 + i).as_bytes());
-            }
+            let batch = pub_lines((0..1000).map(|i| ("t", (chunk * 1000 + i).to_string())));
             p.send_raw(&batch).unwrap();
         }
         p.ping("done", T).unwrap();

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use fifobus::protocol::encode_pub;
 
 fn find(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -92,9 +93,8 @@ fn start_load(bus: &TempBus) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
         while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
             let mut batch = Vec::new();
             for _ in 0..200 {
-                batch.extend_from_slice(
-                    format!("PUB load.{} {i}\n", ["a", "b", "c"][(i % 3) as usize]).as_bytes(),
-                );
+                let topic = topic(&format!("load.{}", ["a", "b", "c"][(i % 3) as usize]));
+                encode_pub(&mut batch, &topic, i.to_string().as_bytes()).unwrap();
                 i += 1;
             }
             // A bad line and a refused HELLO now and then, so their counters

@@ -5,14 +5,15 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
+use fifobus::protocol::{encode_pub, Reply};
 
 #[test]
 fn message_reaches_a_subscriber_and_its_publisher() {
     let bus = TempBus::start();
     let mut alice = bus.connect("alice", &["chat.>"]);
     let mut bob = bus.connect("bob", &[]);
-    bob.send_raw(b"SUB chat.*\nPUB chat.room hello  there \n")
-        .unwrap();
+    bob.subscribe(&pattern("chat.*")).unwrap();
+    bob.publish(&topic("chat.room"), b"hello  there ").unwrap();
     assert_eq!(barrier(&mut bob), ["MSG chat.room hello  there "]);
     assert_eq!(barrier(&mut alice), ["MSG chat.room hello  there "]);
 }
@@ -22,7 +23,8 @@ fn overlapping_patterns_deliver_once() {
     let bus = TempBus::start();
     let mut sub = bus.connect("sub", &["a.>", "a.*", "a.b", "*.b", ">"]);
     let mut publ = bus.connect("pub", &[]);
-    publ.send_raw(b"PUB a.b 1\nPUB x.y 2\nPUB a 3\n").unwrap();
+    publ.send_raw(&pub_lines([("a.b", "1"), ("x.y", "2"), ("a", "3")]))
+        .unwrap();
     barrier(&mut publ);
     assert_eq!(barrier(&mut sub), ["MSG a.b 1", "MSG x.y 2", "MSG a 3"]);
 }
@@ -31,16 +33,24 @@ fn overlapping_patterns_deliver_once() {
 fn unsub_stops_delivery_and_wildcards_follow_nats_rules() {
     let bus = TempBus::start();
     let mut sub = bus.connect("sub", &[]);
-    sub.send_raw(b"SUB a.*\nSUB b.>\n").unwrap();
+    sub.subscribe(&pattern("a.*")).unwrap();
+    sub.subscribe(&pattern("b.>")).unwrap();
     barrier(&mut sub);
     let mut publ = bus.connect("pub", &[]);
-    publ.send_raw(b"PUB a.x 1\nPUB a.x.y no\nPUB a no\nPUB b.c.d 2\nPUB b no\n")
-        .unwrap();
+    publ.send_raw(&pub_lines([
+        ("a.x", "1"),
+        ("a.x.y", "no"),
+        ("a", "no"),
+        ("b.c.d", "2"),
+        ("b", "no"),
+    ]))
+    .unwrap();
     barrier(&mut publ);
     assert_eq!(barrier(&mut sub), ["MSG a.x 1", "MSG b.c.d 2"]);
-    sub.send_raw(b"unsub a.*\n").unwrap();
+    sub.unsubscribe(&pattern("a.*")).unwrap();
     barrier(&mut sub);
-    publ.send_raw(b"PUB a.x 3\nPUB b.q 4\n").unwrap();
+    publ.send_raw(&pub_lines([("a.x", "3"), ("b.q", "4")]))
+        .unwrap();
     barrier(&mut publ);
     assert_eq!(barrier(&mut sub), ["MSG b.q 4"]);
 }
@@ -50,6 +60,7 @@ fn payload_bytes_pass_through_unchanged() {
     let bus = TempBus::start();
     let mut sub = bus.connect("sub", &["t"]);
     let mut publ = bus.connect("pub", &[]);
+    // Raw on purpose: a CRLF line, and a PUB with no space before its payload.
     publ.send_raw(b"PUB t \xff\xfe\x00 raw\r\nPUB t\n").unwrap();
     barrier(&mut publ);
     assert_eq!(
@@ -77,9 +88,10 @@ fn hundred_publishers_keep_their_order() {
                     ..Default::default()
                 };
                 let mut c = fifobus::client::Client::connect(&dir, &opts, T).unwrap();
+                let topic = topic(&format!("load.p{p}"));
                 let mut batch = Vec::new();
                 for i in 0..EACH {
-                    batch.extend_from_slice(format!("PUB load.p{p} {i}\n").as_bytes());
+                    encode_pub(&mut batch, &topic, i.to_string().as_bytes()).unwrap();
                     if batch.len() > 4000 {
                         c.send_raw(&batch).unwrap();
                         batch.clear();
@@ -97,11 +109,11 @@ fn hundred_publishers_keep_their_order() {
             .read_line(Some(T))
             .unwrap()
             .unwrap_or_else(|| panic!("EOF after {n}"));
-        let line = String::from_utf8(line).unwrap();
-        let mut parts = line.split(' ');
-        assert_eq!(parts.next(), Some("MSG"), "{line}");
-        let topic = parts.next().unwrap().to_owned();
-        let i: usize = parts.next().unwrap().parse().unwrap();
+        let Reply::Msg { topic, payload } = Reply::parse(&line) else {
+            panic!("not a MSG: {}", String::from_utf8_lossy(&line))
+        };
+        let topic = topic.to_owned();
+        let i: usize = std::str::from_utf8(payload).unwrap().parse().unwrap();
         let expected = next.entry(topic.clone()).or_default();
         assert_eq!(i, *expected, "out of order on {topic}");
         *expected += 1;
@@ -153,8 +165,12 @@ fn many_topics_many_subscribers_fan_out() {
         .map(|i| bus.connect(&format!("s{i}"), &[&format!("room.{}", i % 2), "room.all"]))
         .collect();
     let mut publ = bus.connect("pub", &[]);
-    publ.send_raw(b"PUB room.0 even\nPUB room.1 odd\nPUB room.all all\n")
-        .unwrap();
+    publ.send_raw(&pub_lines([
+        ("room.0", "even"),
+        ("room.1", "odd"),
+        ("room.all", "all"),
+    ]))
+    .unwrap();
     barrier(&mut publ);
     for (i, s) in subs.iter_mut().enumerate() {
         let want = if i % 2 == 0 {

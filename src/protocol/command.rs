@@ -4,10 +4,14 @@
 //! spaces. `PUB`'s payload is everything after the single space that follows
 //! the topic, so payloads keep their own leading spaces. Topics and patterns
 //! are validated here, once, so nothing downstream re-checks them.
+//!
+//! The encoders beside the parser are what clients send: keeping both halves
+//! of each command in one file keeps them in step, and the round-trip
+//! property tests below hold them to it.
 
 use bytes::Bytes;
 
-use super::error::{ErrorCode, ProtocolError};
+use super::error::{EncodeError, ErrorCode, ProtocolError};
 use super::escape_for_display;
 use crate::topic::{Pattern, Topic};
 
@@ -69,6 +73,91 @@ impl Command {
     }
 }
 
+impl Command {
+    /// Appends this command as one line, newline included, as a client
+    /// writes it to `send`. The broker reads back exactly this command.
+    ///
+    /// # Errors
+    /// [`EncodeError`] for a payload or token the broker could not read back
+    /// as given (see [`encode_pub`], [`encode_ping`]); `out` is then unchanged.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        match self {
+            Command::Sub(p) => encode_word(out, b"SUB ", p.as_bytes()),
+            Command::Unsub(p) => encode_word(out, b"UNSUB ", p.as_bytes()),
+            Command::Pub { topic, payload } => return encode_pub(out, topic, payload),
+            Command::Ping(token) => return encode_ping(out, token.as_deref()),
+            Command::Bye => out.extend_from_slice(b"BYE\n"),
+        }
+        Ok(())
+    }
+}
+
+/// Appends `PUB <topic> <payload>`: for publishers writing many lines into
+/// one buffer, which should not build a [`Command`] (and copy the payload
+/// into [`Bytes`]) per line.
+///
+/// # Errors
+/// [`EncodeError::Newline`] when the payload holds `\n`: the broker would end
+/// the message there and read the rest as a command of its own. `out` is then
+/// unchanged.
+pub fn encode_pub(out: &mut Vec<u8>, topic: &Topic, payload: &[u8]) -> Result<(), EncodeError> {
+    if memchr::memchr(b'\n', payload).is_some() {
+        return Err(EncodeError::Newline { field: "payload" });
+    }
+    let topic = topic.as_bytes();
+    out.reserve(4 + topic.len() + 1 + payload.len() + 2);
+    out.extend_from_slice(b"PUB ");
+    out.extend_from_slice(topic);
+    out.push(b' ');
+    out.extend_from_slice(payload);
+    end_line(out);
+    Ok(())
+}
+
+/// Appends `PING` or `PING <token>`.
+///
+/// # Errors
+/// For a token `PONG` could not echo as given, `out` being then unchanged:
+/// an empty one or one starting with a space (the broker skips the spaces
+/// after `PING`, so `PING ` is a bare `PING`), or one holding `\n`.
+pub fn encode_ping(out: &mut Vec<u8>, token: Option<&[u8]>) -> Result<(), EncodeError> {
+    const FIELD: &str = "PING token";
+    let Some(token) = token else {
+        out.extend_from_slice(b"PING\n");
+        return Ok(());
+    };
+    match token.first() {
+        None => return Err(EncodeError::Empty { field: FIELD }),
+        Some(b' ') => return Err(EncodeError::Space { field: FIELD }),
+        Some(_) if memchr::memchr(b'\n', token).is_some() => {
+            return Err(EncodeError::Newline { field: FIELD })
+        }
+        Some(_) => {}
+    }
+    out.extend_from_slice(b"PING ");
+    out.extend_from_slice(token);
+    end_line(out);
+    Ok(())
+}
+
+/// A keyword and one validated word (a pattern): nothing to refuse.
+fn encode_word(out: &mut Vec<u8>, keyword: &[u8], word: &[u8]) {
+    out.reserve(keyword.len() + word.len() + 1);
+    out.extend_from_slice(keyword);
+    out.extend_from_slice(word);
+    out.push(b'\n');
+}
+
+/// Ends a line whose content may itself end in `\r`. The broker drops one
+/// `\r` before every newline, so that CRLF input works; a second `\r` keeps
+/// the content's own, and a payload such as `x\r` arrives byte for byte.
+fn end_line(out: &mut Vec<u8>) {
+    if out.last() == Some(&b'\r') {
+        out.push(b'\r');
+    }
+    out.push(b'\n');
+}
+
 fn parse_pub(line: &Bytes, args: usize) -> Result<Command, ProtocolError> {
     if args == line.len() {
         return Err(ProtocolError::new(
@@ -119,6 +208,9 @@ fn token_end(b: &[u8], i: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::strategies::{pattern, payload, token, topic};
+    use crate::protocol::{Line, LineSplitter};
+    use bytes::BytesMut;
     use proptest::prelude::*;
 
     fn parse(s: &[u8]) -> Result<Option<Command>, ProtocolError> {
@@ -195,6 +287,131 @@ mod tests {
         let err = parse(b"\x1b[31mEVIL\r").unwrap_err();
         assert!(err.text.is_ascii());
         assert!(!err.text.contains('\x1b'));
+    }
+
+    /// What the broker makes of `bytes`: split into lines as a session
+    /// splits them (dropping one `\r`), then parsed.
+    fn over_the_wire(bytes: &[u8]) -> Vec<Command> {
+        let mut splitter = LineSplitter::new(1 << 20);
+        let mut buf = BytesMut::from(bytes);
+        let mut commands = Vec::new();
+        while let Some(line) = splitter.next_line(&mut buf) {
+            let Line::Complete(line) = line else {
+                panic!("line too long")
+            };
+            commands.extend(Command::parse(line).unwrap());
+        }
+        assert!(buf.is_empty(), "bytes after the last newline");
+        commands
+    }
+
+    fn encoded(c: &Command) -> Vec<u8> {
+        let mut out = Vec::new();
+        c.encode(&mut out).unwrap();
+        out
+    }
+
+    fn command() -> impl Strategy<Value = Command> {
+        prop_oneof![
+            pattern().prop_map(Command::Sub),
+            pattern().prop_map(Command::Unsub),
+            (topic(), payload()).prop_map(|(topic, p)| Command::Pub {
+                topic,
+                payload: Bytes::from(p)
+            }),
+            proptest::option::of(token()).prop_map(Command::Ping),
+            Just(Command::Bye),
+        ]
+    }
+
+    #[test]
+    fn encoding_is_the_documented_wire_format() {
+        let t = Topic::parse(b"chat.lobby").unwrap();
+        let p = Pattern::parse(b"chat.>").unwrap();
+        let pub_ = |payload: &'static [u8]| Command::Pub {
+            topic: t.clone(),
+            payload: Bytes::from_static(payload),
+        };
+        assert_eq!(
+            encoded(&pub_(b"hello, world")),
+            b"PUB chat.lobby hello, world\n"
+        );
+        assert_eq!(encoded(&pub_(b"")), b"PUB chat.lobby \n");
+        assert_eq!(encoded(&Command::Sub(p.clone())), b"SUB chat.>\n");
+        assert_eq!(encoded(&Command::Unsub(p)), b"UNSUB chat.>\n");
+        assert_eq!(encoded(&Command::Ping(None)), b"PING\n");
+        let token = Some(Bytes::from_static(b"42 x"));
+        assert_eq!(encoded(&Command::Ping(token)), b"PING 42 x\n");
+        assert_eq!(encoded(&Command::Bye), b"BYE\n");
+    }
+
+    #[test]
+    fn a_trailing_cr_is_kept_by_doubling_it() {
+        let mut out = Vec::new();
+        encode_pub(&mut out, &Topic::parse(b"t").unwrap(), b"x\r").unwrap();
+        assert_eq!(out, b"PUB t x\r\r\n");
+    }
+
+    #[test]
+    fn tokens_pong_could_not_echo_are_refused() {
+        let field = "PING token";
+        let mut out = b"kept".to_vec();
+        assert_eq!(
+            encode_ping(&mut out, Some(b"")),
+            Err(EncodeError::Empty { field })
+        );
+        assert_eq!(
+            encode_ping(&mut out, Some(b" x")),
+            Err(EncodeError::Space { field })
+        );
+        assert_eq!(
+            encode_ping(&mut out, Some(b"a\nBYE")),
+            Err(EncodeError::Newline { field })
+        );
+        assert_eq!(out, b"kept");
+    }
+
+    proptest! {
+        #[test]
+        fn every_command_round_trips(c in command()) {
+            prop_assert_eq!(over_the_wire(&encoded(&c)), vec![c]);
+        }
+
+        #[test]
+        fn commands_sent_together_are_read_in_order(cs in proptest::collection::vec(command(), 0..20)) {
+            let mut out = Vec::new();
+            for c in &cs {
+                c.encode(&mut out).unwrap();
+            }
+            prop_assert_eq!(over_the_wire(&out), cs);
+        }
+
+        /// The bulk path writes the same bytes as the typed one.
+        #[test]
+        fn encode_pub_is_command_pub(topic in topic(), payload in payload()) {
+            let mut fast = Vec::new();
+            encode_pub(&mut fast, &topic, &payload).unwrap();
+            let typed = encoded(&Command::Pub { topic, payload: Bytes::from(payload) });
+            prop_assert_eq!(fast, typed);
+        }
+
+        #[test]
+        fn a_newline_is_refused_and_nothing_is_written(
+            topic in topic(),
+            before in payload(),
+            after in payload(),
+        ) {
+            let mut payload = before;
+            payload.push(b'\n');
+            payload.extend_from_slice(&after);
+            let mut out = b"kept".to_vec();
+            let refused = Err(EncodeError::Newline { field: "payload" });
+            prop_assert_eq!(encode_pub(&mut out, &topic, &payload), refused);
+            let c = Command::Pub { topic, payload: Bytes::from(payload.clone()) };
+            prop_assert_eq!(c.encode(&mut out), refused);
+            prop_assert!(Command::Ping(Some(Bytes::from(payload))).encode(&mut out).is_err());
+            prop_assert_eq!(out, b"kept");
+        }
     }
 
     proptest! {

@@ -1,5 +1,10 @@
 //! Broker → client lines, encoded once.
 //!
+//! Each line's format is written here and nowhere else: the router and the
+//! rendezvous call these directly (the fast path), and [`super::Reply::encode`]
+//! delegates to them after checking its fields, so the decoder in
+//! [`super::reply`] is tested against the very bytes the broker writes.
+//!
 //! A fanned-out message is encoded into one [`Bytes`] and the same buffer is
 //! shared by every subscriber's outbox: a refcount increment per delivery,
 //! not a copy.
@@ -10,13 +15,14 @@ use super::error::ProtocolError;
 use crate::topic::Topic;
 
 pub fn msg(topic: &Topic, payload: &[u8]) -> Bytes {
-    let t = topic.as_bytes();
-    let mut b = BytesMut::with_capacity(4 + t.len() + 1 + payload.len() + 1);
-    b.put_slice(b"MSG ");
-    b.put_slice(t);
-    b.put_u8(b' ');
-    b.put_slice(payload);
-    b.put_u8(b'\n');
+    msg_raw(topic.as_bytes(), payload)
+}
+
+/// [`msg`] for a topic the caller has checked is one word; [`super::Reply`]
+/// decodes topics without validating them, so it encodes them the same way.
+pub(super) fn msg_raw(topic: &[u8], payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(msg_len(topic, payload));
+    put_msg(&mut b, topic, payload);
     b.freeze()
 }
 
@@ -29,17 +35,26 @@ pub fn msg(topic: &Topic, payload: &[u8]) -> Bytes {
 pub fn msg_into(arena: &mut BytesMut, topic: &Topic, payload: &[u8]) -> Bytes {
     const STEP: usize = 16 * 1024;
     let t = topic.as_bytes();
-    let len = 4 + t.len() + 1 + payload.len() + 1;
+    let len = msg_len(t, payload);
     if arena.capacity() - arena.len() < len {
         // A fresh chunk; the old one lives on while its lines are queued.
         *arena = BytesMut::with_capacity(len.max(STEP));
     }
-    arena.put_slice(b"MSG ");
-    arena.put_slice(t);
-    arena.put_u8(b' ');
-    arena.put_slice(payload);
-    arena.put_u8(b'\n');
+    put_msg(arena, t, payload);
     arena.split().freeze()
+}
+
+fn msg_len(topic: &[u8], payload: &[u8]) -> usize {
+    4 + topic.len() + 1 + payload.len() + 1
+}
+
+#[inline]
+fn put_msg(b: &mut BytesMut, topic: &[u8], payload: &[u8]) {
+    b.put_slice(b"MSG ");
+    b.put_slice(topic);
+    b.put_u8(b' ');
+    b.put_slice(payload);
+    b.put_u8(b'\n');
 }
 
 pub fn pong(token: Option<&[u8]>) -> Bytes {
@@ -56,7 +71,13 @@ pub fn pong(token: Option<&[u8]>) -> Bytes {
 }
 
 pub fn err(e: &ProtocolError) -> Bytes {
-    Bytes::from(format!("ERR {} {}\n", e.code, e.text))
+    err_raw(e.code.as_str(), &e.text)
+}
+
+/// [`err`] with the code as text: a decoded `ERR` keeps codes this version
+/// does not know, and must encode them the same way.
+pub(super) fn err_raw(code: &str, text: &str) -> Bytes {
+    Bytes::from(format!("ERR {code} {text}\n"))
 }
 
 pub fn dropped(n: u64) -> Bytes {

@@ -88,3 +88,34 @@ impl ProtocolError {
         ProtocolError { code, text }
     }
 }
+
+/// A value that cannot be written as one protocol line, refused before any
+/// byte is written. Encoders refuse exactly what would not come back the same
+/// from the reader's parser, so that what a client means is what the broker
+/// (or a client) reads. The code string is stable, like [`ErrorCode`]'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// A newline would end the line early and start a second one.
+    #[error("the {field} contains a newline, which would end the line there; encode such data (JSON, base64, ...) or send one per line")]
+    Newline { field: &'static str },
+    /// A field the reader finds by position is missing.
+    #[error("the {field} is empty")]
+    Empty { field: &'static str },
+    /// A space where the reader splits fields: it would cut this one short.
+    #[error("the {field} has a space where the line separates fields")]
+    Space { field: &'static str },
+    /// An [`Unknown`](super::Reply::Unknown) line this version reads as a known one.
+    #[error("the line is not unknown: it reads as a known broker line")]
+    NotUnknown,
+}
+
+impl EncodeError {
+    pub fn code(self) -> &'static str {
+        match self {
+            EncodeError::Newline { .. } => "newline",
+            EncodeError::Empty { .. } => "empty-field",
+            EncodeError::Space { .. } => "misplaced-space",
+            EncodeError::NotUnknown => "known-line",
+        }
+    }
+}

@@ -227,7 +227,30 @@ fn parse_pid(v: &[u8]) -> Result<i32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::strategies::pattern;
     use proptest::prelude::*;
+
+    /// Valid HELLOs: reply paths with the separators HELLO itself uses (`=`,
+    /// `,`), label-safe names of up to 128 bytes (multi-byte characters
+    /// included), and distinct patterns (parsing drops repeats).
+    fn hello() -> impl Strategy<Value = Hello> {
+        (
+            "(/[A-Za-z0-9._=,:-]{1,16}){1,4}",
+            proptest::option::of("[^ \"\\\\,={}\\p{Cc}]{1,32}"),
+            proptest::option::of(1..=i32::MAX),
+            proptest::collection::vec(pattern(), 0..5),
+        )
+            .prop_map(|(reply, name, pid, mut subs)| {
+                let mut seen = std::collections::HashSet::new();
+                subs.retain(|p| seen.insert(p.clone()));
+                Hello {
+                    reply: PathBuf::from(reply),
+                    name,
+                    pid,
+                    subs,
+                }
+            })
+    }
 
     #[test]
     fn full_hello_parses() {
@@ -301,6 +324,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn hello_round_trips(h in hello()) {
+            let line = h.encode().unwrap();
+            prop_assert_eq!(line.last(), Some(&b'\n'));
+            prop_assert_eq!(Hello::parse(&line[..line.len() - 1]).unwrap(), h);
+        }
+
         #[test]
         fn never_panics(line in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Hello::parse(&line);

@@ -4,22 +4,31 @@
 //! modules feed bytes in and get typed values out. That keeps the parser
 //! property-testable and lets the same code serve the broker and the client.
 //!
+//! Both directions live here, so that nothing else in the crate writes or
+//! reads a protocol line by hand:
+//!
 //! - [`lines`]: chunks of bytes in, complete lines out, with the `--max-line` cap.
-//! - [`command`]: one client line → [`Command`].
-//! - [`hello`]: one rendezvous line → [`Hello`].
-//! - [`encode`]: the broker's reply lines, encoded once into shared [`bytes::Bytes`].
-//! - [`error`]: [`ProtocolError`] and its stable codes.
+//! - [`command`]: client lines: [`Command::parse`] for the broker,
+//!   [`Command::encode`] and [`encode_pub`] for clients.
+//! - [`hello`]: the rendezvous line, [`Hello::parse`] and [`Hello::encode`].
+//! - [`encode`]: the broker's lines, encoded once into shared [`bytes::Bytes`].
+//! - [`reply`]: the broker's lines decoded, zero-copy, for clients: [`Reply`].
+//! - [`error`]: [`ProtocolError`] and [`EncodeError`], with stable codes.
 
 pub mod command;
 pub mod encode;
 pub mod error;
 pub mod hello;
 pub mod lines;
+pub mod reply;
+#[cfg(test)]
+mod strategies;
 
-pub use command::Command;
-pub use error::{ErrorCode, ProtocolError};
+pub use command::{encode_ping, encode_pub, Command};
+pub use error::{EncodeError, ErrorCode, ProtocolError};
 pub use hello::Hello;
 pub use lines::{Line, LineSplitter};
+pub use reply::Reply;
 
 /// Writes `raw` for a human (log line or `ERR` text): printable ASCII as is,
 /// everything else escaped, cut at `max` bytes. Wire input must never reach a

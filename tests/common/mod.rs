@@ -16,6 +16,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use fifobus::client::{Client, ConnectOptions};
+use fifobus::protocol::encode_pub;
+use fifobus::topic::{Pattern, Topic};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{kill, Signal};
@@ -298,4 +300,24 @@ pub fn barrier(c: &mut Client) -> Vec<String> {
 
 pub fn raw_fd(c: &Client) -> i32 {
     c.recv_fd().as_raw_fd()
+}
+
+pub fn topic(s: &str) -> Topic {
+    s.parse().unwrap()
+}
+
+pub fn pattern(s: &str) -> Pattern {
+    s.parse().unwrap()
+}
+
+/// `PUB` lines in one buffer, for tests that send a batch in one write as
+/// a bulk publisher does.
+pub fn pub_lines<T: AsRef<str>, P: AsRef<[u8]>>(
+    messages: impl IntoIterator<Item = (T, P)>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (t, p) in messages {
+        encode_pub(&mut out, &topic(t.as_ref()), p.as_ref()).unwrap();
+    }
+    out
 }
