@@ -1,5 +1,6 @@
 //! Command-line types (clap derive). No logic beyond parsing values.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,9 +58,10 @@ pub enum Command {
         after_help = "Example:\n  fifobus stats --interval 5s\n\nReads the endpoint from metrics.addr in the bus directory; needs the broker's metrics on."
     )]
     Stats(StatsArgs),
-    /// Measure the broker against the bare FIFO ceiling (throughput, latency, handshakes, memory, idle CPU)
+    /// Measure the broker against the bare FIFO ceiling: runs fifobus-bench (`fifobus bench --help` for its options)
     #[command(
-        after_help = "Examples:\n  fifobus bench                # the full run, a few minutes\n  fifobus bench --quick --json # a smoke run, machine-readable\n\nStarts its own brokers on a temporary directory; --dir is not used."
+        disable_help_flag = true,
+        after_help = "Examples:\n  fifobus bench                # the full run, a few minutes\n  fifobus bench --quick --json # a smoke run, machine-readable\n\nRuns the fifobus-bench program next to this one (else the one on PATH) with these arguments,\nmeasuring this fifobus unless FIFOBUS_BENCH_BROKER names another. Build it with\n`cargo build --release -p fifobus-bench` (or `cargo build --release --workspace`)."
     )]
     Bench(BenchArgs),
 }
@@ -101,26 +103,15 @@ pub struct ServeArgs {
     pub metrics_client_limit: usize,
 }
 
+/// `fifobus bench ARGS...`: the arguments of `fifobus-bench`, passed on unparsed.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Small counts: seconds instead of minutes (for smoke tests)
-    #[arg(long)]
-    pub quick: bool,
-    /// Print the results as JSON on stdout (no progress bar)
-    #[arg(long)]
-    pub json: bool,
-    /// Payload bytes per message
-    #[arg(long, default_value_t = 64)]
-    pub payload: usize,
-    /// Messages in the 1 -> 1 scenario (others scale from it) [default: 2000000, --quick: 20000]
-    #[arg(long)]
-    pub messages: Option<u64>,
-    /// Offered rate for the fixed-rate latency figures, messages per second
-    #[arg(long, default_value_t = 10_000)]
-    pub rate: u64,
-    /// Run only the scenario groups whose name contains this ("1 -> 1", "1 -> 10", "10 -> 1", "100 topics", "latency", "saturation", "clients")
-    #[arg(long)]
-    pub only: Option<String>,
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    pub args: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]

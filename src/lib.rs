@@ -18,7 +18,10 @@
 //! - [`session`]: one client's reader, writer and teardown.
 //! - [`broker`]: wiring and ordered shutdown.
 //! - [`metrics`], [`http`]: Prometheus metrics and the `/metrics` endpoint.
-//! - [`client`], [`commands`], [`cli`], [`stats`], [`bench`](mod@bench): the client side and the command line.
+//! - [`client`], [`commands`], [`cli`], [`stats`]: the client side and the command line.
+//!
+//! The benchmark (`fifobus bench`) is a crate of its own, `crates/bench`,
+//! built on [`client`] and [`protocol`] alone.
 //!
 //! # Data path of one `PUB`
 //!
@@ -30,7 +33,6 @@
 //! outbox. Each subscriber's writer swaps its outbox out and writes it to
 //! `recv` with `writev`. See docs/architecture.md.
 
-pub mod bench;
 pub mod broker;
 pub mod busdir;
 pub mod cli;

@@ -90,35 +90,42 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
     }
 }
 
+/// `fifobus bench ARGS...`: runs `fifobus-bench ARGS...`, a crate of its own
+/// (crates/bench), found next to this executable (the same cargo target
+/// directory), else on PATH. It measures this very broker unless
+/// `FIFOBUS_BENCH_BROKER` names another.
 fn bench(args: &BenchArgs) -> ExitCode {
-    use fifobus::bench::{self, BenchOptions};
-    let mut opts = if args.quick {
-        BenchOptions::quick()
+    use std::os::unix::process::CommandExt;
+    const NAME: &str = "fifobus-bench";
+    let exe = std::env::current_exe().ok();
+    let beside = exe
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join(NAME))
+        .filter(|p| p.is_file());
+    let mut cmd = std::process::Command::new(beside.as_deref().unwrap_or(NAME.as_ref()));
+    cmd.args(&args.args);
+    if std::env::var_os("FIFOBUS_BENCH_BROKER").is_none() {
+        if let Some(exe) = &exe {
+            cmd.env("FIFOBUS_BENCH_BROKER", exe);
+        }
+    }
+    // Only returns on failure.
+    let e = cmd.exec();
+    if e.kind() == std::io::ErrorKind::NotFound {
+        let release = exe
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .and_then(std::path::Path::file_name)
+            .is_none_or(|d| d != "debug");
+        let flag = if release { " --release" } else { "" };
+        eprintln!(
+            "fifobus: the benchmark is a separate program, {NAME}, not found next to this one or on PATH; build it with `cargo build{flag} -p {NAME}`"
+        );
     } else {
-        BenchOptions::full()
-    };
-    opts.payload = args.payload.max(12);
-    opts.rate = args.rate.max(1);
-    opts.progress = !args.json;
-    opts.only = args.only.clone();
-    if let Some(m) = args.messages {
-        opts.messages = m.max(100);
+        eprintln!("fifobus: cannot run {NAME}: {e}");
     }
-    match bench::run(&opts) {
-        Ok(rows) if args.json => {
-            let json: Vec<_> = rows.iter().map(bench::Measurement::to_json).collect();
-            println!("{}", serde_json::Value::Array(json));
-            ExitCode::SUCCESS
-        }
-        Ok(rows) => {
-            print!("{}", bench::render(&rows));
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("fifobus bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    ExitCode::FAILURE
 }
 
 fn stats(dir: &std::path::Path, args: &StatsArgs) -> ExitCode {

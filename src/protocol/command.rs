@@ -158,6 +158,25 @@ fn end_line(out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
+/// The topic and payload of a `PUB` line (without its newline), borrowed
+/// and not validated: for tools that see `PUB` lines without a broker in
+/// between, such as the benchmark's bare-FIFO ceilings. `None` for any other
+/// line. The broker itself uses [`Command::parse`].
+pub fn pub_parts(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let start = skip_spaces(line, 0);
+    let kw_end = token_end(line, start);
+    if !line[start..kw_end].eq_ignore_ascii_case(b"PUB") {
+        return None;
+    }
+    let args = skip_spaces(line, kw_end);
+    if args == line.len() {
+        return None;
+    }
+    let topic_end = token_end(line, args);
+    let payload = line.get(topic_end + 1..).unwrap_or_default();
+    Some((&line[args..topic_end], payload))
+}
+
 fn parse_pub(line: &Bytes, args: usize) -> Result<Command, ProtocolError> {
     if args == line.len() {
         return Err(ProtocolError::new(
@@ -259,6 +278,28 @@ mod tests {
             parse(b"PING 42 x").unwrap(),
             Some(Command::Ping(Some(Bytes::from_static(b"42 x"))))
         );
+    }
+
+    #[test]
+    fn pub_parts_agree_with_parse() {
+        for line in [
+            &b"PUB chat.room  hello  world "[..],
+            b"pub t",
+            b"PUB t ",
+            b"  PUB a.b \xff",
+        ] {
+            let Some(Command::Pub { topic, payload }) = parse(line).unwrap() else {
+                panic!("not a PUB")
+            };
+            assert_eq!(
+                pub_parts(line),
+                Some((topic.as_bytes(), &payload[..])),
+                "{line:?}"
+            );
+        }
+        for other in [&b"SUB t"[..], b"PUB", b"PUBX t x", b"MSG t x", b""] {
+            assert_eq!(pub_parts(other), None, "{other:?}");
+        }
     }
 
     #[test]

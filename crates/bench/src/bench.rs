@@ -1,5 +1,5 @@
-//! `fifobus bench`: the broker measured against the bare FIFO ceiling, in
-//! the same run, on the same machine.
+//! The scenarios: the broker measured against the bare FIFO ceiling, in the
+//! same run, on the same machine.
 //!
 //! Absolute figures on a shared machine drift from run to run; a ratio to a
 //! ceiling measured minutes apart does not drift much. So every broker
@@ -9,22 +9,33 @@
 //! - latency: the path of a broker round trip (A → relay → B → relay → A,
 //!   through four FIFOs), against A → broker → B → broker → A.
 //!
-//! The brokers are real `fifobus serve` processes (this binary) on a
-//! temporary directory (on tmpfs when `/dev/shm` exists, as
-//! `$XDG_RUNTIME_DIR` is), and the clients are real FIFO clients in threads
-//! of this process. Nothing here is a test: nothing asserts on a time.
+//! The brokers are real `fifobus serve` processes, started by the shared
+//! harness (`fifobus_testkit::TempBus`) on a temporary directory (on tmpfs
+//! when `/dev/shm` exists, as `$XDG_RUNTIME_DIR` is), and the clients are
+//! real FIFO clients (`fifobus::client`) in threads of this process. The
+//! broker binary: `$FIFOBUS_BENCH_BROKER`, else the `fifobus` next to this
+//! executable, else the one on `PATH` (see [`broker_program`]). Nothing here
+//! is a test: nothing asserts on a time.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::client::{Client, ConnectOptions};
-use crate::topic::Pattern;
+use fifobus::client::{Client, ConnectOptions};
+use fifobus_testkit::{BusOptions, TempBus};
+
+use fifobus::topic::Topic;
+
+use crate::wire::{encode_pub, parse_msg, pub_line_len};
+
+/// A topic the bench names itself.
+fn topic(name: &str) -> Topic {
+    name.parse().expect("the bench's topics are valid")
+}
 
 /// What to run, and how much of it.
 #[derive(Debug, Clone)]
@@ -170,7 +181,7 @@ pub enum BenchError {
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("cannot connect a benchmark client: {0}")]
-    Client(#[from] crate::client::ClientError),
+    Client(#[from] fifobus::client::ClientError),
     #[error("{0}")]
     Failed(String),
 }
@@ -187,7 +198,7 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
 pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
     // This process holds a FIFO per subscriber, as the broker holds two per
     // client: give it the same room the broker gives itself.
-    crate::broker::raise_open_file_limit();
+    fifobus_testkit::raise_open_file_limit();
     let steps: u64 = 9;
     let bar = progress(opts.progress, steps);
     let mut rows = Vec::new();
@@ -246,9 +257,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
     if wanted("100 topics") {
         step("100 topics x 100 subscribers");
         let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
-        let per_topic = 100
-            .min(broker.client_budget().saturating_sub(10) / 100)
-            .max(1);
+        let per_topic = 100.min(client_budget().saturating_sub(10) / 100).max(1);
         let n = (opts.messages / 50).max(100);
         let v = fan(&broker, 1, 100 * per_topic, 100, n, opts.payload)?;
         drop(broker);
@@ -297,7 +306,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
     if wanted("clients") {
         step("handshakes");
         let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
-        let budget = broker.client_budget();
+        let budget = client_budget();
         let hs = opts.handshakes.min(budget);
         if hs == 0 {
             return Err(BenchError::Failed(
@@ -471,75 +480,67 @@ fn progress(show: bool, steps: u64) -> indicatif::ProgressBar {
 
 /// A directory for FIFOs: tmpfs when available, as a real bus directory is.
 fn scratch_dir() -> io::Result<tempfile::TempDir> {
-    let mut b = tempfile::Builder::new();
-    b.prefix("fifobus-bench-");
-    b.tempdir_in("/dev/shm").or_else(|_| b.tempdir())
+    fifobus_testkit::temp_dir("fifobus-bench-")
 }
 
-/// A `fifobus serve` child on a scratch directory; stopped on drop.
+/// The broker binary to measure. `FIFOBUS_BENCH_BROKER=/path/to/other/fifobus`
+/// measures another build's broker with the same clients: an A/B in one
+/// session. Else the `fifobus` beside this executable (the same cargo target
+/// directory; `fifobus bench` also sets `FIFOBUS_BENCH_BROKER` to itself
+/// when unset), else the one on `PATH`.
+pub fn broker_program() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FIFOBUS_BENCH_BROKER") {
+        return Ok(PathBuf::from(p));
+    }
+    fifobus_testkit::sibling_or_on_path("fifobus").ok_or_else(|| {
+        BenchError::Failed(
+            "no fifobus binary next to this one or on PATH: build it (cargo build --release), \
+             or set FIFOBUS_BENCH_BROKER=/path/to/fifobus"
+                .into(),
+        )
+    })
+}
+
+/// Clients a broker accepts under the open-file limit this process runs
+/// under (its brokers inherit it): the broker's own rule, (limit - 1088) / 3,
+/// from docs/architecture.md ("Limits"); this process holds a FIFO per
+/// subscriber under the same limit.
+fn client_budget() -> usize {
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((1024, 1024));
+    (soft.saturating_sub(1088) / 3) as usize
+}
+
+/// A `fifobus serve` child on a scratch directory (the shared harness);
+/// stopped on drop (`SIGTERM`, then `SIGKILL` after 5 s).
 struct Broker {
-    dir: PathBuf,
-    child: Child,
-    _tmp: tempfile::TempDir,
+    bus: TempBus,
 }
 
 impl Broker {
     fn start(extra: &[&str]) -> Result<Broker> {
-        let tmp = scratch_dir()?;
-        let dir = tmp.path().join("bus");
-        // FIFOBUS_BENCH_BROKER=/path/to/other/fifobus measures another
-        // build's broker with the same clients: an A/B in one session.
-        let program = match std::env::var_os("FIFOBUS_BENCH_BROKER") {
-            Some(p) => PathBuf::from(p),
-            None => std::env::current_exe()?,
-        };
-        let child = Command::new(program)
-            .arg("serve")
-            .arg("--dir")
-            .arg(&dir)
-            // Throughput runs must not drop: a reader that falls behind
-            // for a moment should cost memory, not messages.
-            .args(["--backlog-messages", "100000000", "--backlog-bytes", "8GiB"])
-            .args(extra)
-            // FIFOBUS_BENCH_LOG=debug shows the brokers' logs when a run fails.
-            .env(
-                "RUST_LOG",
-                std::env::var("FIFOBUS_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let mut broker = Broker {
-            dir,
-            child,
-            _tmp: tmp,
-        };
-        let pid = broker.pid().to_string();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let ready = broker.dir.join("hello").exists()
-                && std::fs::read_to_string(broker.dir.join("broker.pid"))
-                    .is_ok_and(|p| p.trim() == pid);
-            if ready {
-                return Ok(broker);
-            }
-            if let Some(status) = broker.child.try_wait()? {
-                return Err(BenchError::Failed(format!(
-                    "the benchmark broker exited at start: {status}"
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(BenchError::Failed(
-                    "the benchmark broker did not start within 10 s".into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut opts = BusOptions::new(broker_program()?);
+        // Throughput runs must not drop: a reader that falls behind
+        // for a moment should cost memory, not messages.
+        opts.args = ["--backlog-messages", "100000000", "--backlog-bytes", "8GiB"]
+            .map(Into::into)
+            .to_vec();
+        // FIFOBUS_BENCH_LOG=debug shows the brokers' logs when a run fails.
+        opts.rust_log = std::env::var("FIFOBUS_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+        opts.log_to_file = false;
+        opts.graceful_stop = Some(Duration::from_secs(5));
+        opts.prefix = "fifobus-bench-";
+        let bus = TempBus::try_start(opts, extra)
+            .map_err(|e| BenchError::Failed(format!("the benchmark broker: {e}")))?;
+        Ok(Broker { bus })
+    }
+
+    fn dir(&self) -> &Path {
+        &self.bus.dir
     }
 
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.bus.pid()
     }
 
     fn connect(&self, subs: &[String]) -> Result<Client> {
@@ -548,24 +549,15 @@ impl Broker {
             pid: None,
             subs: subs
                 .iter()
-                .map(|s| Pattern::parse(s.as_bytes()))
+                .map(|s| s.parse())
                 .collect::<std::result::Result<_, _>>()
-                .map_err(|e| BenchError::Failed(e.to_string()))?,
+                .map_err(|e| BenchError::Failed(format!("{e}")))?,
         };
-        Ok(Client::connect(&self.dir, &opts, Duration::from_secs(10))?)
-    }
-
-    /// Clients this broker accepts: its open-file limit, as it computes it
-    /// (the same limit applies to this process, which holds a FIFO per
-    /// subscriber too).
-    fn client_budget(&self) -> usize {
-        let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .unwrap_or((1024, 1024));
-        crate::broker::client_capacity(soft)
+        Ok(Client::connect(self.dir(), &opts, Duration::from_secs(10))?)
     }
 
     fn fs_kind(&self) -> &'static str {
-        if self.dir.starts_with("/dev/shm") {
+        if self.dir().starts_with("/dev/shm") {
             "tmpfs"
         } else {
             "the default temp directory"
@@ -573,42 +565,21 @@ impl Broker {
     }
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `lines` lines of `PUB <topic> <payload>` cycling over `topics`, as one
 /// buffer of about 64 KiB to write repeatedly.
 fn pub_chunk(topics: &[String], payload: usize, lines: usize) -> Vec<u8> {
     let body = vec![b'x'; payload];
+    let topics: Vec<Topic> = topics.iter().map(|t| topic(t)).collect();
     let mut out = Vec::new();
     for i in 0..lines {
-        out.extend_from_slice(b"PUB ");
-        out.extend_from_slice(topics[i % topics.len()].as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(&body);
-        out.push(b'\n');
+        encode_pub(&mut out, &topics[i % topics.len()], &body);
     }
     out
 }
 
 /// Writes `n` lines (in chunks from `pub_chunk`) to `w`.
 fn write_lines(w: &mut File, topics: &[String], payload: usize, n: u64) -> io::Result<()> {
-    let line_len = 4 + topics[0].len() + 1 + payload + 1;
+    let line_len = pub_line_len(&topic(&topics[0]), payload);
     let per_chunk = ((64 * 1024 / line_len).max(1) / topics.len()).max(1) * topics.len();
     let chunk = pub_chunk(topics, payload, per_chunk);
     let mut left = n;
@@ -804,7 +775,7 @@ fn relay_ceiling(writers: usize, outputs: usize, n: u64, payload: usize) -> Resu
         readers.push(File::open(&p)?);
     }
     let topic = vec!["bench.t0".to_owned()];
-    let line_len = (4 + topic[0].len() + 1 + payload + 1) as u64;
+    let line_len = pub_line_len(&self::topic(&topic[0]), payload) as u64;
     let total = line_len * n * writers as u64;
     let mut relay_in = open_rw(&input)?;
     std::thread::spawn(move || -> io::Result<()> {
@@ -833,14 +804,14 @@ fn relay_ceiling(writers: usize, outputs: usize, n: u64, payload: usize) -> Resu
 /// Complete lines out of a byte stream, with the broker's own splitter.
 struct Lines {
     buf: bytes::BytesMut,
-    splitter: crate::protocol::LineSplitter,
+    splitter: fifobus::protocol::LineSplitter,
 }
 
 impl Default for Lines {
     fn default() -> Self {
         Lines {
             buf: bytes::BytesMut::new(),
-            splitter: crate::protocol::LineSplitter::new(1 << 20),
+            splitter: fifobus::protocol::LineSplitter::new(1 << 20),
         }
     }
 }
@@ -850,7 +821,7 @@ impl Lines {
     fn feed(&mut self, data: &[u8], mut each: impl FnMut(&[u8])) {
         self.buf.extend_from_slice(data);
         while let Some(line) = self.splitter.next_line(&mut self.buf) {
-            if let crate::protocol::Line::Complete(l) = line {
+            if let fifobus::protocol::Line::Complete(l) = line {
                 each(&l);
             }
         }
@@ -898,6 +869,7 @@ fn rtt(
 }
 
 fn echo(mut from: File, mut to: File) -> io::Result<()> {
+    let back = topic("lat.back");
     let mut buf = vec![0u8; 256 * 1024];
     let mut lines = Lines::default();
     let mut out = Vec::new();
@@ -908,10 +880,8 @@ fn echo(mut from: File, mut to: File) -> io::Result<()> {
         }
         lines.feed(&buf[..k], |line| {
             // Skip the keyword and the topic; keep "<seq> <pad>".
-            let rest = line.splitn(3, |&b| b == b' ').nth(2).unwrap_or_default();
-            out.extend_from_slice(b"PUB lat.back ");
-            out.extend_from_slice(rest);
-            out.push(b'\n');
+            let rest = parse_msg(line).map(|(_, p)| p).unwrap_or_default();
+            encode_pub(&mut out, &back, rest);
         });
         to.write_all(&out)?;
         out.clear();
@@ -937,9 +907,8 @@ fn collect_rtts(
         }
         let now = now_ns(origin);
         lines.feed(&buf[..k], |line| {
-            let seq = line
-                .split(|&b| b == b' ')
-                .nth(2)
+            let seq = parse_msg(line)
+                .and_then(|(_, payload)| payload.split(|&b| b == b' ').next())
                 .and_then(|s| std::str::from_utf8(s).ok())
                 .and_then(|s| s.parse::<usize>().ok());
             if let Some(seq) = seq.filter(|&s| s < sent.len()) {
@@ -958,6 +927,7 @@ fn send_paced(
     pad: &str,
     origin: Instant,
 ) -> io::Result<()> {
+    let lat_out = topic("lat.out");
     match rate {
         Some(rate) => {
             // Fine-grained sleeps: the default 50 µs timer slack would make a
@@ -968,6 +938,7 @@ fn send_paced(
             let period = Duration::from_nanos(1_000_000_000 / rate.max(1));
             let start = Instant::now();
             let mut line = Vec::new();
+            let mut body = Vec::new();
             for i in 0..n {
                 let due = start + period * i as u32;
                 let now = Instant::now();
@@ -975,7 +946,9 @@ fn send_paced(
                     std::thread::sleep(due - now);
                 }
                 line.clear();
-                writeln!(line, "PUB lat.out {i} {pad}")?;
+                body.clear();
+                write!(body, "{i} {pad}")?;
+                encode_pub(&mut line, &lat_out, &body);
                 // Stamp the scheduled time, not the actual one: if this
                 // thread was held up, that delay is part of what a client at
                 // this rate would see (no coordinated omission).
@@ -986,13 +959,16 @@ fn send_paced(
         }
         None => {
             let mut chunk = Vec::new();
+            let mut body = Vec::new();
             let mut i = 0u64;
             while i < n {
                 chunk.clear();
                 let end = (i + 64).min(n);
                 let stamp = now_ns(origin);
                 for j in i..end {
-                    writeln!(chunk, "PUB lat.out {j} {pad}")?;
+                    body.clear();
+                    write!(body, "{j} {pad}")?;
+                    encode_pub(&mut chunk, &lat_out, &body);
                     sent[j as usize].store(stamp, Ordering::Release);
                 }
                 to.write_all(&chunk)?;
@@ -1067,7 +1043,7 @@ fn handshakes(broker: &Broker, n: usize) -> Result<f64> {
         .into_iter()
         .enumerate()
         .map(|(t, (path, mut reply))| {
-            let hello = broker.dir.join("hello");
+            let hello = broker.dir().join("hello");
             let count = n / threads + usize::from(t < n % threads);
             std::thread::spawn(move || -> io::Result<usize> {
                 let writer = std::thread::spawn(move || -> io::Result<()> {
@@ -1116,7 +1092,7 @@ fn connect_idle(broker: &Broker, n: usize) -> Result<usize> {
     let threads = 4;
     let workers: Vec<_> = (0..threads)
         .map(|t| {
-            let dir = broker.dir.clone();
+            let dir = broker.dir().to_owned();
             let count = n / threads + usize::from(t < n % threads);
             std::thread::spawn(move || {
                 let mut ok = 0;
