@@ -235,6 +235,7 @@ fn latency(c: &Counters) -> proto::Metric {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::encode;
     use crate::router::{BacklogLimits, Outbox, OverflowPolicy, RouterCore};
     use std::path::PathBuf;
 
@@ -306,9 +307,10 @@ mod tests {
         let (_, r, m) = setup(1, 1);
         let a = outbox();
         let b = outbox();
-        a.push(bytes::Bytes::from_static(b"MSG t x\n"));
-        b.push(bytes::Bytes::from_static(b"MSG t y\n"));
-        b.push(bytes::Bytes::from_static(b"MSG t z\n"));
+        let t = "t".parse().unwrap();
+        a.push(encode::msg(&t, b"x"));
+        b.push(encode::msg(&t, b"y"));
+        b.push(encode::msg(&t, b"z"));
         let dir = PathBuf::from("/nonexistent");
         r.insert(1, "alice".into(), dir.clone(), a, None);
         r.insert(2, "bob".into(), dir, b, None);

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use fifobus::client::{Client, ConnectOptions};
 use fifobus_testkit::{BusOptions, TempBus};
 
+use fifobus::protocol::Reply;
 use fifobus::topic::Topic;
 
 use crate::wire::{encode_pub, parse_msg, pub_line_len};
@@ -1061,7 +1062,8 @@ fn handshakes(broker: &Broker, n: usize) -> Result<f64> {
                 while answers < count {
                     let k = reply.read(&mut buf)?;
                     lines.feed(&buf[..k], |line| {
-                        welcomed += usize::from(line.starts_with(b"WELCOME "));
+                        welcomed +=
+                            usize::from(matches!(Reply::parse(line), Reply::Welcome { .. }));
                         answers += 1;
                     });
                 }
