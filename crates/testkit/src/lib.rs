@@ -10,6 +10,8 @@
 //! Only the broker's public client and its command line are used here;
 //! nothing reaches into broker modules.
 
+pub mod users;
+
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
