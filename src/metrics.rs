@@ -2,7 +2,7 @@
 //!
 //! Nothing here is on the message path: the router, sessions and
 //! rendezvous count into [`Counters`] (plain atomics), and the live clients
-//! are in the [`Registry`]. When Prometheus scrapes, [`Exporter`] reads
+//! are in the [`Registry`]. When Prometheus scrapes, `Exporter` reads
 //! both and builds the metric families, so backlogs and client counts are
 //! exact at that moment and counting never depends on serving.
 //!

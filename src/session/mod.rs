@@ -9,12 +9,12 @@
 //! | a place under the connection limit | [`Registry::admit`] | dropping the permit the session owns |
 //! | a pidfd for `pid=` | [`PidWatch::open`] | drop |
 //! | its subscriptions and outbox in the router | `RouterHandle::attach` | `RouterHandle::detach` |
-//! | `clients/<uuid>/` with `send` and `recv` | [`ClientFifos::create`] | [`busdir::remove_client_dir`] |
+//! | `clients/<uuid>/` with `send` and `recv` | `ClientFifos::create` | [`busdir::remove_client_dir`] |
 //! | an inotify watch on that directory | [`FsWatcher::watch_client`] | [`FsWatcher::unwatch_client`] |
 //! | its entry in the registry (metrics, watcher) | [`Registry::insert`] | [`Registry::remove`] |
 //!
 //! A session is one task. Inside it, the reader (`send` → parsed batches →
-//! router, [`reader`]) and the writer (outbox → `recv`, [`writer`]) run side
+//! router, `reader.rs`) and the writer (outbox → `recv`, `writer.rs`) run side
 //! by side, and the first of these ends it: the writer finishing because the
 //! outbox was closed (by `BYE`, an overflow, a deleted directory), the
 //! `pid=` process exiting, or the broker stopping. Whatever ends it, the
