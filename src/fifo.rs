@@ -136,10 +136,13 @@ pub async fn open_reply(path: &Path, timeout: Duration) -> Result<pipe::Sender, 
                     .map_err(|e| ReplyError::Io(shown(), e));
             }
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                if Instant::now() + backoff >= deadline {
+                let now = Instant::now();
+                if now >= deadline {
                     return Err(ReplyError::NoReader(shown(), timeout));
                 }
-                tokio::time::sleep(backoff).await;
+                // The last try is at the deadline itself: a client that
+                // opens its reply within the timeout is never refused.
+                tokio::time::sleep_until((now + backoff).min(deadline)).await;
                 backoff = (backoff * 2).min(Duration::from_millis(50));
             }
             Err(e) => return Err(ReplyError::Io(shown(), e)),
