@@ -174,13 +174,16 @@ impl TempBus {
         assert!(self.child.is_none(), "a broker is already running");
         let child = self.spawn_raw_checked(args)?;
         self.child = Some(child);
-        // `hello` is published last, after the pid file; a stale `hello`
-        // left by a killed broker does not count.
+        // The broker removes a stale `hello` (left by a killed broker), then
+        // writes its pid file, and publishes `hello` last. So read the pid
+        // file first: once it names this broker, any `hello` seen afterwards
+        // is its own. (Reading `hello` first raced: a stale one could be
+        // seen just before the new pid was written.)
         let hello = self.dir.join("hello");
         let pid = self.pid().to_string();
         let pid_file = self.dir.join("broker.pid");
         let serving =
-            || hello.exists() && fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == pid);
+            || fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == pid) && hello.exists();
         let ready = wait_for(&hello, T, || serving() || self.exited());
         if ready && serving() {
             return Ok(());
