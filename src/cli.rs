@@ -102,10 +102,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1000)]
     pub metrics_client_limit: usize,
     /// Label metric series with topic names ('on'), or sum every topic into topic="_all" ('off') so /metrics names no topic
-    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off())]
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off(), action = clap::ArgAction::Set)]
     pub metrics_topic_labels: bool,
     /// Label metric series with client names ('on'), or sum every client into client="_all" ('off') so /metrics names no client
-    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off())]
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off(), action = clap::ArgAction::Set)]
     pub metrics_client_labels: bool,
     /// Require 'Authorization: Bearer <token>' on /metrics, the token being this file's content; the file must be the broker user's (or root's) and mode 600 (/healthz stays open)
     #[arg(long, value_name = "FILE")]
