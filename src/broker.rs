@@ -42,6 +42,8 @@ pub enum BrokerError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    MetricsToken(#[from] crate::metrics_token::TokenError),
     #[error("cannot serve metrics on {addr}: {source} (choose another --metrics-addr, or --metrics-addr off)")]
     MetricsAddr {
         addr: String,
@@ -62,6 +64,13 @@ pub async fn run(
     let fd_limit = raise_open_file_limit();
     let fd_clients = client_capacity(fd_limit);
     let max_clients = config.max_clients.map_or(fd_clients, |m| m.min(fd_clients));
+    // Before touching the bus directory: a token file we may not trust
+    // stops the broker with nothing to clean up.
+    let metrics_token = config
+        .metrics_token_file
+        .as_deref()
+        .map(crate::metrics_token::BearerToken::load_private)
+        .transpose()?;
 
     let (mut bus, stale) = BusDir::open(&config.dir, config.mode)?;
     if !stale.is_empty() {
@@ -100,8 +109,17 @@ pub async fn run(
             });
         }
     };
-    let counters = Counters::new(config.metrics_limits.topics);
-    let clients = Registry::new(max_clients, config.metrics_limits.clients, counters.clone());
+    let limits = config.metrics_limits;
+    let counters = if limits.topic_labels {
+        Counters::new(limits.topics)
+    } else {
+        Counters::without_topic_labels()
+    };
+    let clients = if limits.client_labels {
+        Registry::new(max_clients, limits.clients, counters.clone())
+    } else {
+        Registry::without_client_labels(max_clients, counters.clone())
+    };
     let watcher = match FsWatcher::new(bus.path(), clients.clone()) {
         Ok(w) => w,
         Err(source) => {
@@ -118,7 +136,7 @@ pub async fn run(
         Some(l) => {
             let addr = l.local_addr().ok();
             let metrics = Metrics::new(counters.clone(), clients.clone());
-            tokio::spawn(http::serve(l, metrics, cancel.clone()));
+            tokio::spawn(http::serve(l, metrics, metrics_token, cancel.clone()));
             if let Some(a) = addr {
                 if let Err(e) = bus.write_metrics_addr(a) {
                     tracing::warn!("cannot record the metrics address: {e}");
@@ -148,7 +166,19 @@ pub async fn run(
             || format!("client pipes of {} bytes", ctx.config.pipe_size),
             |n| format!("about {n} clients get {}-byte pipes before fs.pipe-user-pages-soft shrinks new ones to a page", ctx.config.pipe_size)
         ),
-        metrics_addr.map_or_else(|| "off".to_owned(), |a| format!("on http://{a}/metrics")),
+        metrics_addr.map_or_else(
+            || "off".to_owned(),
+            |a| format!(
+                "on http://{a}/metrics{}{}",
+                if ctx.config.metrics_token_file.is_some() { " (bearer token required)" } else { "" },
+                match (limits.topic_labels, limits.client_labels) {
+                    (true, true) => "",
+                    (false, true) => " without topic names",
+                    (true, false) => " without client names",
+                    (false, false) => " without topic or client names",
+                }
+            )
+        ),
     );
     // Last: `hello` appearing is what clients and scripts wait for.
     if let Err(e) = bus.publish_hello() {

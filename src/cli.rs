@@ -101,6 +101,15 @@ pub struct ServeArgs {
     /// Client labels with their own metric series; the rest are summed under client="_other"
     #[arg(long, default_value_t = 1000)]
     pub metrics_client_limit: usize,
+    /// Label metric series with topic names ('on'), or sum every topic into topic="_all" ('off') so /metrics names no topic
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off(), action = clap::ArgAction::Set)]
+    pub metrics_topic_labels: bool,
+    /// Label metric series with client names ('on'), or sum every client into client="_all" ('off') so /metrics names no client
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = on_off(), action = clap::ArgAction::Set)]
+    pub metrics_client_labels: bool,
+    /// Require 'Authorization: Bearer <token>' on /metrics, the token being this file's content; the file must be the broker user's (or root's) and mode 600 (/healthz stays open)
+    #[arg(long, value_name = "FILE")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 /// `fifobus bench ARGS...`: the arguments of `fifobus-bench`, passed on unparsed.
@@ -125,6 +134,9 @@ pub struct StatsArgs {
     /// Scrape this URL instead of the one recorded in the bus directory
     #[arg(long)]
     pub url: Option<String>,
+    /// Send the bearer token in this file (the broker's --metrics-token-file, or a copy)
+    #[arg(long, value_name = "FILE", env = "FIFOBUS_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +182,12 @@ pub struct SubArgs {
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-sub")]
     pub name: String,
+}
+
+/// `on`/`off` switches (`--metrics-topic-labels off`).
+fn on_off() -> impl clap::builder::TypedValueParser<Value = bool> {
+    use clap::builder::{PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(["on", "off"]).map(|s| s == "on")
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

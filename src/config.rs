@@ -38,10 +38,15 @@ impl std::str::FromStr for MetricsEndpoint {
 
 /// Cardinality caps of the metric series (`--metrics-topic-limit`,
 /// `--metrics-client-limit`); the rest are summed under `_other`.
+/// With `topic_labels` or `client_labels` off (`--metrics-topic-labels off`,
+/// `--metrics-client-labels off`) no name is exported at all: everything is
+/// one series labelled `_all`.
 #[derive(Debug, Clone, Copy)]
 pub struct MetricsLimits {
     pub topics: usize,
     pub clients: usize,
+    pub topic_labels: bool,
+    pub client_labels: bool,
 }
 
 impl Default for MetricsLimits {
@@ -49,6 +54,8 @@ impl Default for MetricsLimits {
         MetricsLimits {
             topics: 1000,
             clients: 1000,
+            topic_labels: true,
+            client_labels: true,
         }
     }
 }
@@ -72,6 +79,9 @@ pub struct BrokerConfig {
     pub pipe_size: usize,
     pub metrics: MetricsEndpoint,
     pub metrics_limits: MetricsLimits,
+    /// `--metrics-token-file`: `/metrics` then requires the bearer token in
+    /// this file (checked and read at start, see [`crate::metrics_token`]).
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 impl BrokerConfig {
@@ -87,6 +97,7 @@ impl BrokerConfig {
             pipe_size: 64 * 1024,
             metrics: MetricsEndpoint::Default,
             metrics_limits: MetricsLimits::default(),
+            metrics_token_file: None,
         }
     }
 }

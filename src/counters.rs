@@ -20,6 +20,12 @@ use crate::protocol::ErrorCode;
 /// The label of the series that sums everything over a cardinality cap.
 pub const OTHER: &str = "_other";
 
+/// The label of the one series that sums everything when names are not
+/// exported at all (`--metrics-topic-labels off`, `--metrics-client-labels
+/// off`). Distinct from [`OTHER`], which means "over the cap": a dashboard
+/// showing `_all` says names are off, not that there are too many.
+pub const ALL: &str = "_all";
+
 /// Why messages were discarded; the `reason` label of
 /// `fifobus_messages_dropped_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +206,9 @@ type TopicTable = std::collections::HashMap<String, Arc<TopicCounters>>;
 #[derive(Debug)]
 pub struct Counters {
     topic_limit: usize,
+    /// `false`: no topic has counters of its own and the shared ones are
+    /// exported as [`ALL`], so `/metrics` names no topic.
+    topic_labels: bool,
     topics: Mutex<TopicTable>,
     other_topic: Arc<TopicCounters>,
     pub unrouted: AtomicU64,
@@ -219,6 +228,7 @@ impl Counters {
     pub fn new(topic_limit: usize) -> Arc<Counters> {
         Arc::new(Counters {
             topic_limit,
+            topic_labels: true,
             topics: Mutex::default(),
             other_topic: Arc::default(),
             unrouted: AtomicU64::new(0),
@@ -233,11 +243,25 @@ impl Counters {
         })
     }
 
+    /// Counters that export no topic name: every topic is counted in the
+    /// one series labelled [`ALL`], and nothing is counted as a fold (there
+    /// is no cap being reached). The same families exist, so queries that
+    /// sum over topics work unchanged.
+    pub fn without_topic_labels() -> Arc<Counters> {
+        let mut c = Counters::new(0);
+        Arc::get_mut(&mut c).expect("just made").topic_labels = false;
+        c
+    }
+
     /// A topic's own counters while fewer than the limit exist, else `None`
-    /// (counted as a fold): the caller counts it under [`Counters::other_topic`]
-    /// and should not remember it, or ever-new names would grow its memory.
+    /// (counted as a fold, unless topic labels are off): the caller counts it
+    /// under [`Counters::other_topic`] and should not remember it, or
+    /// ever-new names would grow its memory.
     /// Callers keep the result; this takes a lock.
     pub fn topic(&self, name: &str) -> Option<Arc<TopicCounters>> {
+        if !self.topic_labels {
+            return None;
+        }
         let mut t = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = t.get(name) {
             return Some(c.clone());
@@ -257,8 +281,13 @@ impl Counters {
         self.other_topic.clone()
     }
 
-    /// Calls `f` with every topic's label and counters, `_other` last.
+    /// Calls `f` with every topic's label and counters, `_other` last
+    /// (or `_all` alone when topic labels are off).
     pub fn for_each_topic(&self, mut f: impl FnMut(&str, &TopicCounters)) {
+        if !self.topic_labels {
+            f(ALL, &self.other_topic);
+            return;
+        }
         let t = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         for (name, c) in t.iter() {
             f(name, c);
@@ -327,6 +356,20 @@ mod tests {
         c.for_each_topic(|n, _| seen.push(n.to_owned()));
         seen[..2].sort();
         assert_eq!(seen, ["a", "b", OTHER]);
+    }
+
+    #[test]
+    fn without_topic_labels_every_topic_counts_under_all_and_nothing_folds() {
+        let c = Counters::without_topic_labels();
+        for t in ["secret.a", "secret.b"] {
+            assert!(c.topic(t).is_none(), "no topic gets counters of its own");
+            c.other_topic().published.fetch_add(1, Relaxed);
+        }
+        assert_eq!(c.folded_topics.load(Relaxed), 0, "labels off is not a fold");
+        assert_eq!(c.topic_count(), 0);
+        let mut seen = Vec::new();
+        c.for_each_topic(|n, t| seen.push((n.to_owned(), t.published.load(Relaxed))));
+        assert_eq!(seen, [(ALL.to_owned(), 2)]);
     }
 
     #[test]

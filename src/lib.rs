@@ -17,7 +17,8 @@
 //! - [`rendezvous`]: the `hello` FIFO and handshakes.
 //! - [`session`]: one client's reader, writer and teardown.
 //! - [`broker`]: wiring and ordered shutdown.
-//! - [`metrics`], [`http`]: Prometheus metrics and the `/metrics` endpoint.
+//! - [`metrics`], [`http`], [`metrics_token`]: Prometheus metrics, the `/metrics`
+//!   endpoint and the bearer token that may guard it.
 //! - [`client`], [`commands`], [`cli`], [`stats`]: the client side and the command line.
 //!
 //! The benchmark (`fifobus bench`) is a crate of its own, `crates/bench`,
@@ -44,6 +45,7 @@ pub mod counters;
 pub mod fifo;
 pub mod http;
 pub mod metrics;
+pub mod metrics_token;
 pub mod protocol;
 pub mod registry;
 pub mod rendezvous;

@@ -44,7 +44,10 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         metrics_limits: fifobus::config::MetricsLimits {
             topics: args.metrics_topic_limit,
             clients: args.metrics_client_limit,
+            topic_labels: args.metrics_topic_labels,
+            client_labels: args.metrics_client_labels,
         },
+        metrics_token_file: args.metrics_token_file.clone(),
         ..BrokerConfig::new(dir)
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -135,9 +138,14 @@ fn stats(dir: &std::path::Path, args: &StatsArgs) -> ExitCode {
             Some(u) => u.clone(),
             None => stats::metrics_url(dir)?,
         };
-        let before = stats::scrape(&url)?;
+        let token = args
+            .metrics_token_file
+            .as_deref()
+            .map(fifobus::metrics_token::BearerToken::load)
+            .transpose()?;
+        let before = stats::scrape(&url, token.as_ref())?;
         std::thread::sleep(args.interval);
-        let now = stats::scrape(&url)?;
+        let now = stats::scrape(&url, token.as_ref())?;
         let secs = args.interval.as_secs_f64().max(1e-3);
         Ok(format!(
             "fifobus on {} ({url}, rates over {:?})\n{}",

@@ -268,6 +268,52 @@ mod tests {
     }
 
     #[test]
+    fn with_labels_off_no_name_is_exported_and_the_totals_remain() {
+        let c = Counters::without_topic_labels();
+        let r = Registry::without_client_labels(100, c.clone());
+        let m = Metrics::new(c.clone(), r.clone());
+        let mut core = RouterCore::new(c);
+        let sub = outbox();
+        core.attach(1, sub.clone(), vec!["secret.>".parse().unwrap()]);
+        r.insert(
+            1,
+            "alice-secret".into(),
+            PathBuf::from("/nonexistent"),
+            sub,
+            None,
+        );
+        let now = std::time::Instant::now();
+        for topic in ["secret.plans", "secret.plans", "secret.other"] {
+            core.publish(
+                &topic.parse().unwrap(),
+                &bytes::Bytes::from_static(b"xy"),
+                now,
+            );
+        }
+        let text = m.encode();
+        assert!(!text.contains("secret"), "{text}");
+        assert!(
+            text.contains(r#"fifobus_messages_published_total{topic="_all"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"fifobus_published_bytes_total{topic="_all"} 6"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"fifobus_messages_delivered_total{topic="_all"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"fifobus_client_backlog_messages{client="_all"} 3"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#""_other""#), "{text}");
+        assert!(text.contains(r#"fifobus_metrics_series_folded_total{kind="topic"} 0"#));
+        assert!(text.contains(r#"fifobus_metrics_series_folded_total{kind="client"} 0"#));
+    }
+
+    #[test]
     fn a_client_named_other_keeps_its_slot_when_a_folded_client_leaves() {
         let (_, r, m) = setup(1, 1);
         let dir = PathBuf::from("/nonexistent");

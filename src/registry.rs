@@ -18,7 +18,7 @@ use dashmap::DashMap;
 use nix::sys::inotify::WatchDescriptor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::counters::{Counters, OTHER};
+use crate::counters::{Counters, ALL, OTHER};
 use crate::router::{ClientKey, Outbox};
 
 /// What the rest of the broker may know about a live client.
@@ -44,6 +44,8 @@ pub struct Registry {
     /// Series labels in use, and how many live clients share each.
     series: Mutex<HashMap<String, usize>>,
     series_limit: usize,
+    /// `false`: every client's series is [`ALL`], so `/metrics` names none.
+    series_labels: bool,
     counters: Arc<Counters>,
     next_key: AtomicU64,
 }
@@ -59,9 +61,18 @@ impl Registry {
             max,
             series: Mutex::default(),
             series_limit,
+            series_labels: true,
             counters,
             next_key: AtomicU64::new(1),
         })
+    }
+
+    /// A table whose clients' metric series name none of them: all are
+    /// summed under [`ALL`] (`--metrics-client-labels off`).
+    pub fn without_client_labels(max: usize, counters: Arc<Counters>) -> Arc<Registry> {
+        let mut r = Registry::new(max, 0, counters);
+        Arc::get_mut(&mut r).expect("just made").series_labels = false;
+        r
     }
 
     /// A place for one more client, or `None` when `max` are connected.
@@ -148,6 +159,9 @@ impl Registry {
     }
 
     fn take_series(&self, label: &str) -> String {
+        if !self.series_labels {
+            return ALL.to_owned();
+        }
         let mut labels = self.labels();
         if labels.contains_key(label) || labels.len() < self.series_limit {
             *labels.entry(label.to_owned()).or_default() += 1;
@@ -159,6 +173,9 @@ impl Registry {
     }
 
     fn give_back_series(&self, entry: &ClientEntry) {
+        if !self.series_labels {
+            return;
+        }
         // A folded client never took a slot (a client may also be *named*
         // _other, and then it did).
         if entry.series == OTHER && entry.label != OTHER {
@@ -205,5 +222,18 @@ mod tests {
         let carol = r.insert(3, "carol".into(), dir, outbox(), None);
         assert_eq!(carol.series, OTHER, "still folded: _other holds the slot");
         assert_eq!(c.folded_clients.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn without_client_labels_every_client_is_all_and_nothing_folds() {
+        let c = Counters::new(1);
+        let r = Registry::without_client_labels(10, c.clone());
+        let dir = PathBuf::from("/nonexistent");
+        let alice = r.insert(1, "alice".into(), dir.clone(), outbox(), None);
+        let bob = r.insert(2, "bob".into(), dir, outbox(), None);
+        assert_eq!((alice.series.as_str(), bob.series.as_str()), (ALL, ALL));
+        assert_eq!(alice.label, "alice", "logs still know the name");
+        r.remove(1);
+        assert_eq!(c.folded_clients.load(Ordering::Relaxed), 0);
     }
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::busdir::METRICS_ADDR_FILE;
+use crate::metrics_token::{BearerToken, TokenError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
@@ -22,6 +23,12 @@ pub enum StatsError {
     },
     #[error("cannot parse the metrics from {url}: {source}")]
     Parse { url: String, source: std::io::Error },
+    #[error("{url} requires a bearer token: pass --metrics-token-file FILE (or set FIFOBUS_METRICS_TOKEN_FILE) naming the broker's token file or a copy of it")]
+    TokenRequired { url: String },
+    #[error("{url} refused the token from --metrics-token-file: it is not the broker's token (see the broker's --metrics-token-file)")]
+    TokenRefused { url: String },
+    #[error(transparent)]
+    Token(#[from] TokenError),
 }
 
 /// The figures `stats` shows, from one scrape.
@@ -195,22 +202,35 @@ pub fn metrics_url(bus_dir: &Path) -> Result<String, StatsError> {
     Ok(format!("http://{}/metrics", addr.trim()))
 }
 
-/// Fetches and parses one scrape.
+/// Fetches and parses one scrape, sending `token` as a bearer token when
+/// given.
 ///
 /// # Errors
-/// When the endpoint does not answer within 5 s, or answers nonsense.
-pub fn scrape(url: &str) -> Result<Snapshot, StatsError> {
+/// When the endpoint does not answer within 5 s, answers nonsense, or
+/// wants a token that was not given or is not its own (401).
+pub fn scrape(url: &str, token: Option<&BearerToken>) -> Result<Snapshot, StatsError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
         .into();
-    let text = agent
-        .get(url)
+    let mut request = agent.get(url);
+    if let Some(t) = token {
+        request = request.header("Authorization", format!("Bearer {}", t.as_str()));
+    }
+    let text = request
         .call()
         .and_then(|mut r| r.body_mut().read_to_string())
-        .map_err(|e| StatsError::Fetch {
-            url: url.to_owned(),
-            source: Box::new(e),
+        .map_err(|e| match e {
+            ureq::Error::StatusCode(401) if token.is_some() => StatsError::TokenRefused {
+                url: url.to_owned(),
+            },
+            ureq::Error::StatusCode(401) => StatsError::TokenRequired {
+                url: url.to_owned(),
+            },
+            e => StatsError::Fetch {
+                url: url.to_owned(),
+                source: Box::new(e),
+            },
         })?;
     Snapshot::parse(&text).map_err(|source| StatsError::Parse {
         url: url.to_owned(),

@@ -196,12 +196,20 @@ fn free_port() -> u16 {
 }
 
 fn start_prometheus(bin: &Path, target: &str) -> Prometheus {
+    start_prometheus_with(
+        bin,
+        &format!("  - job_name: fifobus\n    static_configs: [{{targets: ['{target}']}}]\n"),
+    )
+}
+
+/// A Prometheus with the alert rules and these `scrape_configs` entries.
+fn start_prometheus_with(bin: &Path, scrape_configs: &str) -> Prometheus {
     let data = tempfile::tempdir().unwrap();
     let config = data.path().join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
-            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: ['{}']\nscrape_configs:\n  - job_name: fifobus\n    static_configs: [{{targets: ['{target}']}}]\n",
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: ['{}']\nscrape_configs:\n{scrape_configs}",
             repo("deploy/prometheus/alerts.yml").display()
         ),
     )
@@ -279,6 +287,154 @@ fn dashboard_queries() -> Vec<String> {
     out
 }
 
+/// Every dashboard query evaluates and returns at least one series.
+fn assert_every_dashboard_query_returns_data(prom: &Prometheus) {
+    for expr in dashboard_queries() {
+        let v = query(prom, &expr);
+        assert_eq!(v["status"], "success", "{expr}: {v}");
+        let result = v["data"]["result"].as_array().unwrap();
+        assert!(
+            !result.is_empty(),
+            "dashboard query returned no data: {expr}"
+        );
+    }
+}
+
+/// `HOST:PORT` of the bus's metrics endpoint.
+fn target_of(bus: &TempBus) -> String {
+    metrics_url(bus)
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned()
+}
+
+/// Waits until Prometheus is ready and has scraped `job` at least `n` times.
+fn wait_scraped(prom: &Prometheus, job: &str, n: f64) {
+    let ready = poll(Duration::from_secs(30), || {
+        http_get(&format!("{}/-/ready", prom.url)).ok()
+    });
+    assert!(ready.is_some(), "prometheus did not become ready");
+    let scraped = poll(Duration::from_secs(60), || {
+        let v = query(prom, &format!(r#"count_over_time(up{{job="{job}"}}[1m])"#));
+        let got: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+        (got >= n).then_some(got)
+    });
+    assert!(scraped.is_some(), "prometheus did not scrape job {job}");
+}
+
+/// The health and last error of each active target, by job.
+fn targets(prom: &Prometheus) -> Vec<(String, String, String)> {
+    let body = http_get(&format!("{}/api/v1/targets?state=active", prom.url)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["data"]["activeTargets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["labels"]["job"].as_str().unwrap_or_default().to_owned(),
+                t["health"].as_str().unwrap_or_default().to_owned(),
+                t["lastError"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A real Prometheus sends the token from `authorization: credentials_file`
+/// and the token-protected target is up; a job without it is down with 401.
+#[test]
+#[ignore = "needs the prometheus server: apt-get install prometheus, then cargo test -- --include-ignored"]
+fn prometheus_scrapes_a_token_protected_broker_with_credentials_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let prometheus_bin = tool("prometheus");
+    let mut bus = TempBus::new(BusOptions::default()).unwrap();
+    let token = bus.tmp.path().join("metrics.token");
+    std::fs::write(&token, "c0ffee-9d2b47a1e5f3-token\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    bus.spawn(&["--metrics-token-file", token.to_str().unwrap()]);
+    let target = target_of(&bus);
+    let prom = start_prometheus_with(
+        &prometheus_bin,
+        &format!(
+            "  - job_name: fifobus\n    authorization: {{type: Bearer, credentials_file: '{}'}}\n    static_configs: [{{targets: ['{target}']}}]\n  - job_name: no-token\n    static_configs: [{{targets: ['{target}']}}]\n",
+            token.display()
+        ),
+    );
+    wait_scraped(&prom, "fifobus", 2.0);
+    let seen = poll(Duration::from_secs(30), || {
+        let t = targets(&prom);
+        (t.len() == 2 && t.iter().all(|(_, health, _)| health != "unknown")).then_some(t)
+    })
+    .expect("both targets were scraped");
+    for (job, health, error) in &seen {
+        match job.as_str() {
+            "fifobus" => assert_eq!((health.as_str(), error.as_str()), ("up", ""), "{seen:?}"),
+            _ => {
+                assert_eq!(health, "down", "{seen:?}");
+                assert!(error.contains("401"), "{seen:?}");
+            }
+        }
+    }
+    let up = query(&prom, r#"up{job="fifobus"}"#);
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+    let clients = query(&prom, r#"fifobus_clients{job="fifobus"}"#);
+    assert_eq!(
+        clients["data"]["result"].as_array().unwrap().len(),
+        1,
+        "{clients}"
+    );
+}
+
+/// With topic and client labels off, `/metrics` names nothing, and every
+/// dashboard query still returns data (they sum over topics and clients).
+#[test]
+#[ignore = "needs the prometheus server: apt-get install prometheus, then cargo test -- --include-ignored"]
+fn with_labels_off_every_dashboard_query_still_returns_data() {
+    let prometheus_bin = tool("prometheus");
+    let bus = TempBus::start_with(&[
+        "--backlog-messages",
+        "50",
+        "--metrics-topic-labels",
+        "off",
+        "--metrics-client-labels",
+        "off",
+    ]);
+    let (stop, worker) = start_load(&bus);
+    let prom = start_prometheus(&prometheus_bin, &target_of(&bus));
+    wait_scraped(&prom, "fifobus", 6.0);
+    // The load's drops and rejections must have been scraped too.
+    let dropped = poll(Duration::from_secs(30), || {
+        let v = query(&prom, "sum(fifobus_messages_dropped_total)");
+        let n: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+        (n > 0.0).then_some(n)
+    });
+    assert!(dropped.is_some(), "the load's drops were not scraped");
+    assert_every_dashboard_query_returns_data(&prom);
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+
+    let total = query(&prom, "sum(rate(fifobus_messages_published_total[1m]))");
+    let rate: f64 = total["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rate > 0.0, "{total}");
+    for expr in [
+        r#"count(fifobus_messages_published_total{topic!="_all"})"#,
+        r#"count(fifobus_client_backlog_messages{client!="_all"})"#,
+    ] {
+        let v = query(&prom, expr);
+        assert_eq!(v["data"]["result"], serde_json::json!([]), "{expr}: {v}");
+    }
+    let text = http_get(&metrics_url(&bus)).unwrap();
+    assert!(!text.contains("load."), "topic names leaked:\n{text}");
+    for name in ["reader", "stuck", "publisher"] {
+        let label = format!(r#""{name}""#);
+        assert!(!text.contains(&label), "client name {name} leaked:\n{text}");
+    }
+}
+
 #[test]
 #[ignore = "needs the prometheus server: apt-get install prometheus, then cargo test -- --include-ignored"]
 fn prometheus_scrapes_the_broker_and_every_dashboard_and_alert_query_evaluates() {
@@ -304,15 +460,7 @@ fn prometheus_scrapes_the_broker_and_every_dashboard_and_alert_query_evaluates()
     let up = query(&prom, r#"up{job="fifobus"}"#);
     assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
 
-    for expr in dashboard_queries() {
-        let v = query(&prom, &expr);
-        assert_eq!(v["status"], "success", "{expr}: {v}");
-        let result = v["data"]["result"].as_array().unwrap();
-        assert!(
-            !result.is_empty(),
-            "dashboard query returned no data: {expr}"
-        );
-    }
+    assert_every_dashboard_query_returns_data(&prom);
 
     // Alert rules: Prometheus evaluates them itself; each must have been
     // evaluated without error.
