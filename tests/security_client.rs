@@ -347,7 +347,7 @@ fn shell_recipes_and_example_clients_refuse_another_users_bus() {
                 .unwrap_or_else(|| panic!("{what}: still waiting after {AT_ONCE:?}"));
             assert!(!status.success(), "{what}: {status:?}");
             assert!(
-                err.contains(&format!("belongs to uid {}", b.uid))
+                err.contains(&format!("{} belongs to uid {}", s.culprit.display(), b.uid))
                     && err.contains("not your broker"),
                 "{what}: {err}"
             );
