@@ -153,6 +153,9 @@ pub struct ConnectArgs {
     /// How long to wait for the broker's answer
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
+    #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
+    pub bus_owner: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -163,6 +166,9 @@ pub struct PubArgs {
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-pub")]
     pub name: String,
+    /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
+    #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
+    pub bus_owner: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +188,9 @@ pub struct SubArgs {
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-sub")]
     pub name: String,
+    /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
+    #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
+    pub bus_owner: Option<u32>,
 }
 
 /// `on`/`off` switches (`--metrics-topic-labels off`).
@@ -195,6 +204,20 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok()
         .filter(|m| *m <= 0o7777)
         .ok_or_else(|| format!("'{s}' is not an octal mode such as 700 or 750"))
+}
+
+/// `--bus-owner`: a uid, or the name of an existing user.
+fn parse_owner(s: &str) -> Result<u32, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map_err(|_| format!("'{s}' is not a uid (out of range)"));
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        Ok(None) => Err(format!("no user named '{s}' (give a user name or a uid)")),
+        Err(e) => Err(format!("cannot look up user '{s}': {e}")),
+    }
 }
 
 /// Parses `65536`, `64K`, `64KiB`, `1M`, `1MiB`, `1G` (binary multiples).

@@ -5,19 +5,29 @@
 //! Waits have deadlines: opening `hello` is non-blocking (`ENOENT` or `ENXIO`
 //! means no broker), and every read and write goes through `poll(2)` with a
 //! timeout, so a missing or stuck broker is reported instead of hanging.
+//!
+//! Nothing is said to a bus before its owner is known: anyone can make a
+//! directory named like someone else's bus, or a FIFO named `hello`, and
+//! read the HELLO lines (reply path, name, pid, patterns) written into it.
+//! So the bus directory and `hello` must belong to the caller, to root (the
+//! system bus) or to a bus owner the caller named, and `hello` is opened
+//! relative to the directory, without following links, and checked again
+//! after opening ([`open_hello`]).
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::fcntl::{fcntl, AtFlags, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::stat::Mode;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::stat::{FileStat, Mode, SFlag};
 
 use crate::protocol::hello::MAX_HELLO_LINE;
 use crate::protocol::{encode_ping, encode_pub, Command, EncodeError, ErrorCode, Hello, Reply};
@@ -27,6 +37,23 @@ use crate::topic::{Pattern, Topic};
 pub enum ClientError {
     #[error("no broker is running on {0} ({1}); start one with: fifobus serve --dir {0}")]
     NoBroker(String, &'static str),
+    /// The bus directory or `hello` (or a symbolic link leading to the bus
+    /// directory) belongs to a user the caller does not trust.
+    #[error("{}", untrusted_message(path, *owner, *me, *named))]
+    Untrusted {
+        path: PathBuf,
+        owner: u32,
+        me: u32,
+        named: Option<u32>,
+    },
+    /// `hello` is not a FIFO (a symbolic link, a file...): no broker made it.
+    #[error("{}/hello is {kind}, not a FIFO: no broker made it; not sending HELLO (remove it, then start a broker: fifobus serve --dir {})", dir.display(), dir.display())]
+    NotAFifo { dir: PathBuf, kind: &'static str },
+    /// SIGINT or SIGTERM arrived during the handshake (with
+    /// [`Handshake::catch_signals`]); the reply directory is already gone.
+    /// The caller should die of the same signal: [`die_of`].
+    #[error("interrupted by {0} during the handshake")]
+    Interrupted(Signal),
     #[error("the broker refused: {code} {text}")]
     Refused { code: String, text: String },
     #[error("the broker did not answer within {0:?}")]
@@ -52,11 +79,43 @@ impl ClientError {
     }
 }
 
+fn untrusted_message(path: &Path, owner: u32, me: u32, named: Option<u32>) -> String {
+    let trusted = match named {
+        Some(n) if n != me && n != 0 => {
+            format!("not to you (uid {me}), root or the bus owner you named (uid {n})")
+        }
+        _ if me == 0 => "not to you (root)".to_owned(),
+        _ => format!("not to you (uid {me}) or root"),
+    };
+    format!(
+        "{} belongs to uid {owner}, {trusted}: someone else may be impersonating the broker; not sending HELLO (use --bus-owner {owner} if you trust that user)",
+        path.display()
+    )
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ConnectOptions {
     pub name: Option<String>,
     pub pid: Option<i32>,
     pub subs: Vec<Pattern>,
+}
+
+/// How [`Client::connect_with`] guards the handshake, beyond
+/// [`Client::connect`]'s defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Handshake {
+    /// Also trust a bus directory and `hello` owned by this uid (besides
+    /// the caller's own and root's): `--bus-owner`, `FIFOBUS_OWNER`.
+    pub bus_owner: Option<u32>,
+    /// Catch SIGINT and SIGTERM during the handshake, so that the reply
+    /// directory is removed before the process dies of them: the handshake
+    /// returns [`ClientError::Interrupted`] and the caller calls [`die_of`].
+    /// Only signals left at their default action are caught (a shell's
+    /// `trap '' INT` or a background job's ignored SIGINT stay as they
+    /// are). Uses a signalfd with the signals blocked in the calling thread,
+    /// so it is for single-threaded programs such as the `fifobus` commands:
+    /// in a multi-threaded process another thread may take the signal.
+    pub catch_signals: bool,
 }
 
 /// Buffered line reading from a non-blocking descriptor, with deadlines.
@@ -118,6 +177,16 @@ impl LineReader {
     /// The next line, waiting until `deadline` (None: forever). `Ok(None)`
     /// is EOF once every buffered line has been returned.
     fn read_line(&mut self, deadline: Option<Instant>) -> Result<Option<Vec<u8>>, ClientError> {
+        self.read_line_or(deadline, None)
+    }
+
+    /// [`LineReader::read_line`], ending early when `interrupt` (a signalfd)
+    /// becomes readable.
+    fn read_line_or(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupt: Option<&SignalFd>,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
         loop {
             if let Some(line) = self.buffered_line() {
                 return Ok(Some(line));
@@ -125,17 +194,20 @@ impl LineReader {
             if self.eof {
                 return Ok(None);
             }
-            wait_fd(self.fd.as_fd(), PollFlags::POLLIN, deadline)?;
+            wait_fd(self.fd.as_fd(), PollFlags::POLLIN, deadline, interrupt)?;
             self.fill()?;
         }
     }
 }
 
-/// Waits until `fd` is ready for `events` or `deadline` passes.
+/// Waits until `fd` is ready for `events` or `deadline` passes. With
+/// `interrupt` (a signalfd), a signal read from it ends the wait with
+/// [`ClientError::Interrupted`].
 fn wait_fd(
     fd: BorrowedFd<'_>,
     events: PollFlags,
     deadline: Option<Instant>,
+    interrupt: Option<&SignalFd>,
 ) -> Result<(), ClientError> {
     loop {
         let timeout = match deadline {
@@ -147,13 +219,32 @@ fn wait_fd(
             }
         };
         let mut fds = [PollFd::new(fd, events)];
-        match poll(&mut fds, timeout) {
+        let mut with_signals;
+        let fds: &mut [PollFd] = match interrupt {
+            None => &mut fds,
+            Some(sfd) => {
+                with_signals = [fds[0], PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+                &mut with_signals
+            }
+        };
+        match poll(fds, timeout) {
             Ok(0) => {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return Err(ClientError::Timeout(Duration::ZERO));
                 }
             }
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                if let Some(sfd) = interrupt {
+                    if let Some(info) = sfd.read_signal().map_err(io::Error::from)? {
+                        let sig =
+                            Signal::try_from(info.ssi_signo as i32).map_err(io::Error::from)?;
+                        return Err(ClientError::Interrupted(sig));
+                    }
+                }
+                if fds[0].any().unwrap_or(false) {
+                    return Ok(());
+                }
+            }
             Err(Errno::EINTR) => {}
             Err(e) => return Err(io::Error::from(e).into()),
         }
@@ -186,30 +277,49 @@ pub struct Client {
 }
 
 impl Client {
-    /// Performs the handshake on `bus_dir/hello` and opens the client's FIFOs.
+    /// Performs the handshake on `bus_dir/hello` and opens the client's FIFOs,
+    /// if the bus belongs to the caller or to root.
     ///
     /// # Errors
     /// [`ClientError::NoBroker`] within milliseconds when no broker runs;
+    /// [`ClientError::Untrusted`] or [`ClientError::NotAFifo`] at once for
+    /// a bus directory or `hello` someone else made;
     /// [`ClientError::Refused`] with the broker's `ERR`; `Timeout`.
     pub fn connect(
         bus_dir: &Path,
         opts: &ConnectOptions,
         timeout: Duration,
     ) -> Result<Client, ClientError> {
+        Self::connect_with(bus_dir, opts, timeout, &Handshake::default())
+    }
+
+    /// [`Client::connect`], trusting `guard.bus_owner` too, and catching
+    /// SIGINT/SIGTERM when `guard.catch_signals` says so.
+    ///
+    /// # Errors
+    /// As [`Client::connect`]; [`ClientError::Untrusted`] or
+    /// [`ClientError::NotAFifo`] at once, before anything is written, for a
+    /// bus someone else may have set up; [`ClientError::Interrupted`].
+    pub fn connect_with(
+        bus_dir: &Path,
+        opts: &ConnectOptions,
+        timeout: Duration,
+        guard: &Handshake,
+    ) -> Result<Client, ClientError> {
         let deadline = Instant::now() + timeout;
-        let shown = bus_dir.display().to_string();
-        let hello = match open_nonblocking(&bus_dir.join("hello"), true) {
-            Ok(fd) => fd,
-            Err(e) => {
-                return Err(match e.raw_os_error() {
-                    Some(libc::ENOENT | libc::ENOTDIR) => {
-                        ClientError::NoBroker(shown, "no hello FIFO there")
-                    }
-                    Some(libc::ENXIO) => ClientError::NoBroker(shown, "hello has no reader"),
-                    _ => e.into(),
-                })
-            }
+        let trust = Trust {
+            me: nix::unistd::geteuid().as_raw(),
+            named: guard.bus_owner,
         };
+        let hello = open_hello(bus_dir, &trust)?;
+        // Installed before the reply directory exists, so that from then on
+        // SIGINT/SIGTERM remove it first.
+        let signals = if guard.catch_signals {
+            SignalGuard::install()?
+        } else {
+            None
+        };
+        let interrupt = signals.as_ref().map(|g| &g.fd);
         let reply_dir = reply_dir()?;
         let reply_path = reply_dir.path().join("reply");
         nix::unistd::mkfifo(&reply_path, Mode::from_bits_truncate(0o600))
@@ -235,7 +345,7 @@ impl Client {
         // contention POLLOUT may be stale by the time we write: EAGAIN means
         // wait again, until the deadline.
         loop {
-            wait_fd(hello.as_fd(), PollFlags::POLLOUT, Some(deadline))
+            wait_fd(hello.as_fd(), PollFlags::POLLOUT, Some(deadline), interrupt)
                 .map_err(|e| with_timeout(e, timeout))?;
             match nix::unistd::write(&hello, &line) {
                 Ok(_) => break,
@@ -244,9 +354,14 @@ impl Client {
             }
         }
         let answer = reply
-            .read_line(Some(deadline))
+            .read_line_or(Some(deadline), interrupt)
             .map_err(|e| with_timeout(e, timeout))?
             .ok_or(ClientError::Closed)?;
+        // The reply directory goes before the signals are let through again:
+        // one that arrived since the last poll kills us with nothing left.
+        drop(reply);
+        drop(reply_dir);
+        drop(signals);
         let (id, dir) = match Reply::parse(&answer) {
             Reply::Welcome { id, dir } => (id.to_owned(), dir.to_owned()),
             Reply::Err { code, text } => {
@@ -262,9 +377,12 @@ impl Client {
             }
         };
         // The broker holds both FIFOs open, so neither open can block.
-        let send = open_nonblocking(&dir.join("send"), true)?;
+        let (send_path, recv_path) = (dir.join("send"), dir.join("recv"));
+        let send =
+            open_nonblocking(&send_path, true).map_err(|e| at_path(e, "open", &send_path))?;
         set_blocking(&send)?;
-        let recv = open_nonblocking(&dir.join("recv"), false)?;
+        let recv =
+            open_nonblocking(&recv_path, false).map_err(|e| at_path(e, "open", &recv_path))?;
         Ok(Client {
             id,
             dir,
@@ -445,6 +563,10 @@ fn reply_dir() -> io::Result<tempfile::TempDir> {
     };
     let mut b = tempfile::Builder::new();
     b.prefix("fifobus-reply-");
+    // mkdir(2) with 0700 itself: never a moment with a wider mode (the
+    // default, 0777 less the umask, let every user list it and see the
+    // reply FIFO's name).
+    b.permissions(std::fs::Permissions::from_mode(0o700));
     if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         if let Ok(d) = b.tempdir_in(runtime) {
             if usable(&d) {
@@ -464,4 +586,207 @@ fn with_timeout(e: ClientError, timeout: Duration) -> ClientError {
         ClientError::Timeout(_) => ClientError::Timeout(timeout),
         e => e,
     }
+}
+
+/// Whom a client trusts to run its bus: itself, root, and the owner it named.
+struct Trust {
+    me: u32,
+    named: Option<u32>,
+}
+
+impl Trust {
+    fn check(&self, path: &Path, st: &FileStat) -> Result<(), ClientError> {
+        let owner = st.st_uid;
+        if owner == self.me || owner == 0 || Some(owner) == self.named {
+            return Ok(());
+        }
+        Err(ClientError::Untrusted {
+            path: path.to_owned(),
+            owner,
+            me: self.me,
+            named: self.named,
+        })
+    }
+}
+
+fn file_type(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
+}
+
+fn type_name(st: &FileStat) -> &'static str {
+    match file_type(st) {
+        SFlag::S_IFLNK => "a symbolic link",
+        SFlag::S_IFREG => "a regular file",
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFCHR | SFlag::S_IFBLK => "a device",
+        _ => "not a FIFO",
+    }
+}
+
+/// An I/O error that names the path it happened on.
+fn at_path(e: impl Into<io::Error>, what: &str, path: &Path) -> ClientError {
+    let e: io::Error = e.into();
+    io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display())).into()
+}
+
+/// Opens the bus directory as an `O_PATH` descriptor (search permission is
+/// enough, as for a root bus of mode 0711) and checks its owner.
+///
+/// The last component may be a symbolic link only if the caller, root or
+/// the named bus owner made it: the link's owner chose where it leads, and
+/// a link planted by anyone else could lead the client to another bus that
+/// passes the owner check (root's system bus, shared with every user).
+/// Links higher up the path (`/var/run` → `/run`) are the system's or the
+/// user's own choice of path and are followed.
+fn open_bus_dir(bus_dir: &Path, trust: &Trust) -> Result<OwnedFd, ClientError> {
+    let no_broker = |why| ClientError::NoBroker(bus_dir.display().to_string(), why);
+    let open = |follow: bool| {
+        let mut flags = libc::O_PATH | libc::O_DIRECTORY;
+        if !follow {
+            flags |= libc::O_NOFOLLOW;
+        }
+        // `read(true)` is O_RDONLY, which is 0 and which O_PATH ignores.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(bus_dir)
+            .map(OwnedFd::from)
+    };
+    let dir = match open(false) {
+        Ok(fd) => fd,
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENOENT) => return Err(no_broker("no such directory")),
+            // O_PATH|O_NOFOLLOW|O_DIRECTORY on a symbolic link: ENOTDIR.
+            Some(libc::ENOTDIR | libc::ELOOP) => {
+                let link = match nix::sys::stat::lstat(bus_dir) {
+                    Ok(st) if file_type(&st) == SFlag::S_IFLNK => st,
+                    _ => return Err(no_broker("not a directory")),
+                };
+                trust.check(bus_dir, &link)?;
+                open(true).map_err(|e| match e.raw_os_error() {
+                    Some(libc::ENOENT | libc::ENOTDIR) => {
+                        no_broker("a symbolic link to no directory")
+                    }
+                    _ => at_path(e, "open", bus_dir),
+                })?
+            }
+            _ => return Err(at_path(e, "open", bus_dir)),
+        },
+    };
+    let st = nix::sys::stat::fstat(dir.as_raw_fd()).map_err(|e| at_path(e, "stat", bus_dir))?;
+    trust.check(bus_dir, &st)?;
+    Ok(dir)
+}
+
+/// Opens `hello` for writing (non-blocking) relative to the checked bus
+/// directory, never through a symbolic link, after checking its owner and
+/// type (an open for writing already wakes a reader blocked in `open`,
+/// telling it a client is there), and checks the opened FIFO again (it may
+/// have been replaced in between).
+fn open_hello(bus_dir: &Path, trust: &Trust) -> Result<OwnedFd, ClientError> {
+    let dir = open_bus_dir(bus_dir, trust)?;
+    let path = bus_dir.join("hello");
+    let no_broker = |why| ClientError::NoBroker(bus_dir.display().to_string(), why);
+    let check = |st: &FileStat| {
+        trust.check(&path, st)?;
+        if file_type(st) != SFlag::S_IFIFO {
+            return Err(ClientError::NotAFifo {
+                dir: bus_dir.to_owned(),
+                kind: type_name(st),
+            });
+        }
+        Ok(())
+    };
+    match nix::sys::stat::fstatat(Some(dir.as_raw_fd()), "hello", AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => check(&st)?,
+        Err(Errno::ENOENT) => return Err(no_broker("no hello FIFO there")),
+        Err(e) => return Err(at_path(e, "stat", &path)),
+    }
+    let flags = OFlag::O_WRONLY
+        | OFlag::O_NONBLOCK
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_NOCTTY
+        | OFlag::O_CLOEXEC;
+    let raw = match nix::fcntl::openat(Some(dir.as_raw_fd()), "hello", flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Err(no_broker("no hello FIFO there")),
+        Err(Errno::ENXIO) => return Err(no_broker("hello has no reader")),
+        Err(Errno::ELOOP) => {
+            return Err(ClientError::NotAFifo {
+                dir: bus_dir.to_owned(),
+                kind: "a symbolic link",
+            })
+        }
+        Err(e) => return Err(at_path(e, "open", &path)),
+    };
+    // SAFETY: `raw` is the descriptor openat just returned, owned by nothing
+    // else, so this OwnedFd becomes its only owner.
+    let hello = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let st = nix::sys::stat::fstat(hello.as_raw_fd()).map_err(|e| at_path(e, "stat", &path))?;
+    check(&st)?;
+    Ok(hello)
+}
+
+/// SIGINT and SIGTERM, blocked in this thread and readable on a signalfd,
+/// for as long as the handshake lasts; dropping it restores the signal mask
+/// (a signal that arrived since the last poll is then delivered as usual).
+struct SignalGuard {
+    fd: SignalFd,
+    old_mask: SigSet,
+}
+
+impl SignalGuard {
+    /// `None` when neither signal is left at its default action and
+    /// unblocked: whoever ignored, caught or blocked it keeps it so.
+    fn install() -> Result<Option<SignalGuard>, ClientError> {
+        let old_mask = SigSet::thread_get_mask().map_err(io::Error::from)?;
+        let mut set = SigSet::empty();
+        let mut any = false;
+        for sig in [Signal::SIGINT, Signal::SIGTERM] {
+            if !old_mask.contains(sig) && at_default_action(sig) {
+                set.add(sig);
+                any = true;
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        set.thread_block().map_err(io::Error::from)?;
+        match SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+            Ok(fd) => Ok(Some(SignalGuard { fd, old_mask })),
+            Err(e) => {
+                let _ = old_mask.thread_set_mask();
+                Err(io::Error::from(e).into())
+            }
+        }
+    }
+}
+
+impl Drop for SignalGuard {
+    fn drop(&mut self) {
+        let _ = self.old_mask.thread_set_mask();
+    }
+}
+
+fn at_default_action(sig: Signal) -> bool {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null new action makes sigaction(2) only report the current
+    // one into `old`, memory we own and which it fills on success.
+    let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
+    // SAFETY: zero-initialised, and filled by sigaction when rc == 0.
+    rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_DFL
+}
+
+/// Dies of `sig`, caught during a handshake ([`ClientError::Interrupted`]):
+/// with its default action, as it would have without the catching, so that
+/// the parent sees the real signal (a shell stops a loop on SIGINT only when
+/// its child died of it). Returns 128 + the signal number, the shell's
+/// convention, only if the process somehow survives.
+pub fn die_of(sig: Signal) -> std::process::ExitCode {
+    let mut set = SigSet::empty();
+    set.add(sig);
+    let _ = set.thread_unblock();
+    let _ = nix::sys::signal::raise(sig);
+    std::process::ExitCode::from(128u8.saturating_add(sig as u8))
 }

@@ -11,7 +11,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::cli::{ConnectArgs, PubArgs, SubArgs};
-use crate::client::{Client, ClientError, ConnectOptions};
+use crate::client::{Client, ClientError, ConnectOptions, Handshake};
 use crate::protocol::{encode_pub, EncodeError, Reply};
 use crate::topic::{Pattern, Topic};
 
@@ -40,13 +40,24 @@ fn patterns(raw: &[String]) -> Result<Vec<Pattern>, CommandError> {
         .collect()
 }
 
+/// The commands' handshake: a bus of the user's own, root's or the owner
+/// named with `--bus-owner`; killed by SIGINT/SIGTERM meanwhile, they
+/// remove their reply directory first (these commands are single-threaded,
+/// as catching signals with a signalfd requires).
+fn handshake(bus_owner: Option<u32>) -> Handshake {
+    Handshake {
+        bus_owner,
+        catch_signals: true,
+    }
+}
+
 pub fn connect(dir: &Path, args: &ConnectArgs) -> Result<ExitCode, CommandError> {
     let opts = ConnectOptions {
         name: args.name.clone(),
         pid: args.pid,
         subs: patterns(&args.subs)?,
     };
-    let client = Client::connect(dir, &opts, args.timeout)?;
+    let client = Client::connect_with(dir, &opts, args.timeout, &handshake(args.bus_owner))?;
     let (_, cdir) = client.into_parts();
     println!("{}", cdir.display());
     Ok(ExitCode::SUCCESS)
@@ -71,7 +82,7 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
         pid: Some(std::process::id() as i32),
         subs: Vec::new(),
     };
-    let mut client = Client::connect(dir, &opts, ANSWER_TIMEOUT)?;
+    let mut client = Client::connect_with(dir, &opts, ANSWER_TIMEOUT, &handshake(args.bus_owner))?;
     let mut refusals = Refusals::default();
     if args.message.is_some() {
         client.send_raw(&message_line)?;
@@ -183,7 +194,7 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
         pid: Some(std::process::id() as i32),
         subs: patterns(&args.patterns)?,
     };
-    let mut client = Client::connect(dir, &opts, ANSWER_TIMEOUT)?;
+    let mut client = Client::connect_with(dir, &opts, ANSWER_TIMEOUT, &handshake(args.bus_owner))?;
     // Buffered: a burst of messages becomes one write(2); it is flushed
     // before every wait, so each line still shows as soon as it arrives.
     let stdout = io::stdout();

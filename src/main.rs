@@ -22,9 +22,16 @@ fn main() -> ExitCode {
         Command::Stats(args) => return stats(&dir, args),
         Command::Bench(args) => return bench(args),
     };
-    result.unwrap_or_else(|e| {
-        eprintln!("fifobus: {e}");
-        ExitCode::FAILURE
+    result.unwrap_or_else(|e| match e {
+        // Killed during the handshake, the reply directory already removed:
+        // die of the signal, as the parent expects.
+        commands::CommandError::Client(fifobus::client::ClientError::Interrupted(sig)) => {
+            fifobus::client::die_of(sig)
+        }
+        e => {
+            eprintln!("fifobus: {e}");
+            ExitCode::FAILURE
+        }
     })
 }
 

@@ -9,7 +9,7 @@
  * runs (O_NONBLOCK opens), read(2) on the FIFOs (no stdio read-ahead), and a
  * poll(2) loop over stdin and recv with a growable line buffer per fd.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* O_PATH */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -97,12 +97,44 @@ static void on_signal(int sig) { /* async-signal-safe: clean up, die of sig */
     raise(sig);
 }
 
+/* Exits unless st (of path) belongs to us or to root. */
+static void check_owner(const char *path, const char *file, const struct stat *st) {
+    uid_t me = geteuid();
+    if (st->st_uid != me && st->st_uid != 0)
+        die("chat: %s%s belongs to uid %ld, not to you (uid %ld) or root: "
+            "not your broker; not sending HELLO",
+            path, file, (long)st->st_uid, (long)me);
+}
+
+/* DIR/hello opened for writing, if DIR and hello belong to us or to root:
+ * anyone can make a directory or a FIFO with these names and read what we
+ * write. hello is opened relative to the checked directory, not through a
+ * symbolic link, and the opened FIFO itself is checked again. */
+static int open_hello(const char *dir) {
+    struct stat st;
+    int dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC); /* search permission is enough */
+    if (dfd < 0 || fstat(dfd, &st) < 0) die("chat: no broker is running on %s", dir);
+    check_owner(dir, "", &st);
+    if (fstatat(dfd, "hello", &st, AT_SYMLINK_NOFOLLOW) < 0)
+        die("chat: no broker is running on %s", dir);
+    check_owner(dir, "/hello", &st);
+    if (!S_ISFIFO(st.st_mode)) die("chat: no broker is running on %s", dir);
+    /* ENXIO: nobody reads it; ELOOP: it became a symbolic link */
+    int hfd = openat(dfd, "hello", O_WRONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
+    if (hfd < 0 || fstat(hfd, &st) < 0 || !S_ISFIFO(st.st_mode))
+        die("chat: no broker is running on %s", dir);
+    check_owner(dir, "/hello", &st);
+    close(dfd);
+    return hfd;
+}
+
 /* HELLO on DIR/hello; returns the client directory (malloc'd). */
 static char *handshake(const char *dir, const char *name, const char *topic) {
-    char path[4200], hello[4096]; /* a HELLO must be shorter than PIPE_BUF */
+    char hello[4096]; /* a HELLO must be shorter than PIPE_BUF */
+    int hfd = open_hello(dir);
     const char *t = getenv("TMPDIR");
     snprintf(tmp, sizeof tmp, "%s/chat-XXXXXX", t && *t ? t : "/tmp");
-    if (!mkdtemp(tmp)) die("chat: mkdtemp: %s", strerror(errno));
+    if (!mkdtemp(tmp)) die("chat: mkdtemp: %s", strerror(errno)); /* mode 0700 */
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     snprintf(reply, sizeof reply, "%s/reply", tmp);
@@ -111,13 +143,6 @@ static char *handshake(const char *dir, const char *name, const char *topic) {
     if (rfd < 0) {
         remove_tmp();
         die("chat: %s: %s", reply, strerror(errno));
-    }
-    snprintf(path, sizeof path, "%s/hello", dir);
-    int hfd = open(path, O_WRONLY | O_NONBLOCK); /* ENXIO: nobody reads it */
-    struct stat st;
-    if (hfd < 0 || fstat(hfd, &st) < 0 || !S_ISFIFO(st.st_mode)) {
-        remove_tmp();
-        die("chat: no broker is running on %s", dir);
     }
     fcntl(hfd, F_SETFL, fcntl(hfd, F_GETFL) & ~O_NONBLOCK);
     int n = snprintf(hello, sizeof hello, "HELLO reply=%s name=%s pid=%ld sub=%s\n",

@@ -55,22 +55,60 @@ def write_all(fd, data):
         data = data[os.write(fd, data):]
 
 
+def open_hello(bus):
+    """bus/hello opened for writing, if bus and hello belong to us or root.
+
+    Anyone can make a directory or a FIFO with these names and read what we
+    write, so we check before writing: hello is opened relative to the
+    checked directory, without following a symbolic link, and the opened
+    FIFO itself is checked (a check of the path alone leaves a moment for a
+    swap)."""
+    no_broker = f"chat: no broker is running on {bus}"
+
+    def check(path, st):
+        if st.st_uid not in (os.geteuid(), 0):
+            fail(f"chat: {path} belongs to uid {st.st_uid}, not to you "
+                 f"(uid {os.geteuid()}) or root: not your broker; not sending HELLO")
+
+    try:
+        dfd = os.open(bus, os.O_PATH | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        fail(no_broker)
+    try:
+        check(bus, os.fstat(dfd))
+        hello = os.path.join(bus, "hello")
+        try:
+            st = os.stat("hello", dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            fail(no_broker)
+        check(hello, st)
+        if not stat.S_ISFIFO(st.st_mode):
+            fail(no_broker)
+        try:
+            hfd = os.open("hello", os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW,
+                          dir_fd=dfd)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENXIO, errno.ELOOP):
+                fail(no_broker)  # gone, no reader, or now a symbolic link
+            raise
+        st = os.fstat(hfd)
+        check(hello, st)
+        if not stat.S_ISFIFO(st.st_mode):
+            fail(no_broker)
+        return hfd
+    finally:
+        os.close(dfd)
+
+
 def handshake(bus, name, topic):
     """HELLO on bus/hello; returns the client directory."""
-    tmp = tempfile.mkdtemp(prefix="chat-")
+    hfd = open_hello(bus)
+    tmp = tempfile.mkdtemp(prefix="chat-")  # mode 0700: only we see the reply FIFO
     try:
         reply = os.path.join(tmp, "reply")
         os.mkfifo(reply, 0o600)
         # Open our end first (non-blocking) so the broker's reply never waits.
         rfd = os.open(reply, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            hfd = os.open(os.path.join(bus, "hello"), os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENXIO):  # no FIFO / no reader
-                fail(f"chat: no broker is running on {bus}")
-            raise
-        if not stat.S_ISFIFO(os.fstat(hfd).st_mode):
-            fail(f"chat: no broker is running on {bus}")
         os.set_blocking(hfd, True)
         hello = f"HELLO reply={reply} name={name} pid={os.getpid()} sub={topic}\n"
         write_all(hfd, hello.encode())

@@ -43,7 +43,18 @@ no_broker() {
 
 # --- handshake -----------------------------------------------------------
 [ -p "$dir/hello" ] || no_broker
-tmp=$(mktemp -d) || exit 1
+# Anyone can make a directory or a FIFO with these names and read what we
+# write: talk only to a broker run by us or by root. (stat does not follow
+# a symbolic link: a link someone else planted is theirs.)
+me=$(id -u)
+for f in "$dir" "$dir/hello"; do
+    owner=$(stat -c %u -- "$f") || no_broker
+    if [ "$owner" != "$me" ] && [ "$owner" != 0 ]; then
+        echo "chat: $f belongs to uid $owner, not to you (uid $me) or root: not your broker; not sending HELLO" >&2
+        exit 1
+    fi
+done
+tmp=$(mktemp -d) || exit 1      # mode 0700: nobody else sees the reply FIFO
 reply="$tmp/reply"
 mkfifo -m 600 "$reply" || exit 1
 exec 3<>"$reply"        # read-write open never blocks; the broker can open it at once
