@@ -63,7 +63,7 @@ pub async fn run(
     let fd_clients = client_capacity(fd_limit);
     let max_clients = config.max_clients.map_or(fd_clients, |m| m.min(fd_clients));
 
-    let (mut bus, stale) = BusDir::open(&config.dir, config.mode)?;
+    let (mut bus, stale) = BusDir::open(&config.dir, config.mode, config.shared)?;
     if !stale.is_empty() {
         tracing::warn!(
             "cleaned up after a broker{} that did not stop cleanly: removed {}{} client director{}",
@@ -102,7 +102,7 @@ pub async fn run(
     };
     let counters = Counters::new(config.metrics_limits.topics);
     let clients = Registry::new(max_clients, config.metrics_limits.clients, counters.clone());
-    let watcher = match FsWatcher::new(bus.path(), clients.clone()) {
+    let watcher = match FsWatcher::new(&bus.fd_path(), clients.clone()) {
         Ok(w) => w,
         Err(source) => {
             let dir = bus.path().to_owned();
@@ -136,6 +136,7 @@ pub async fn run(
         cancel,
         tracker: tracker.clone(),
         clients_dir: bus.clients_dir(),
+        fs: bus.fs(),
         throttle: LogThrottle::default(),
         config,
     });
