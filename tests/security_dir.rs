@@ -344,7 +344,7 @@ fn reply_naming_a_broker_fifo_is_refused_in_silence() {
         let log = bus.log_text();
         log.matches("refused a HELLO without answering it").count()
             + log.matches("client joined").count()
-            >= replies.len() + 1
+            > replies.len()
     });
     assert!(settled, "log:\n{}", bus.log_text());
     let before_pong = barrier(&mut victim);
@@ -485,7 +485,8 @@ fn pid_of_another_user_is_refused() {
 fn hello_replaced_by_the_owner_is_put_back() {
     let bus = TempBus::start();
     let victim = Victim::new();
-    let kinds: [(&str, &dyn Fn(&Path)); 3] = [
+    type Make<'a> = &'a dyn Fn(&Path);
+    let kinds: [(&str, Make); 3] = [
         ("a FIFO owned by uid", &|p: &Path| {
             nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
         }),
