@@ -17,7 +17,7 @@ Examples:
   tail -f app.log | fifobus pub logs.app        # publish one message per line
   cdir=$(fifobus connect --sub 'chat.>' --pid $$)   # a raw client: then use $cdir/send and $cdir/recv
 
-The bus directory is --dir, else $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /tmp/fifobus-<uid>.
+The bus directory is --dir, else $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /run/fifobus for root, else /tmp/fifobus-<uid>.
 Protocol: docs/protocol.md";
 
 #[derive(Debug, Parser)]
