@@ -72,7 +72,7 @@ pub async fn run(
         .map(crate::metrics_token::BearerToken::load_private)
         .transpose()?;
 
-    let (mut bus, stale) = BusDir::open(&config.dir, config.mode)?;
+    let (mut bus, stale) = BusDir::open(&config.dir, config.mode, config.shared)?;
     if !stale.is_empty() {
         tracing::warn!(
             "cleaned up after a broker{} that did not stop cleanly: removed {}{} client director{}",
@@ -120,7 +120,7 @@ pub async fn run(
     } else {
         Registry::without_client_labels(max_clients, counters.clone())
     };
-    let watcher = match FsWatcher::new(bus.path(), clients.clone()) {
+    let watcher = match FsWatcher::new(&bus.fd_path(), clients.clone()) {
         Ok(w) => w,
         Err(source) => {
             let dir = bus.path().to_owned();
@@ -154,6 +154,7 @@ pub async fn run(
         cancel,
         tracker: tracker.clone(),
         clients_dir: bus.clients_dir(),
+        fs: bus.fs(),
         throttle: LogThrottle::default(),
         config,
     });

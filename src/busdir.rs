@@ -6,28 +6,45 @@
 //! file, so removing files at shutdown can never let two brokers hold "the"
 //! lock at once, and the kernel drops it when the owner dies, even by SIGKILL.
 //! The pid file only serves error messages.
+//!
+//! The filesystem is hostile ground. The directory is adopted only if the
+//! broker's effective uid owns it (root included) and nobody else may write
+//! to it (a `--shared` bus may be group/other-writable only with the sticky
+//! bit). From then on everything is reached relative to the locked
+//! directory's descriptor: files are created `O_EXCL|O_NOFOLLOW` (or under
+//! a temporary name and renamed into place), modes and owners are set with
+//! `fchmod`/`fchown` on what was opened, and removal is `unlinkat`, which
+//! never follows a link. What is found in the way and is not ours (a
+//! symlink, a file of another user, a writable `clients/`) is refused with
+//! an error naming it.
 
 use std::fs;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{openat, renameat, AtFlags, Flock, FlockArg, OFlag};
+use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use tokio::net::unix::pipe;
 
-use crate::fifo;
+use crate::fifo::{self, FileId};
 
 pub const HELLO: &str = "hello";
 pub const CLIENTS: &str = "clients";
 pub const PID_FILE: &str = "broker.pid";
 /// Where the metrics endpoint listens, for `fifobus stats` and scripts.
 pub const METRICS_ADDR_FILE: &str = "metrics.addr";
+/// The system bus: root's default, and where `--shared` is meant to run.
+pub const SYSTEM_BUS: &str = "/run/fifobus";
 
 /// The default bus directory: `$FIFOBUS_DIR`, else `$XDG_RUNTIME_DIR/fifobus`,
-/// else `/tmp/fifobus-<uid>`.
+/// else `/run/fifobus` for root (never a shared temporary directory, where
+/// another user could prepare it first), else `/tmp/fifobus-<uid>`.
 pub fn default_path() -> PathBuf {
     if let Some(d) = std::env::var_os("FIFOBUS_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
@@ -35,7 +52,11 @@ pub fn default_path() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("fifobus");
     }
-    PathBuf::from(format!("/tmp/fifobus-{}", nix::unistd::getuid()))
+    let me = nix::unistd::geteuid();
+    if me.is_root() {
+        return PathBuf::from(SYSTEM_BUS);
+    }
+    PathBuf::from(format!("/tmp/fifobus-{me}"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +70,23 @@ pub enum BusDirError {
     #[error("{dir} exists and is not a directory; choose another --dir")]
     NotADirectory { dir: PathBuf },
     #[error(
-        "bus directory {dir} belongs to uid {owner}, not to you (uid {me}); choose another --dir"
+        "bus directory {dir} belongs to uid {owner}, not to you (uid {me}): it could have been prepared by another user; remove it or choose another --dir"
     )]
     NotOwned { dir: PathBuf, owner: u32, me: u32 },
+    #[error(
+        "bus directory {dir} is writable by others (mode {mode:04o}): it could have been prepared by another user; remove it or choose another --dir (a bus for many users: --shared, on a directory with the sticky bit)"
+    )]
+    WritableByOthers { dir: PathBuf, mode: u32 },
+    #[error(
+        "--mode {mode:o} lets group or others write to the bus directory, so they could replace hello; use 700 (private) or 755, or --shared for a bus that other users may reach"
+    )]
+    UnsafeMode { mode: u32 },
+    #[error("--shared needs root: client directories are given to the users who own them (run it as root, e.g. deploy/fifobus-shared.service)")]
+    SharedNeedsRoot,
+    #[error(
+        "{path} is {what}, not something this broker made: it could have been planted by another user; check it, remove it, and start again"
+    )]
+    Planted { path: PathBuf, what: String },
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -60,11 +95,41 @@ pub enum BusDirError {
     },
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BusDirError + 'a {
+fn io_err<'a, E: Into<io::Error>>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(E) -> BusDirError + 'a {
     move |source| BusDirError::Io {
         action,
         path: path.to_owned(),
-        source,
+        source: source.into(),
+    }
+}
+
+/// Modes of what the broker makes, private or shared.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    shared: bool,
+}
+
+impl Layout {
+    /// A shared `hello` may be written by anyone, read by the broker alone.
+    fn hello_mode(self) -> u32 {
+        if self.shared {
+            0o622
+        } else {
+            0o600
+        }
+    }
+
+    /// A shared `clients/` is searchable (a client reaches its own
+    /// directory by the name WELCOME gave it) but not listable.
+    fn clients_mode(self) -> u32 {
+        if self.shared {
+            0o711
+        } else {
+            0o700
+        }
     }
 }
 
@@ -84,103 +149,191 @@ impl StaleCleanup {
     }
 }
 
+/// The descriptors and identities the rest of the broker needs to work in
+/// the bus directory without paths: shared by the sessions (client
+/// directories) and the handshakes (what a reply FIFO must not be).
+pub struct BusFs {
+    path: PathBuf,
+    dir: OwnedFd,
+    id: FileId,
+    /// `clients/`; replaced if someone removes it.
+    clients: RwLock<Arc<OwnedFd>>,
+    hello: Mutex<Option<FileId>>,
+    layout: Layout,
+}
+
+impl BusFs {
+    /// The bus directory's identity.
+    pub fn id(&self) -> FileId {
+        self.id
+    }
+
+    /// Whether this is a `--shared` bus: client files belong to their users.
+    pub fn shared(&self) -> bool {
+        self.layout.shared
+    }
+
+    /// `<bus>/clients`, for messages and `WELCOME`; never opened by path.
+    pub fn clients_path(&self) -> PathBuf {
+        self.path.join(CLIENTS)
+    }
+
+    /// The descriptor of `clients/`, where client directories are made.
+    pub fn clients(&self) -> Arc<OwnedFd> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `clients/` back after someone removed it (`stale` is the
+    /// descriptor that found it gone); returns the one to use now.
+    ///
+    /// # Errors
+    /// When it cannot be made, or something not ours is in its place.
+    pub fn recreate_clients(&self, stale: &Arc<OwnedFd>) -> io::Result<Arc<OwnedFd>> {
+        let mut cur = self.clients.write().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&cur, stale) {
+            let fd = open_clients(self.dir.as_raw_fd(), &self.path, self.layout)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            *cur = Arc::new(fd);
+        }
+        Ok(cur.clone())
+    }
+
+    /// The identity of the `hello` FIFO the broker reads, once published.
+    pub fn hello_id(&self) -> Option<FileId> {
+        *self.hello.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_hello_id(&self, id: FileId) {
+        *self.hello.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+    }
+}
+
+/// What is at `hello` now, compared with the FIFO the broker reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloCheck {
+    Ours,
+    Missing,
+    /// Something else: what it is and who owns it.
+    Impostor(String),
+}
+
 pub struct BusDir {
     path: PathBuf,
     _lock: Flock<OwnedFd>,
     created: bool,
+    fs: Arc<BusFs>,
     /// Set by [`BusDir::publish_hello`], the last step of startup.
     hello: Option<pipe::Receiver>,
 }
 
 impl BusDir {
     /// Creates or adopts `path`, locks it, cleans up stale state and creates
-    /// `hello` and `clients/`. Must run inside a tokio runtime (the `hello`
-    /// receiver registers with its reactor).
+    /// `clients/`. `mode` applies when the directory is created; `shared`
+    /// makes a bus other users may reach (see the module docs). Must run
+    /// inside a tokio runtime (the `hello` receiver registers with its
+    /// reactor).
     ///
     /// # Errors
     /// [`BusDirError`], each variant saying what to do.
-    pub fn open(path: &Path, mode: u32) -> Result<(BusDir, StaleCleanup), BusDirError> {
-        let created = Self::create_or_check(path, mode)?;
-        // `O_RDONLY | O_DIRECTORY | O_NOFOLLOW` (std adds `O_CLOEXEC`).
-        let dir_fd = OwnedFd::from(
-            fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-                .open(path)
-                .map_err(io_err("open", path))?,
-        );
-        let lock = match Flock::lock(dir_fd, FlockArg::LockExclusiveNonblock) {
+    pub fn open(
+        path: &Path,
+        mode: u32,
+        shared: bool,
+    ) -> Result<(BusDir, StaleCleanup), BusDirError> {
+        let me = nix::unistd::geteuid().as_raw();
+        if shared && me != 0 {
+            return Err(BusDirError::SharedNeedsRoot);
+        }
+        let mut mode = mode & 0o7777;
+        if mode & 0o022 != 0 {
+            if !shared {
+                return Err(BusDirError::UnsafeMode { mode });
+            }
+            // Others may create names here, but not rename over or remove
+            // ours (hello, clients/).
+            mode |= 0o1000;
+        }
+        let created = create(path, mode)?;
+        let dir = open_dir_at(None, path).map_err(|e| match e {
+            Errno::ELOOP => BusDirError::Symlink {
+                dir: path.to_owned(),
+            },
+            Errno::ENOTDIR => BusDirError::NotADirectory {
+                dir: path.to_owned(),
+            },
+            e => io_err("open", path)(e),
+        })?;
+        // Checked on the descriptor, not the path: what we hold is what we checked.
+        let st = fstat(dir.as_raw_fd()).map_err(io_err("inspect", path))?;
+        if st.st_uid != me {
+            return Err(BusDirError::NotOwned {
+                dir: path.to_owned(),
+                owner: st.st_uid,
+                me,
+            });
+        }
+        if created {
+            // mkdir applied the umask; set what we promised.
+            fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(mode))
+                .map_err(io_err("set the mode of", path))?;
+        } else {
+            let have = st.st_mode & 0o7777;
+            if have & 0o022 != 0 && !(shared && have & 0o1000 != 0) {
+                return Err(BusDirError::WritableByOthers {
+                    dir: path.to_owned(),
+                    mode: have,
+                });
+            }
+            if shared && have & 0o001 == 0 {
+                tracing::warn!("bus directory {} has mode {have:04o}: other users cannot reach it; chmod o+x it for a shared bus", path.display());
+            }
+        }
+        let lock = match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
-            Err((_, Errno::EWOULDBLOCK)) => {
+            Err((fd, Errno::EWOULDBLOCK)) => {
                 let dir = path.to_owned();
-                return Err(match read_pid(path) {
+                return Err(match read_pid(fd.as_raw_fd()) {
                     Some(pid) => BusDirError::Locked { dir, pid },
                     None => BusDirError::LockedUnknown { dir },
                 });
             }
-            Err((_, e)) => return Err(io_err("lock", path)(e.into())),
+            Err((_, e)) => return Err(io_err("lock", path)(e)),
         };
+        let dir_fd = lock.as_raw_fd();
+        let layout = Layout { shared };
         // We hold the lock, so whoever wrote what is here is gone.
-        let stale = cleanup_stale(path)?;
-        let pid_path = path.join(PID_FILE);
-        fs::write(&pid_path, format!("{}\n", std::process::id()))
-            .map_err(io_err("write", &pid_path))?;
-        let clients = path.join(CLIENTS);
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&clients)
-            .or_else(|e| {
-                if e.kind() == io::ErrorKind::AlreadyExists {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(io_err("create", &clients))?;
+        let mut stale = cleanup_stale(dir_fd, path)?;
+        let clients = open_clients(dir_fd, path, layout)?;
+        let clients_path = path.join(CLIENTS);
+        let (removed, kept) = remove_client_dirs(clients.as_raw_fd(), &clients_path)
+            .map_err(io_err("clean up", &clients_path))?;
+        stale.removed_clients = removed;
+        stale.kept = kept;
+        write_file_at(dir_fd, path, PID_FILE, &format!("{}\n", std::process::id()))?;
+        let fs = Arc::new(BusFs {
+            path: path.to_owned(),
+            dir: nix::unistd::dup(dir_fd)
+                // SAFETY: dup just returned this descriptor; we own it.
+                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                .map_err(io_err("duplicate the descriptor of", path))?,
+            id: FileId::of(&st),
+            clients: RwLock::new(Arc::new(clients)),
+            hello: Mutex::new(None),
+            layout,
+        });
         Ok((
             BusDir {
                 path: path.to_owned(),
                 _lock: lock,
                 created,
+                fs,
                 hello: None,
             },
             stale,
         ))
-    }
-
-    fn create_or_check(path: &Path, mode: u32) -> Result<bool, BusDirError> {
-        match fs::symlink_metadata(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(mode)
-                    .create(path)
-                    .map_err(io_err("create", path))?;
-                // DirBuilder's mode is filtered by the umask; set what we promised.
-                use std::os::unix::fs::PermissionsExt;
-                fs::set_permissions(path, fs::Permissions::from_mode(mode))
-                    .map_err(io_err("set the mode of", path))?;
-                Ok(true)
-            }
-            Err(e) => Err(io_err("inspect", path)(e)),
-            Ok(m) if m.file_type().is_symlink() => Err(BusDirError::Symlink {
-                dir: path.to_owned(),
-            }),
-            Ok(m) if !m.is_dir() => Err(BusDirError::NotADirectory {
-                dir: path.to_owned(),
-            }),
-            Ok(m) => {
-                let me = nix::unistd::getuid().as_raw();
-                if m.uid() != me && me != 0 {
-                    return Err(BusDirError::NotOwned {
-                        dir: path.to_owned(),
-                        owner: m.uid(),
-                        me,
-                    });
-                }
-                Ok(false)
-            }
-        }
     }
 
     pub fn path(&self) -> &Path {
@@ -191,13 +344,30 @@ impl BusDir {
         self.path.join(CLIENTS)
     }
 
+    /// What sessions and handshakes need of the bus directory.
+    pub fn fs(&self) -> Arc<BusFs> {
+        self.fs.clone()
+    }
+
+    /// A path that names the locked directory itself, whatever happens to
+    /// its name (for inotify, which takes paths).
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fs.dir.as_raw_fd()))
+    }
+
+    fn dir_fd(&self) -> RawFd {
+        self.fs.dir.as_raw_fd()
+    }
+
     /// Creates `hello`: the broker's "ready" signal, so call it last, once
     /// everything that serves clients (and notices a deleted `hello`) runs.
     ///
     /// # Errors
     /// When the FIFO cannot be created.
     pub fn publish_hello(&mut self) -> io::Result<()> {
-        self.hello = Some(publish_hello(&self.path)?);
+        let (rx, id) = publish_hello(self.dir_fd(), self.fs.layout.hello_mode())?;
+        self.fs.set_hello_id(id);
+        self.hello = Some(rx);
         Ok(())
     }
 
@@ -212,115 +382,364 @@ impl BusDir {
     /// # Errors
     /// When the file cannot be written.
     pub fn write_metrics_addr(&self, addr: std::net::SocketAddr) -> io::Result<()> {
-        fs::write(self.path.join(METRICS_ADDR_FILE), format!("{addr}\n"))
+        write_file_at(
+            self.dir_fd(),
+            &self.path,
+            METRICS_ADDR_FILE,
+            &format!("{addr}\n"),
+        )
+        .map_err(|e| io::Error::other(e.to_string()))
     }
 
-    /// Puts a fresh `hello` in place after someone deleted it, and returns
-    /// the old receiver so the caller can drain what was written before.
+    /// Compares what is at `hello` now (not following a link) with the FIFO
+    /// the broker reads.
+    pub fn check_hello(&self) -> HelloCheck {
+        match stat_at(self.dir_fd(), HELLO) {
+            Ok(None) => HelloCheck::Missing,
+            Ok(Some(st)) if Some(FileId::of(&st)) == self.fs.hello_id() => HelloCheck::Ours,
+            Ok(Some(st)) => HelloCheck::Impostor(describe(&st)),
+            Err(e) => HelloCheck::Impostor(format!("something that cannot be inspected ({e})")),
+        }
+    }
+
+    /// Puts a fresh `hello` in place after someone deleted or replaced it,
+    /// and returns the old receiver so the caller can drain what was
+    /// written before. An impostor that is not a directory is replaced
+    /// atomically by the rename, so there is no moment without a `hello`;
+    /// an (empty) directory is removed first.
     ///
     /// # Errors
-    /// When the FIFO cannot be created.
-    pub fn recreate_hello(&mut self) -> io::Result<pipe::Receiver> {
-        let fresh = publish_hello(&self.path)?;
+    /// When the FIFO cannot be created or the impostor cannot be removed.
+    pub fn replace_hello(&mut self) -> io::Result<pipe::Receiver> {
+        if let Ok(Some(st)) = stat_at(self.dir_fd(), HELLO) {
+            if kind(&st) == SFlag::S_IFDIR {
+                unlinkat(Some(self.dir_fd()), HELLO, UnlinkatFlags::RemoveDir)?;
+            }
+        }
+        let (fresh, id) = publish_hello(self.dir_fd(), self.fs.layout.hello_mode())?;
+        self.fs.set_hello_id(id);
         Ok(self.hello.replace(fresh).expect("hello was published"))
+    }
+
+    /// Removes `hello` if it is still ours, so no new client starts
+    /// writing to it; an impostor is left for the owner to look at.
+    pub fn unpublish_hello(&self) {
+        if self.check_hello() == HelloCheck::Ours {
+            let _ = unlinkat(Some(self.dir_fd()), HELLO, UnlinkatFlags::NoRemoveDir);
+        }
     }
 
     /// Removes what this broker created: `hello` first (so no new client
     /// blocks writing to it), then leftover client directories, `clients/`,
     /// the pid file, and the bus directory itself if this broker created it.
     pub fn remove(self) {
-        let _ = fs::remove_file(self.path.join(HELLO));
-        let clients = self.path.join(CLIENTS);
-        let _ = remove_client_dirs(&clients);
-        let _ = fs::remove_dir(&clients);
-        let _ = fs::remove_file(self.path.join(PID_FILE));
-        let _ = fs::remove_file(self.path.join(METRICS_ADDR_FILE));
+        self.unpublish_hello();
+        let dir = self.dir_fd();
+        let clients = self.fs.clients();
+        let _ = remove_client_dirs(clients.as_raw_fd(), &self.clients_dir());
+        let _ = unlinkat(Some(dir), CLIENTS, UnlinkatFlags::RemoveDir);
+        let _ = unlinkat(Some(dir), PID_FILE, UnlinkatFlags::NoRemoveDir);
+        let _ = unlinkat(Some(dir), METRICS_ADDR_FILE, UnlinkatFlags::NoRemoveDir);
         if self.created {
-            let _ = fs::remove_dir(&self.path);
+            // Only the directory we hold, found again in its parent.
+            let (Some(parent), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+                return;
+            };
+            if let Ok(p) = open_dir_at(None, parent) {
+                if stat_at(p.as_raw_fd(), name)
+                    .is_ok_and(|st| st.is_some_and(|st| FileId::of(&st) == self.fs.id))
+                {
+                    let _ = unlinkat(Some(p.as_raw_fd()), name, UnlinkatFlags::RemoveDir);
+                }
+            }
         }
     }
+}
+
+/// Makes the bus directory (and missing parents); whether it was made now.
+fn create(path: &Path, mode: u32) -> Result<bool, BusDirError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode & 0o777)
+                .create(parent)
+                .map_err(io_err("create", parent))?;
+        }
+    }
+    match nix::unistd::mkdir(path, Mode::from_bits_truncate(mode & 0o777)) {
+        Ok(()) => Ok(true),
+        Err(Errno::EEXIST) => Ok(false),
+        Err(e) => Err(io_err("create", path)(e)),
+    }
+}
+
+/// `O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC`, relative to `dir`.
+fn open_dir_at<P: ?Sized + nix::NixPath>(dir: Option<RawFd>, name: &P) -> nix::Result<OwnedFd> {
+    let raw = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; `None` when there is nothing.
+fn stat_at<P: ?Sized + nix::NixPath>(dir: RawFd, name: &P) -> nix::Result<Option<FileStat>> {
+    match fstatat(Some(dir), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
+}
+
+/// "a symlink owned by uid 1001", for messages.
+fn describe(st: &FileStat) -> String {
+    let what = match kind(st) {
+        SFlag::S_IFIFO => "a FIFO",
+        SFlag::S_IFREG => "a regular file",
+        SFlag::S_IFLNK => "a symlink",
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFSOCK => "a socket",
+        _ => "a device",
+    };
+    format!(
+        "{what} owned by uid {} (mode {:04o})",
+        st.st_uid,
+        st.st_mode & 0o7777
+    )
+}
+
+/// Checks that `name`, if it exists, is a `want` owned by us; whether it exists.
+fn expect_ours(dir: RawFd, bus: &Path, name: &str, want: SFlag) -> Result<bool, BusDirError> {
+    let path = bus.join(name);
+    match stat_at(dir, name).map_err(io_err("inspect", &path))? {
+        None => Ok(false),
+        Some(st) if kind(&st) == want && st.st_uid == nix::unistd::geteuid().as_raw() => Ok(true),
+        Some(st) => Err(BusDirError::Planted {
+            path,
+            what: describe(&st),
+        }),
+    }
+}
+
+/// Writes `name` whole: under a temporary name created `O_EXCL|O_NOFOLLOW`,
+/// then renamed into place, which replaces a name without following it.
+fn write_file_at(dir: RawFd, bus: &Path, name: &str, contents: &str) -> Result<(), BusDirError> {
+    use std::io::Write;
+    let tmp = format!(".{name}.{}", std::process::id());
+    let tmp_path = bus.join(&tmp);
+    if expect_ours(dir, bus, &tmp, SFlag::S_IFREG)? {
+        unlinkat(Some(dir), tmp.as_str(), UnlinkatFlags::NoRemoveDir)
+            .map_err(io_err("remove stale", &tmp_path))?;
+    }
+    let raw = openat(
+        Some(dir),
+        tmp.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .map_err(io_err("create", &tmp_path))?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    let written = fchmod(file.as_raw_fd(), Mode::from_bits_truncate(0o644))
+        .map_err(io::Error::from)
+        .and_then(|()| file.write_all(contents.as_bytes()))
+        .map_err(io_err("write", &tmp_path))
+        .and_then(|()| {
+            renameat(Some(dir), tmp.as_str(), Some(dir), name)
+                .map_err(io_err("write", &bus.join(name)))
+        });
+    if written.is_err() {
+        let _ = unlinkat(Some(dir), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+    }
+    written
 }
 
 /// Creates `hello` under a temporary name, opens it, then renames it into
-/// place: whenever `hello` exists, a broker is reading it.
-fn publish_hello(dir: &Path) -> io::Result<pipe::Receiver> {
-    let tmp = dir.join(format!(".hello.{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    fifo::make(&tmp, 0o600)?;
-    let rx = fifo::open_resilient_rx(&tmp);
-    let rx = match rx {
-        Ok(rx) => rx,
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
+/// place: whenever `hello` exists, a broker is reading it. Returns the
+/// receiver and the FIFO's identity.
+fn publish_hello(dir: RawFd, mode: u32) -> io::Result<(pipe::Receiver, FileId)> {
+    let tmp = format!(".hello.{}", std::process::id());
+    if let Some(st) = stat_at(dir, tmp.as_str())? {
+        if kind(&st) != SFlag::S_IFIFO || st.st_uid != nix::unistd::geteuid().as_raw() {
+            return Err(io::Error::other(format!(
+                "{tmp} in the bus directory is {}; remove it",
+                describe(&st)
+            )));
         }
-    };
-    fs::rename(&tmp, dir.join(HELLO))?;
-    Ok(rx)
-}
-
-fn read_pid(dir: &Path) -> Option<i32> {
-    fs::read_to_string(dir.join(PID_FILE))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-fn cleanup_stale(dir: &Path) -> Result<StaleCleanup, BusDirError> {
-    let mut report = StaleCleanup {
-        previous_pid: read_pid(dir),
-        ..StaleCleanup::default()
-    };
-    let _ = fs::remove_file(dir.join(METRICS_ADDR_FILE));
-    let hello = dir.join(HELLO);
-    if fifo::is_fifo(&hello) {
-        fs::remove_file(&hello).map_err(io_err("remove stale", &hello))?;
-        report.removed_hello = true;
+        unlinkat(Some(dir), tmp.as_str(), UnlinkatFlags::NoRemoveDir)?;
     }
-    let clients = dir.join(CLIENTS);
-    if clients.is_dir() {
-        let (removed, kept) = remove_client_dirs(&clients).map_err(io_err("clean up", &clients))?;
-        report.removed_clients = removed;
-        report.kept = kept;
+    let fd = fifo::make_at(dir, &tmp, mode, None)?;
+    let id = FileId::of_fd(fd.as_raw_fd())?;
+    let placed = pipe::Receiver::from_owned_fd_unchecked(fd).and_then(|rx| {
+        renameat(Some(dir), tmp.as_str(), Some(dir), HELLO)?;
+        Ok(rx)
+    });
+    match placed {
+        Ok(rx) => Ok((rx, id)),
+        Err(e) => {
+            let _ = unlinkat(Some(dir), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            Err(e)
+        }
+    }
+}
+
+/// The pid in the pid file, if it is a regular file (never a FIFO someone
+/// planted to make us block, never through a link).
+fn read_pid(dir: RawFd) -> Option<i32> {
+    use std::io::Read;
+    let raw = openat(
+        Some(dir),
+        PID_FILE,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    if kind(&fstat(file.as_raw_fd()).ok()?) != SFlag::S_IFREG {
+        return None;
+    }
+    let mut s = String::new();
+    file.by_ref().take(64).read_to_string(&mut s).ok()?;
+    s.trim().parse().ok()
+}
+
+/// Removes a dead broker's `hello` and `metrics.addr`, and checks that its
+/// pid file is one. Anything of the wrong kind or owner is refused.
+fn cleanup_stale(dir: RawFd, bus: &Path) -> Result<StaleCleanup, BusDirError> {
+    let mut report = StaleCleanup::default();
+    if expect_ours(dir, bus, PID_FILE, SFlag::S_IFREG)? {
+        report.previous_pid = read_pid(dir);
+    }
+    if expect_ours(dir, bus, METRICS_ADDR_FILE, SFlag::S_IFREG)? {
+        let path = bus.join(METRICS_ADDR_FILE);
+        unlinkat(Some(dir), METRICS_ADDR_FILE, UnlinkatFlags::NoRemoveDir)
+            .map_err(io_err("remove stale", &path))?;
+    }
+    if expect_ours(dir, bus, HELLO, SFlag::S_IFIFO)? {
+        let path = bus.join(HELLO);
+        unlinkat(Some(dir), HELLO, UnlinkatFlags::NoRemoveDir)
+            .map_err(io_err("remove stale", &path))?;
+        report.removed_hello = true;
     }
     Ok(report)
 }
 
+/// Makes or adopts `clients/`: a directory of ours that nobody else may
+/// write to, then set to the layout's mode.
+fn open_clients(dir: RawFd, bus: &Path, layout: Layout) -> Result<OwnedFd, BusDirError> {
+    let path = bus.join(CLIENTS);
+    match mkdirat(Some(dir), CLIENTS, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e) => return Err(io_err("create", &path)(e)),
+    }
+    let planted = |what: String| BusDirError::Planted {
+        path: path.clone(),
+        what,
+    };
+    let fd = match open_dir_at(Some(dir), CLIENTS) {
+        Ok(fd) => fd,
+        Err(Errno::ELOOP | Errno::ENOTDIR) => {
+            let st = stat_at(dir, CLIENTS).map_err(io_err("inspect", &path))?;
+            return Err(planted(
+                st.map_or_else(|| "gone".into(), |st| describe(&st)),
+            ));
+        }
+        Err(e) => return Err(io_err("open", &path)(e)),
+    };
+    let st = fstat(fd.as_raw_fd()).map_err(io_err("inspect", &path))?;
+    if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o022 != 0 {
+        return Err(planted(describe(&st)));
+    }
+    fchmod(
+        fd.as_raw_fd(),
+        Mode::from_bits_truncate(layout.clients_mode()),
+    )
+    .map_err(io_err("set the mode of", &path))?;
+    Ok(fd)
+}
+
+/// Makes the client directory `name` in `clients` (mode 0700) and returns
+/// its descriptor. Its owner is set by the caller once it is filled.
+///
+/// # Errors
+/// From `mkdirat` (`ENOENT`: `clients/` was removed), `openat` or `fchmod`.
+pub fn make_client_dir(clients: RawFd, name: &str) -> io::Result<OwnedFd> {
+    mkdirat(Some(clients), name, Mode::from_bits_truncate(0o700))?;
+    let fd = open_dir_at(Some(clients), name)?;
+    let st = fstat(fd.as_raw_fd())?;
+    if st.st_uid != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{name} was replaced between mkdir and open"),
+        ));
+    }
+    fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
+    Ok(fd)
+}
+
 /// Removes every `clients/<uuid>/` that holds nothing but our FIFOs. Anything
-/// else is somebody's file: keep it and report it. Never recursive.
-fn remove_client_dirs(clients: &Path) -> io::Result<(usize, Vec<PathBuf>)> {
+/// else is somebody's file: keep it and report it. Never recursive, never
+/// through a link (a symlink named like a uuid is kept).
+fn remove_client_dirs(clients: RawFd, clients_path: &Path) -> io::Result<(usize, Vec<PathBuf>)> {
+    let mut names = Vec::new();
+    let mut listing = nix::dir::Dir::openat(
+        Some(clients),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    for entry in listing.iter() {
+        let name = entry?.file_name().to_owned();
+        if name.as_bytes() != b"." && name.as_bytes() != b".." {
+            names.push(name);
+        }
+    }
     let mut removed = 0;
     let mut kept = Vec::new();
-    for entry in fs::read_dir(clients)? {
-        let path = entry?.path();
-        let ours = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| uuid::Uuid::parse_str(n).is_ok())
-            && fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-        if ours && remove_client_dir(&path).is_ok() {
+    for name in names {
+        let text = name.to_str().unwrap_or("");
+        let ours = uuid::Uuid::parse_str(text).is_ok()
+            && stat_at(clients, name.as_c_str())
+                .is_ok_and(|st| st.is_some_and(|st| kind(&st) == SFlag::S_IFDIR));
+        if ours && remove_client_dir(clients, text).is_ok() {
             removed += 1;
         } else {
-            kept.push(path);
+            kept.push(clients_path.join(std::ffi::OsStr::from_bytes(name.as_bytes())));
         }
     }
     Ok((removed, kept))
 }
 
-/// Removes one client directory holding only `send` and `recv` FIFOs.
+use std::os::unix::ffi::OsStrExt;
+
+/// Removes the client directory `name` in `clients` if it holds only `send`
+/// and `recv` FIFOs. Never follows a link: `name` must be a directory, and
+/// only FIFOs are unlinked inside it.
 ///
 /// # Errors
 /// If the directory holds anything else, or cannot be removed.
-pub fn remove_client_dir(dir: &Path) -> io::Result<()> {
-    for name in ["send", "recv"] {
-        let p = dir.join(name);
-        if fifo::is_fifo(&p) {
-            fs::remove_file(&p)?;
+pub fn remove_client_dir(clients: RawFd, name: &str) -> io::Result<()> {
+    let dir = match open_dir_at(Some(clients), name) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for f in ["send", "recv"] {
+        if stat_at(dir.as_raw_fd(), f)?.is_some_and(|st| kind(&st) == SFlag::S_IFIFO) {
+            unlinkat(Some(dir.as_raw_fd()), f, UnlinkatFlags::NoRemoveDir)?;
         }
     }
-    match fs::remove_dir(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        r => r,
+    match unlinkat(Some(clients), name, UnlinkatFlags::RemoveDir) {
+        Err(Errno::ENOENT) => Ok(()),
+        r => Ok(r?),
     }
 }

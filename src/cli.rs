@@ -17,7 +17,7 @@ Examples:
   tail -f app.log | fifobus pub logs.app        # publish one message per line
   cdir=$(fifobus connect --sub 'chat.>' --pid $$)   # a raw client: then use $cdir/send and $cdir/recv
 
-The bus directory is --dir, else $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /tmp/fifobus-<uid>.
+The bus directory is --dir, else $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /run/fifobus for root, else /tmp/fifobus-<uid>.
 Protocol: docs/protocol.md";
 
 #[derive(Debug, Parser)]
@@ -68,9 +68,12 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Mode of the bus directory when the broker creates it (octal)
-    #[arg(long, default_value = "700", value_parser = parse_mode)]
-    pub mode: u32,
+    /// Mode of the bus directory when the broker creates it (octal) [default: 700, or 755 with --shared]
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<u32>,
+    /// A bus for every local user (run as root, normally on /run/fifobus): anyone may write hello, each client's directory belongs to its user
+    #[arg(long)]
+    pub shared: bool,
     /// Longest accepted line on a client's send FIFO (e.g. 1MiB, 65536)
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     pub max_line: usize,

@@ -65,6 +65,9 @@ pub struct BrokerConfig {
     pub dir: PathBuf,
     /// Mode of the bus directory when the broker creates it.
     pub mode: u32,
+    /// `--shared`: a bus any local user may reach (root only); client
+    /// directories belong to their users.
+    pub shared: bool,
     /// Longest accepted line on `send`, excluding the newline.
     pub max_line: usize,
     pub backlog: BacklogLimits,
@@ -89,6 +92,7 @@ impl BrokerConfig {
         BrokerConfig {
             dir,
             mode: 0o700,
+            shared: false,
             max_line: 1 << 20,
             backlog: BacklogLimits::default(),
             handshake_timeout: Duration::from_secs(5),

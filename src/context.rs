@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::busdir::BusFs;
 use crate::config::BrokerConfig;
 use crate::counters::Counters;
 use crate::registry::Registry;
@@ -30,5 +31,8 @@ pub struct Context {
     pub tracker: TaskTracker,
     /// `<bus>/clients`, where client directories are made.
     pub clients_dir: PathBuf,
+    /// The bus directory's descriptors and identities: client directories
+    /// are made relative to them, and `reply=` is checked against them.
+    pub fs: Arc<BusFs>,
     pub throttle: LogThrottle,
 }

@@ -37,7 +37,8 @@ fn main() -> ExitCode {
 
 fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
     let config = BrokerConfig {
-        mode: args.mode,
+        mode: args.mode.unwrap_or(if args.shared { 0o755 } else { 0o700 }),
+        shared: args.shared,
         max_line: args.max_line,
         backlog: BacklogLimits {
             messages: args.backlog_messages,

@@ -267,6 +267,13 @@ mod tests {
         assert!(text.contains("fifobus_topics 2"));
     }
 
+    fn no_fifos(n: u64) -> [crate::fifo::FileId; 2] {
+        [0, 1].map(|i| crate::fifo::FileId {
+            dev: 0,
+            ino: 2 * n + i,
+        })
+    }
+
     #[test]
     fn with_labels_off_no_name_is_exported_and_the_totals_remain() {
         let c = Counters::without_topic_labels();
@@ -281,6 +288,7 @@ mod tests {
             PathBuf::from("/nonexistent"),
             sub,
             None,
+            no_fifos(1),
         );
         let now = std::time::Instant::now();
         for topic in ["secret.plans", "secret.plans", "secret.other"] {
@@ -317,10 +325,10 @@ mod tests {
     fn a_client_named_other_keeps_its_slot_when_a_folded_client_leaves() {
         let (_, r, m) = setup(1, 1);
         let dir = PathBuf::from("/nonexistent");
-        r.insert(1, OTHER.into(), dir.clone(), outbox(), None);
-        r.insert(2, "bob".into(), dir.clone(), outbox(), None); // folded
+        r.insert(1, OTHER.into(), dir.clone(), outbox(), None, no_fifos(1));
+        r.insert(2, "bob".into(), dir.clone(), outbox(), None, no_fifos(2)); // folded
         r.remove(2);
-        r.insert(3, "carol".into(), dir, outbox(), None); // still folded: the one slot is taken
+        r.insert(3, "carol".into(), dir, outbox(), None, no_fifos(3)); // still folded: the one slot is taken
         let text = m.encode();
         assert!(!text.contains(r#"client="carol""#), "{text}");
     }
@@ -358,8 +366,8 @@ mod tests {
         b.push(encode::msg(&t, b"y"));
         b.push(encode::msg(&t, b"z"));
         let dir = PathBuf::from("/nonexistent");
-        r.insert(1, "alice".into(), dir.clone(), a, None);
-        r.insert(2, "bob".into(), dir, b, None);
+        r.insert(1, "alice".into(), dir.clone(), a, None, no_fifos(4));
+        r.insert(2, "bob".into(), dir, b, None, no_fifos(5));
         let text = m.encode();
         assert!(
             text.contains(r#"fifobus_client_backlog_messages{client="alice"} 1"#),

@@ -19,6 +19,7 @@ use nix::sys::inotify::WatchDescriptor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::counters::{Counters, ALL, OTHER};
+use crate::fifo::FileId;
 use crate::router::{ClientKey, Outbox};
 
 /// What the rest of the broker may know about a live client.
@@ -34,11 +35,16 @@ pub struct ClientEntry {
     pub outbox: Arc<Outbox>,
     /// The inotify watch on `dir`, if one could be added.
     pub watch: Option<WatchDescriptor>,
+    /// Its `send` and `recv` FIFOs: a handshake's `reply=` must be neither.
+    pub fifos: [FileId; 2],
 }
 
 pub struct Registry {
     clients: DashMap<ClientKey, Arc<ClientEntry>>,
     by_watch: DashMap<WatchDescriptor, ClientKey>,
+    /// Every live client's FIFOs, so a `reply=` naming one (even by a hard
+    /// link outside the bus directory) is refused in one lookup.
+    by_fifo: DashMap<FileId, ClientKey>,
     slots: Arc<Semaphore>,
     max: usize,
     /// Series labels in use, and how many live clients share each.
@@ -57,6 +63,7 @@ impl Registry {
         Arc::new(Registry {
             clients: DashMap::new(),
             by_watch: DashMap::new(),
+            by_fifo: DashMap::new(),
             slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
             max,
             series: Mutex::default(),
@@ -98,6 +105,7 @@ impl Registry {
         dir: PathBuf,
         outbox: Arc<Outbox>,
         watch: Option<WatchDescriptor>,
+        fifos: [FileId; 2],
     ) -> Arc<ClientEntry> {
         let series = self.take_series(&label);
         let entry = Arc::new(ClientEntry {
@@ -107,7 +115,11 @@ impl Registry {
             dir,
             outbox,
             watch,
+            fifos,
         });
+        for id in fifos {
+            self.by_fifo.insert(id, key);
+        }
         if let Some(wd) = watch {
             self.by_watch.insert(wd, key);
         }
@@ -120,6 +132,9 @@ impl Registry {
     /// caller removes the right inotify watch.
     pub fn remove(&self, key: ClientKey) -> Option<WatchDescriptor> {
         let (_, entry) = self.clients.remove(&key)?;
+        for id in entry.fifos {
+            self.by_fifo.remove_if(&id, |_, k| *k == key);
+        }
         self.give_back_series(&entry);
         let wd = entry.watch?;
         self.by_watch
@@ -131,6 +146,11 @@ impl Registry {
     pub fn by_watch(&self, wd: WatchDescriptor) -> Option<Arc<ClientEntry>> {
         let key = *self.by_watch.get(&wd)?;
         self.clients.get(&key).map(|e| e.clone())
+    }
+
+    /// Whether `id` is the `send` or `recv` of a live client.
+    pub fn holds(&self, id: FileId) -> bool {
+        self.by_fifo.contains_key(&id)
     }
 
     /// The kernel dropped the watch `wd` (its directory is gone).
@@ -196,6 +216,16 @@ mod tests {
     use super::*;
     use crate::router::BacklogLimits;
 
+    fn fifos(n: u64) -> [FileId; 2] {
+        [
+            FileId { dev: 0, ino: 2 * n },
+            FileId {
+                dev: 0,
+                ino: 2 * n + 1,
+            },
+        ]
+    }
+
     fn outbox() -> Arc<Outbox> {
         Arc::new(Outbox::new(BacklogLimits::default()))
     }
@@ -215,11 +245,11 @@ mod tests {
         let c = Counters::new(1);
         let r = Registry::new(10, 1, c.clone());
         let dir = PathBuf::from("/nonexistent");
-        r.insert(1, OTHER.into(), dir.clone(), outbox(), None);
-        let bob = r.insert(2, "bob".into(), dir.clone(), outbox(), None);
+        r.insert(1, OTHER.into(), dir.clone(), outbox(), None, fifos(1));
+        let bob = r.insert(2, "bob".into(), dir.clone(), outbox(), None, fifos(2));
         assert_eq!(bob.series, OTHER, "folded: the one slot is taken");
         r.remove(2);
-        let carol = r.insert(3, "carol".into(), dir, outbox(), None);
+        let carol = r.insert(3, "carol".into(), dir, outbox(), None, fifos(3));
         assert_eq!(carol.series, OTHER, "still folded: _other holds the slot");
         assert_eq!(c.folded_clients.load(Ordering::Relaxed), 2);
     }
@@ -229,11 +259,21 @@ mod tests {
         let c = Counters::new(1);
         let r = Registry::without_client_labels(10, c.clone());
         let dir = PathBuf::from("/nonexistent");
-        let alice = r.insert(1, "alice".into(), dir.clone(), outbox(), None);
-        let bob = r.insert(2, "bob".into(), dir, outbox(), None);
+        let alice = r.insert(1, "alice".into(), dir.clone(), outbox(), None, fifos(1));
+        let bob = r.insert(2, "bob".into(), dir, outbox(), None, fifos(2));
         assert_eq!((alice.series.as_str(), bob.series.as_str()), (ALL, ALL));
         assert_eq!(alice.label, "alice", "logs still know the name");
         r.remove(1);
         assert_eq!(c.folded_clients.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn held_fifos_are_known_while_their_client_lives() {
+        let r = Registry::new(10, 10, Counters::new(1));
+        r.insert(1, "a".into(), PathBuf::from("/x"), outbox(), None, fifos(1));
+        assert!(r.holds(fifos(1)[0]) && r.holds(fifos(1)[1]));
+        assert!(!r.holds(fifos(2)[0]));
+        r.remove(1);
+        assert!(!r.holds(fifos(1)[0]));
     }
 }

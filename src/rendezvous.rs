@@ -19,9 +19,10 @@ use bytes::BytesMut;
 use tokio::net::unix::pipe;
 use tokio::sync::Semaphore;
 
-use crate::busdir::BusDir;
+use crate::busdir::{BusDir, HelloCheck};
 use crate::context::Context;
 use crate::counters::Rejection;
+use crate::fifo::{FileId, ReplyError, ReplyGuard, ReplyInfo};
 use crate::protocol::hello::{HelloRejected, MAX_HELLO_LINE};
 use crate::protocol::{encode, ErrorCode, Hello, Line, LineSplitter, ProtocolError};
 use crate::{busdir, fifo, session, warn_throttled};
@@ -37,18 +38,23 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
     loop {
         tokio::select! {
             () = ctx.cancel.cancelled() => break,
-            () = ctx.watcher.hello_removed() => {
-                if fifo::is_fifo(&bus.path().join(busdir::HELLO)) {
-                    // A rescan after lost events found it intact.
-                    continue;
+            () = ctx.watcher.hello_changed() => {
+                let path = bus.path().join(busdir::HELLO);
+                match bus.check_hello() {
+                    // Our own publishing, or a rescan that found it intact.
+                    HelloCheck::Ours => continue,
+                    HelloCheck::Missing => tracing::warn!("{} was deleted; putting it back", path.display()),
+                    HelloCheck::Impostor(what) => tracing::warn!(
+                        "{} was replaced by {what}; putting the broker's own back (whoever did this may have read HELLOs written in between)",
+                        path.display()
+                    ),
                 }
-                match bus.recreate_hello() {
+                match bus.replace_hello() {
                     Ok(old) => {
-                        tracing::warn!("{}/hello was deleted; recreated it", bus.path().display());
-                        // Lines written before the deletion are still in the old pipe.
+                        // Lines written to our FIFO before it lost its name are still in it.
                         if drain(&old, &mut buf).is_err() { buf.clear(); }
                     }
-                    Err(e) => tracing::error!("{}/hello was deleted and cannot be recreated: {e}", bus.path().display()),
+                    Err(e) => tracing::error!("cannot put {} back: {e}; new clients cannot connect until the broker restarts", path.display()),
                 }
             }
             r = bus.hello().readable() => {
@@ -88,7 +94,7 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
         }
     }
     // First thing at shutdown: no new client may start writing HELLO.
-    let _ = std::fs::remove_file(bus.path().join(busdir::HELLO));
+    bus.unpublish_hello();
     // Those that already did get a prompt answer rather than a timeout.
     if drain(bus.hello(), &mut buf).is_ok() {
         while let Some(line) = splitter.next_line(&mut buf) {
@@ -97,8 +103,9 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
                     .map(|h| Some(h.reply))
                     .unwrap_or_else(|r| r.reply)
                 {
+                    let ctx2 = ctx.clone();
                     ctx.tracker
-                        .spawn(async move { refuse_for_shutdown(&reply).await });
+                        .spawn(async move { refuse_for_shutdown(&reply, &ctx2).await });
                 }
             }
         }
@@ -106,11 +113,26 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
     bus
 }
 
+/// Opens a reply FIFO, refusing anything under the bus directory and any
+/// FIFO the broker holds (`hello`, every live client's `send` and `recv`).
+async fn open_reply(
+    reply: &Path,
+    timeout: std::time::Duration,
+    ctx: &Context,
+) -> Result<(pipe::Sender, ReplyInfo), ReplyError> {
+    let held = |id: FileId| ctx.fs.hello_id() == Some(id) || ctx.clients.holds(id);
+    let guard = ReplyGuard {
+        bus_dir: ctx.fs.id(),
+        held: &held,
+    };
+    fifo::open_reply(reply, timeout, &guard).await
+}
+
 /// Answers `ERR shutting-down` on a reply FIFO if it can be opened at once
 /// (its client is waiting on it); the shutdown deadline leaves no time for more.
-async fn refuse_for_shutdown(reply: &Path) {
+async fn refuse_for_shutdown(reply: &Path, ctx: &Context) {
     const QUICK: std::time::Duration = std::time::Duration::from_millis(100);
-    if let Ok(tx) = fifo::open_reply(reply, QUICK).await {
+    if let Ok((tx, _)) = open_reply(reply, QUICK, ctx).await {
         let e = ProtocolError::new(
             ErrorCode::ShuttingDown,
             "the broker is stopping; try again when it is back",
@@ -132,6 +154,12 @@ fn drain(rx: &pipe::Receiver, buf: &mut BytesMut) -> io::Result<()> {
     }
 }
 
+/// Reads one HELLO and answers it on its reply FIFO, except when that FIFO
+/// is the broker's own or lies in the bus directory (`reply=DIR/hello`,
+/// `reply=<another client>/recv`): then writing `ERR bad-reply` there would
+/// itself be the attack (a line injected into another client's stream, or
+/// into `hello`), so the HELLO is refused in silence, logged and counted
+/// as `bad-reply`, and no client is created.
 async fn handshake(line: &[u8], ctx: &Arc<Context>) {
     let (hello, refusal) = match Hello::parse(line) {
         Ok(h) => (h, None),
@@ -159,26 +187,34 @@ async fn handshake(line: &[u8], ctx: &Arc<Context>) {
         }
     };
     let reply = tokio::select! {
-        r = fifo::open_reply(&hello.reply, ctx.config.handshake_timeout) => r,
+        r = open_reply(&hello.reply, ctx.config.handshake_timeout, ctx) => r,
         () = ctx.cancel.cancelled() => {
-            refuse_for_shutdown(&hello.reply).await;
+            refuse_for_shutdown(&hello.reply, ctx).await;
             return;
         }
     };
-    let reply = match reply {
+    let (reply, info) = match reply {
         Ok(r) => r,
         Err(e) => {
             ctx.counters.handshake_rejected(match e {
-                fifo::ReplyError::NoReader(..) => Rejection::ReplyTimeout,
+                ReplyError::NoReader(..) => Rejection::ReplyTimeout,
                 _ => Rejection::Code(ErrorCode::BadReply),
             });
-            warn_throttled!(ctx.throttle, "bad-reply", "abandoned a handshake: {e}");
+            if e.is_injection() {
+                warn_throttled!(
+                    ctx.throttle,
+                    "bad-reply",
+                    "refused a HELLO without answering it (bad-reply): {e}"
+                );
+            } else {
+                warn_throttled!(ctx.throttle, "bad-reply", "abandoned a handshake: {e}");
+            }
             return;
         }
     };
     let answer = match refusal {
         Some(e) => Err(e),
-        None => session::create(&hello, ctx).await,
+        None => session::create(&hello, info.uid, ctx).await,
     };
     let line = match &answer {
         Ok(welcome) => {

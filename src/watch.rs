@@ -6,7 +6,7 @@
 //! - [`PidWatch`]: a pidfd for the `pid=` a client gave; it becomes readable
 //!   when that process exits (even before it is reaped).
 //! - [`FsWatcher`]: one inotify instance for the whole broker, watching the
-//!   bus directory (a deleted `hello` is recreated) and each client directory
+//!   bus directory (a deleted or replaced `hello` is put back) and each client directory
 //!   (a deleted or renamed directory, `send` or `recv` ends that client).
 //!
 //! Both are file descriptors in tokio's reactor: an idle broker sleeps in
@@ -45,6 +45,44 @@ impl PidWatch {
         Ok(PidWatch { fd: register(fd)? })
     }
 
+    /// The real uid of process `pid`, the one this pidfd was opened for.
+    /// Race-free: the pidfd was opened first, and it is checked after
+    /// reading `/proc/<pid>` that its process is still alive; a pid is only
+    /// reused once its process has exited and been reaped, which would have
+    /// made the pidfd readable.
+    ///
+    /// # Errors
+    /// `ESRCH` when the process is gone; an I/O error reading `/proc`.
+    pub fn owner(&self, pid: i32) -> io::Result<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"));
+        let uid = status.as_deref().ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|u| u.parse::<u32>().ok())
+        });
+        let mut fds = [libc::pollfd {
+            fd: self.fd.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd, timeout 0: poll only writes revents.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        match (uid, status) {
+            (Some(uid), _) => Ok(uid),
+            (None, Err(e)) => Err(e),
+            (None, Ok(_)) => Err(io::Error::other(format!(
+                "no Uid: line in /proc/{pid}/status"
+            ))),
+        }
+    }
+
     pub async fn exited(&self) {
         // A pidfd stays readable once the process has exited; one readiness
         // event is the whole answer. An error here means the reactor is gone
@@ -77,7 +115,7 @@ pub struct FsWatcher {
     bus_dir: WatchDescriptor,
     /// The live clients, each with the watch on its directory.
     clients: Arc<Registry>,
-    hello_removed: Notify,
+    hello_changed: Notify,
 }
 
 const CLIENT_EVENTS: AddWatchFlags = AddWatchFlags::IN_DELETE
@@ -87,8 +125,10 @@ const CLIENT_EVENTS: AddWatchFlags = AddWatchFlags::IN_DELETE
     .union(AddWatchFlags::IN_ONLYDIR);
 
 impl FsWatcher {
-    /// Watches the bus directory for a deleted or renamed `hello`, and the
-    /// directories of `clients` as they are added.
+    /// Watches the bus directory for a deleted, renamed or replaced
+    /// `hello`, and the directories of `clients` as they are added. Give
+    /// `bus_dir` as `/proc/self/fd/N` of the locked directory, so the watch
+    /// is on the directory the broker holds.
     ///
     /// # Errors
     /// When inotify is unavailable or the directory cannot be watched.
@@ -96,13 +136,17 @@ impl FsWatcher {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         let wd = inotify.add_watch(
             bus_dir,
-            AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_ONLYDIR,
+            AddWatchFlags::IN_DELETE
+                | AddWatchFlags::IN_MOVED_FROM
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_CREATE
+                | AddWatchFlags::IN_ONLYDIR,
         )?;
         Ok(Arc::new(FsWatcher {
             inotify: register(InotifyFd(inotify))?,
             bus_dir: wd,
             clients,
-            hello_removed: Notify::new(),
+            hello_changed: Notify::new(),
         }))
     }
 
@@ -123,9 +167,11 @@ impl FsWatcher {
         let _ = self.inotify.get_ref().0.rm_watch(wd);
     }
 
-    /// Resolves once `hello` was deleted or renamed since the last call.
-    pub async fn hello_removed(&self) {
-        self.hello_removed.notified().await
+    /// Resolves once a name `hello` was deleted, renamed, created or
+    /// renamed over since the last call (the broker's own publishing counts
+    /// too: the caller compares what is there with what it holds).
+    pub async fn hello_changed(&self) {
+        self.hello_changed.notified().await
     }
 
     /// Reads events until the reactor goes away. Spawn it once.
@@ -161,8 +207,9 @@ impl FsWatcher {
         let gone = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM;
         let name = ev.name.as_deref().and_then(|n| n.to_str());
         if ev.wd == self.bus_dir {
-            if ev.mask.intersects(gone) && name == Some("hello") {
-                self.hello_removed.notify_one();
+            let arrived = AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CREATE;
+            if ev.mask.intersects(gone | arrived) && name == Some("hello") {
+                self.hello_changed.notify_one();
             }
             return;
         }
@@ -181,11 +228,11 @@ impl FsWatcher {
     }
 
     /// The kernel's event queue overflowed, so some deletions may have gone
-    /// unreported: look at the files themselves. (The rendezvous recreates
-    /// `hello` only if it is really missing.)
+    /// unreported: look at the files themselves. (The rendezvous puts
+    /// `hello` back only if it is really missing or not the broker's.)
     fn rescan(&self) {
         tracing::warn!("inotify queue overflowed; checking hello and every client directory");
-        self.hello_removed.notify_one();
+        self.hello_changed.notify_one();
         self.clients.for_each(|client| {
             let intact = ["send", "recv"]
                 .iter()

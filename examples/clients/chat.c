@@ -185,6 +185,7 @@ int main(int argc, char **argv) {
     const char *env = getenv("FIFOBUS_DIR"), *xdg = getenv("XDG_RUNTIME_DIR");
     if (env && *env) snprintf(dir, sizeof dir, "%s", env); /* broker's rule */
     else if (xdg && *xdg) snprintf(dir, sizeof dir, "%s/fifobus", xdg);
+    else if (geteuid() == 0) snprintf(dir, sizeof dir, "/run/fifobus");
     else snprintf(dir, sizeof dir, "/tmp/fifobus-%ld", (long)getuid());
     snprintf(topic, sizeof topic, "chat.%s", argv[2]);
 

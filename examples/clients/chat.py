@@ -24,6 +24,8 @@ def bus_dir():
         return os.environ["FIFOBUS_DIR"]
     if os.environ.get("XDG_RUNTIME_DIR"):
         return os.path.join(os.environ["XDG_RUNTIME_DIR"], "fifobus")
+    if os.geteuid() == 0:
+        return "/run/fifobus"
     return f"/tmp/fifobus-{os.getuid()}"
 
 

@@ -21,6 +21,7 @@ if [ -z "$dir" ]; then
         dir="$XDG_RUNTIME_DIR/fifobus"
     else
         dir="/tmp/fifobus-$(id -u)"
+        [ "$(id -u)" = 0 ] && dir=/run/fifobus
     fi
 fi
 

@@ -9,7 +9,7 @@
 //! | a place under the connection limit | [`Registry::admit`] | dropping the permit the session owns |
 //! | a pidfd for `pid=` | [`PidWatch::open`] | drop |
 //! | its subscriptions and outbox in the router | `RouterHandle::attach` | `RouterHandle::detach` |
-//! | `clients/<uuid>/` with `send` and `recv` | `ClientFifos::create` | [`busdir::remove_client_dir`] |
+//! | `clients/<uuid>/` with `send` and `recv`, relative to `clients/`'s descriptor | `ClientFifos::create` | [`busdir::remove_client_dir`] |
 //! | an inotify watch on that directory | [`FsWatcher::watch_client`] | [`FsWatcher::unwatch_client`] |
 //! | its entry in the registry (metrics, watcher) | [`Registry::insert`] | [`Registry::remove`] |
 //!
@@ -30,8 +30,8 @@ mod reader;
 mod writer;
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::unix::pipe;
@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::Context;
 use crate::counters::DropReason;
+use crate::fifo::FileId;
 use crate::protocol::{encode, ErrorCode, Hello, ProtocolError};
 use crate::router::{ClientKey, CloseReason, Outbox};
 use crate::watch::PidWatch;
@@ -67,29 +68,28 @@ impl Welcome {
 /// Creates a client for `hello`: everything in the module table, in order,
 /// then spawns its session. Nothing is left behind on failure.
 ///
+/// `uid` is the client's identity: the owner of its reply FIFO, which only
+/// that user (or root) can have made. `pid=` must name a process of that
+/// user (root's clients may name any), and on a `--shared` bus the client's
+/// directory and FIFOs are given to that user.
+///
 /// # Errors
 /// The [`ProtocolError`] to answer the HELLO with: `too-many-clients`,
 /// `bad-pid`, `shutting-down`, or `internal-error`.
-pub async fn create(hello: &Hello, ctx: &Arc<Context>) -> Result<Welcome, ProtocolError> {
+pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welcome, ProtocolError> {
     if ctx.cancel.is_cancelled() {
         return Err(shutting_down());
     }
     let Some(permit) = ctx.clients.admit() else {
         return Err(too_many(ctx.clients.max()));
     };
-    let pid = match hello.pid.map(PidWatch::open).transpose() {
-        Ok(p) => p,
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-            return Err(ProtocolError::new(
-                ErrorCode::BadPid,
-                format!("no process with pid {}", hello.pid.unwrap_or_default()),
-            ))
-        }
-        Err(e) => return Err(resource_error(&e, ctx)),
+    let pid = match hello.pid {
+        Some(p) => Some(watch_pid(p, uid, ctx)?),
+        None => None,
     };
     let key = ctx.clients.next_key();
     let id = uuid::Uuid::new_v4().to_string();
-    let dir = ctx.clients_dir.join(&id);
+    let dir = ctx.fs.clients_path().join(&id);
     let outbox = Arc::new(Outbox::new(ctx.config.backlog));
     // Subscribe before the directory exists: whoever sees the directory
     // (the client after WELCOME, or a script watching clients/) can rely on
@@ -101,14 +101,29 @@ pub async fn create(hello: &Hello, ctx: &Arc<Context>) -> Result<Welcome, Protoc
     {
         return Err(shutting_down());
     }
-    let fifos = match ClientFifos::create(&dir, ctx) {
+    let owner = ctx.fs.shared().then_some(uid);
+    let mut clients = ctx.fs.clients();
+    let made = match ClientFifos::create(&clients, &id, owner, ctx) {
+        // Someone removed clients/; put it back.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            ctx.fs.recreate_clients(&clients).and_then(|c| {
+                clients = c;
+                ClientFifos::create(&clients, &id, owner, ctx)
+            })
+        }
+        r => r,
+    };
+    let fifos = match made {
         Ok(f) => f,
         Err(e) => {
             ctx.router.detach(key).await;
             return Err(resource_error(&e, ctx));
         }
     };
-    let watch = match ctx.watcher.watch_client(&dir) {
+    // The watch is added through the descriptor, so it is on the directory
+    // just made, whatever its name leads to by now.
+    let via = PathBuf::from(format!("/proc/self/fd/{}", fifos.dir.as_raw_fd()));
+    let watch = match ctx.watcher.watch_client(&via) {
         Ok(wd) => Some(wd),
         Err(e) => {
             warn_throttled!(ctx.throttle, "inotify", "cannot watch {}: {e}; its deletion will go unnoticed (raise fs.inotify.max_user_watches)", dir.display());
@@ -116,13 +131,21 @@ pub async fn create(hello: &Hello, ctx: &Arc<Context>) -> Result<Welcome, Protoc
         }
     };
     let label = hello.name.clone().unwrap_or_else(|| id.clone());
-    ctx.clients
-        .insert(key, label.clone(), dir.clone(), outbox.clone(), watch);
-    tracing::debug!(client = %label, id = %id, pid = ?hello.pid, "client joined");
+    ctx.clients.insert(
+        key,
+        label.clone(),
+        dir.clone(),
+        outbox.clone(),
+        watch,
+        fifos.ids,
+    );
+    tracing::debug!(client = %label, id = %id, uid, pid = ?hello.pid, "client joined");
     let session = Session {
         key,
         label,
         dir: dir.clone(),
+        clients,
+        name: id.clone(),
         send: fifos.send,
         recv: fifos.recv,
         outbox: outbox.clone(),
@@ -133,38 +156,70 @@ pub async fn create(hello: &Hello, ctx: &Arc<Context>) -> Result<Welcome, Protoc
     Ok(Welcome { id, dir, outbox })
 }
 
+/// Opens a pidfd for `pid=` and checks that the process belongs to `uid`
+/// (see [`PidWatch::owner`] for why this order is race-free).
+fn watch_pid(pid: i32, uid: u32, ctx: &Context) -> Result<PidWatch, ProtocolError> {
+    let gone = || ProtocolError::new(ErrorCode::BadPid, format!("no process with pid {pid}"));
+    let watch = match PidWatch::open(pid) {
+        Ok(w) => w,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(gone()),
+        Err(e) => return Err(resource_error(&e, ctx)),
+    };
+    if uid == 0 {
+        return Ok(watch);
+    }
+    match watch.owner(pid) {
+        Ok(owner) if owner == uid => Ok(watch),
+        Ok(owner) => Err(ProtocolError::new(
+            ErrorCode::BadPid,
+            format!("process {pid} belongs to uid {owner}, not to uid {uid} (the owner of reply=); give the pid of a process of your own"),
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err(gone()),
+        Err(e) => Err(ProtocolError::new(
+            ErrorCode::BadPid,
+            format!("cannot tell who owns process {pid}: {e}"),
+        )),
+    }
+}
+
 /// A client's directory and its two FIFOs, opened `O_RDWR` by the broker.
 struct ClientFifos {
     send: pipe::Receiver,
     recv: pipe::Sender,
+    /// Identities of `send` and `recv`, for the registry.
+    ids: [FileId; 2],
+    /// The client directory, held while the session is set up.
+    dir: OwnedFd,
 }
 
 impl ClientFifos {
-    /// Makes `dir` (0700) with `send` and `recv` (0600) and opens both, at
-    /// the configured pipe size. Removes what it made if any step fails.
-    fn create(dir: &Path, ctx: &Context) -> io::Result<ClientFifos> {
-        use std::os::unix::fs::DirBuilderExt;
-        let mut builder = std::fs::DirBuilder::new();
-        builder.mode(0o700);
-        if let Err(e) = builder.create(dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                return Err(e);
-            }
-            // Someone removed clients/; put it back.
-            builder.recursive(true).create(dir)?;
-        }
-        let opened = Self::make_and_open(dir, ctx);
+    /// Makes `clients/<name>/` (0700) with `send` and `recv` (0600), all
+    /// relative to descriptors, and opens both at the configured pipe size;
+    /// then gives them to `owner` if set (a shared bus). Removes what it
+    /// made if any step fails.
+    fn create(
+        clients: &OwnedFd,
+        name: &str,
+        owner: Option<u32>,
+        ctx: &Context,
+    ) -> io::Result<ClientFifos> {
+        let dir = busdir::make_client_dir(clients.as_raw_fd(), name)?;
+        let opened = Self::make_and_open(dir, owner, ctx);
         if opened.is_err() {
-            let _ = busdir::remove_client_dir(dir);
+            let _ = busdir::remove_client_dir(clients.as_raw_fd(), name);
         }
         opened
     }
 
-    fn make_and_open(dir: &Path, ctx: &Context) -> io::Result<ClientFifos> {
-        fifo::make(&dir.join("send"), 0o600)?;
-        fifo::make(&dir.join("recv"), 0o600)?;
-        let send = fifo::open_resilient_rx(&dir.join("send"))?;
-        let recv = fifo::open_resilient_tx(&dir.join("recv"))?;
+    fn make_and_open(dir: OwnedFd, owner: Option<u32>, ctx: &Context) -> io::Result<ClientFifos> {
+        let send = fifo::make_at(dir.as_raw_fd(), "send", 0o600, owner)?;
+        let recv = fifo::make_at(dir.as_raw_fd(), "recv", 0o600, owner)?;
+        let ids = [
+            FileId::of_fd(send.as_raw_fd())?,
+            FileId::of_fd(recv.as_raw_fd())?,
+        ];
+        let send = pipe::Receiver::from_owned_fd_unchecked(send)?;
+        let recv = pipe::Sender::from_owned_fd_unchecked(recv)?;
         // The pipe size is chosen, not left to chance (--pipe-size); when the
         // user's pipe budget is spent the kernel gives less: say so.
         let want = ctx.config.pipe_size;
@@ -174,7 +229,17 @@ impl ClientFifos {
                 warn_throttled!(ctx.throttle, "pipe-budget", "new client pipes get {got} bytes, not {want}: this user's pipe buffers passed fs.pipe-user-pages-soft (see docs/performance.md)");
             }
         }
-        Ok(ClientFifos { send, recv })
+        // Last, once it holds what it should: from now on the user may
+        // open its directory.
+        if let Some(uid) = owner.filter(|&u| u != nix::unistd::geteuid().as_raw()) {
+            nix::unistd::fchown(dir.as_raw_fd(), Some(nix::unistd::Uid::from_raw(uid)), None)?;
+        }
+        Ok(ClientFifos {
+            send,
+            recv,
+            ids,
+            dir,
+        })
     }
 }
 
@@ -205,6 +270,10 @@ pub struct Session {
     /// The client's `name=`, else its uuid: what logs call it.
     label: String,
     dir: PathBuf,
+    /// The `clients/` its directory was made in, and the directory's name
+    /// there: teardown removes it relative to that descriptor.
+    clients: Arc<OwnedFd>,
+    name: String,
     send: pipe::Receiver,
     recv: pipe::Sender,
     outbox: Arc<Outbox>,
@@ -290,7 +359,7 @@ impl Session {
         }
         // Remove the directory before closing the FIFOs: a client that sees
         // EOF on recv can rely on its directory being gone.
-        if let Err(e) = busdir::remove_client_dir(&self.dir) {
+        if let Err(e) = busdir::remove_client_dir(self.clients.as_raw_fd(), &self.name) {
             tracing::warn!(client = %self.label, "cannot remove {}: {e}", self.dir.display());
         }
         ctx.router.detach(self.key).await;
