@@ -73,6 +73,17 @@ impl std::error::Error for AclError {}
 pub struct Identity {
     pub uid: u32,
     pub groups: Vec<u32>,
+    /// The user's name, if the user database has one (for messages only).
+    pub name: Option<String>,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.name {
+            Some(n) => write!(f, "user {n} (uid {})", self.uid),
+            None => write!(f, "uid {}", self.uid),
+        }
+    }
 }
 
 impl Identity {
@@ -80,6 +91,7 @@ impl Identity {
         Identity {
             uid,
             groups: groups.into(),
+            name: None,
         }
     }
 
@@ -88,10 +100,12 @@ impl Identity {
     /// uid with no user entry has no groups.
     pub fn of_uid(uid: u32) -> Identity {
         use nix::unistd::{getgrouplist, Uid, User};
+        let mut name = None;
         let groups = match User::from_uid(Uid::from_raw(uid)) {
             Ok(Some(u)) => {
-                let name = std::ffi::CString::new(u.name.as_bytes()).ok();
-                let mut gids = name
+                name = Some(u.name.clone());
+                let cname = std::ffi::CString::new(u.name.as_bytes()).ok();
+                let mut gids = cname
                     .and_then(|n| getgrouplist(&n, u.gid).ok())
                     .unwrap_or_default();
                 gids.push(u.gid);
@@ -102,7 +116,7 @@ impl Identity {
             }
             _ => Vec::new(),
         };
-        Identity { uid, groups }
+        Identity { uid, groups, name }
     }
 }
 
@@ -914,7 +928,9 @@ mod tests {
     fn system_names_resolve_root() {
         assert_eq!(SystemNames.uid("root"), Some(0));
         assert_eq!(SystemNames.gid("root"), Some(0));
-        assert!(Identity::of_uid(0).groups.contains(&0));
+        let root = Identity::of_uid(0);
+        assert!(root.groups.contains(&0));
+        assert_eq!(root.to_string(), "user root (uid 0)");
         assert_eq!(Identity::of_uid(4_000_000_000).groups, Vec::<u32>::new());
     }
 

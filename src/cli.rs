@@ -101,6 +101,9 @@ pub struct ServeArgs {
     /// Client labels with their own metric series; the rest are summed under client="_other"
     #[arg(long, default_value_t = 1000)]
     pub metrics_client_limit: usize,
+    /// Access control for a shared bus: who may publish and subscribe where, per-user limits (format: docs/acl.md). Reread on SIGHUP [default: none, everything allowed]
+    #[arg(long, value_name = "FILE")]
+    pub acl: Option<PathBuf>,
 }
 
 /// `fifobus bench ARGS...`: the arguments of `fifobus-bench`, passed on unparsed.

@@ -72,6 +72,8 @@ pub struct BrokerConfig {
     pub pipe_size: usize,
     pub metrics: MetricsEndpoint,
     pub metrics_limits: MetricsLimits,
+    /// The access-control file (`--acl`); `None`: everything is allowed.
+    pub acl: Option<PathBuf>,
 }
 
 impl BrokerConfig {
@@ -87,6 +89,7 @@ impl BrokerConfig {
             pipe_size: 64 * 1024,
             metrics: MetricsEndpoint::Default,
             metrics_limits: MetricsLimits::default(),
+            acl: None,
         }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acl::Policy;
 use crate::config::BrokerConfig;
 use crate::counters::Counters;
 use crate::registry::Registry;
@@ -31,4 +32,18 @@ pub struct Context {
     /// `<bus>/clients`, where client directories are made.
     pub clients_dir: PathBuf,
     pub throttle: LogThrottle,
+    /// The access-control policy in force (`--acl`; open without it), for
+    /// what is decided outside the router (per-user backlog). The router
+    /// holds its own copy, replaced by the same reload.
+    pub policy: std::sync::RwLock<Arc<Policy>>,
+}
+
+impl Context {
+    /// The access-control policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }

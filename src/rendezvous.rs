@@ -11,6 +11,7 @@
 //! [`session::create`]'s job.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -176,9 +177,22 @@ async fn handshake(line: &[u8], ctx: &Arc<Context>) {
             return;
         }
     };
+    // The client's identity: who owns its reply FIFO.
+    let uid = match nix::sys::stat::fstat(reply.as_raw_fd()) {
+        Ok(st) => st.st_uid,
+        Err(e) => {
+            warn_throttled!(
+                ctx.throttle,
+                "bad-reply",
+                "abandoned a handshake: cannot fstat the reply FIFO {}: {e}",
+                hello.reply.display()
+            );
+            return;
+        }
+    };
     let answer = match refusal {
         Some(e) => Err(e),
-        None => session::create(&hello, ctx).await,
+        None => session::create(&hello, uid, ctx).await,
     };
     let line = match &answer {
         Ok(welcome) => {
