@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fifobus::acl::Identity;
 use fifobus::protocol::encode;
 use fifobus::router::{BacklogLimits, Entry, Outbox, RouterCore};
 use fifobus::topic::{Pattern, Topic};
@@ -48,12 +49,41 @@ fn publish(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("fanout/publish_64B");
     g.measurement_time(Duration::from_secs(3));
-    for subscribers in [1u64, 10, 100] {
+    // `_acl`: the same under an access-control policy, published on behalf
+    // of a client (`publish_as`), as the router does with `--acl`: the
+    // per-topic route also holds the publisher's decision.
+    for (acl, subscribers) in [
+        (false, 1u64),
+        (false, 10),
+        (false, 100),
+        (true, 1),
+        (true, 10),
+        (true, 100),
+    ] {
         let mut core = RouterCore::new(fifobus::counters::Counters::new(1000));
+        let publisher = u64::MAX;
+        if acl {
+            let policy = fifobus::acl::parse(
+                std::path::Path::new("bench.acl"),
+                "default deny\nallow pubsub chat.> all",
+                &fifobus::acl::SystemNames,
+            )
+            .expect("valid ACL");
+            core.set_policy(Arc::new(policy));
+            let o = Arc::new(Outbox::new(limits));
+            core.attach_as(publisher, o, Identity::new(1000, vec![]), vec![])
+                .expect("allowed");
+        }
         let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
             .map(|key| {
                 let o = Arc::new(Outbox::new(limits));
-                core.attach(key, o.clone(), vec![sub.clone()]);
+                core.attach_as(
+                    key,
+                    o.clone(),
+                    Identity::new(1000, vec![]),
+                    vec![sub.clone()],
+                )
+                .expect("allowed");
                 o
             })
             .collect();
@@ -61,7 +91,8 @@ fn publish(c: &mut Criterion) {
         let read_at = Instant::now();
 
         g.throughput(Throughput::Elements(subscribers));
-        g.bench_function(format!("{subscribers}_subs"), |b| {
+        let name = format!("{subscribers}_subs{}", if acl { "_acl" } else { "" });
+        g.bench_function(name, |b| {
             // Steady state: the topic's route is cached after the first
             // publish, so this is encode once + one push per subscriber.
             b.iter_custom(|iters| {
@@ -71,7 +102,11 @@ fn publish(c: &mut Criterion) {
                     let n = left.min(DRAIN_EVERY);
                     let start = Instant::now();
                     for _ in 0..n {
-                        let d = core.publish(black_box(&topic), black_box(&p), read_at);
+                        let d = if acl {
+                            core.publish_as(publisher, black_box(&topic), black_box(&p), read_at)
+                        } else {
+                            core.publish(black_box(&topic), black_box(&p), read_at)
+                        };
                         debug_assert_eq!(d.delivered as u64, subscribers);
                         black_box(d);
                     }

@@ -11,9 +11,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acl::{AclError, Policy};
 use crate::busdir::{BusDir, BusDirError};
 use crate::config::BrokerConfig;
 use crate::context::Context;
@@ -37,6 +39,8 @@ const FDS_PER_CLIENT: u64 = 3;
 pub enum BrokerError {
     #[error(transparent)]
     BusDir(#[from] BusDirError),
+    #[error("{0}; fix the file or start without --acl")]
+    Acl(#[from] AclError),
     #[error("cannot watch {dir} with inotify: {source}")]
     Inotify {
         dir: PathBuf,
@@ -61,6 +65,46 @@ pub async fn run(
     config: BrokerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BrokerError> {
+    serve(config, shutdown, None).await
+}
+
+/// [`run`], rereading the `--acl` file each time `reload` receives (the
+/// binary sends on SIGHUP). A bad file is logged with its line number and
+/// the policy in force stays.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_reloadable(
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()>,
+    reload: mpsc::Receiver<()>,
+) -> Result<(), BrokerError> {
+    serve(config, shutdown, Some(reload)).await
+}
+
+async fn serve(
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()>,
+    reload: Option<mpsc::Receiver<()>>,
+) -> Result<(), BrokerError> {
+    // Before anything is created: a bad ACL means no broker.
+    let policy = match &config.acl {
+        Some(path) => {
+            let policy = crate::acl::load(path)?;
+            tracing::info!(
+                "acl loaded from {}: {} rules, default {}",
+                path.display(),
+                policy.rule_count(),
+                if policy.default_allows() {
+                    "allow"
+                } else {
+                    "deny"
+                }
+            );
+            Arc::new(policy)
+        }
+        None => Arc::new(Policy::open()),
+    };
     let fd_limit = raise_open_file_limit();
     let fd_clients = client_capacity(fd_limit);
     let max_clients = config.max_clients.map_or(fd_clients, |m| m.min(fd_clients));
@@ -156,8 +200,16 @@ pub async fn run(
         clients_dir: bus.clients_dir(),
         fs: bus.fs(),
         throttle: LogThrottle::default(),
+        policy: std::sync::RwLock::new(policy.clone()),
         config,
     });
+    if !policy.is_open() {
+        // In force before `hello` exists, so before any client.
+        ctx.router.set_policy(policy).await;
+    }
+    if let Some(reload) = reload {
+        tokio::spawn(reload_acl_on(reload, ctx.clone()));
+    }
     let pipe_clients = pipe_budget_clients(ctx.config.pipe_size);
     tracing::info!(
         "serving on {} (pid {}); open-file limit {fd_limit} allows about {max_clients} clients; {}; metrics {}",
@@ -217,6 +269,42 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Rereads the ACL each time `reload` receives, until shutdown.
+async fn reload_acl_on(mut reload: mpsc::Receiver<()>, ctx: Arc<Context>) {
+    loop {
+        tokio::select! {
+            () = ctx.cancel.cancelled() => return,
+            r = reload.recv() => if r.is_none() { return },
+        }
+        let Some(path) = ctx.config.acl.clone() else {
+            tracing::info!("SIGHUP: no --acl file to reload; nothing changes");
+            continue;
+        };
+        // Reading the file and resolving names (NSS) may block.
+        let p = path.clone();
+        let loaded = match tokio::task::spawn_blocking(move || crate::acl::load(&p)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(
+                    "acl {}: reload failed: {e}; keeping the previous policy",
+                    path.display()
+                );
+                continue;
+            }
+        };
+        match loaded {
+            Ok(policy) => {
+                let rules = policy.rule_count();
+                let policy = Arc::new(policy);
+                *ctx.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+                ctx.router.set_policy(policy).await;
+                tracing::info!("acl reloaded from {}: {rules} rules", path.display());
+            }
+            Err(e) => tracing::error!("{e}; keeping the previous policy"),
+        }
+    }
 }
 
 /// How many clients get their full pipe size before the user's pipe budget

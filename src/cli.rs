@@ -113,6 +113,9 @@ pub struct ServeArgs {
     /// Require 'Authorization: Bearer <token>' on /metrics, the token being this file's content; the file must be the broker user's (or root's) and mode 600 (/healthz stays open)
     #[arg(long, value_name = "FILE")]
     pub metrics_token_file: Option<PathBuf>,
+    /// Access control for a shared bus: who may publish and subscribe where, per-user limits (format: docs/acl.md). Reread on SIGHUP [default: none, everything allowed]
+    #[arg(long, value_name = "FILE")]
+    pub acl: Option<PathBuf>,
 }
 
 /// `fifobus bench ARGS...`: the arguments of `fifobus-bench`, passed on unparsed.

@@ -85,6 +85,8 @@ pub struct BrokerConfig {
     /// `--metrics-token-file`: `/metrics` then requires the bearer token in
     /// this file (checked and read at start, see [`crate::metrics_token`]).
     pub metrics_token_file: Option<PathBuf>,
+    /// The access-control file (`--acl`); `None`: everything is allowed.
+    pub acl: Option<PathBuf>,
 }
 
 impl BrokerConfig {
@@ -102,6 +104,7 @@ impl BrokerConfig {
             metrics: MetricsEndpoint::Default,
             metrics_limits: MetricsLimits::default(),
             metrics_token_file: None,
+            acl: None,
         }
     }
 }

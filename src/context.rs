@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acl::Policy;
 use crate::busdir::BusFs;
 use crate::config::BrokerConfig;
 use crate::counters::Counters;
@@ -35,4 +36,18 @@ pub struct Context {
     /// are made relative to them, and `reply=` is checked against them.
     pub fs: Arc<BusFs>,
     pub throttle: LogThrottle,
+    /// The access-control policy in force (`--acl`; open without it), for
+    /// what is decided outside the router (per-user backlog). The router
+    /// holds its own copy, replaced by the same reload.
+    pub policy: std::sync::RwLock<Arc<Policy>>,
+}
+
+impl Context {
+    /// The access-control policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }

@@ -7,6 +7,7 @@
 //! - [`topic`]: validated topics and patterns, and the subscription trie.
 //! - [`protocol`]: line splitting, and every line in both directions: client
 //!   commands and HELLO parsed and encoded, broker lines encoded and decoded.
+//! - [`acl`]: the access-control policy of a shared bus (`--acl FILE`).
 //! - [`router`]: the single owner of subscriptions ([`router::RouterCore`])
 //!   and the bounded per-client [`router::Outbox`].
 //!
@@ -34,6 +35,7 @@
 //! outbox. Each subscriber's writer swaps its outbox out and writes it to
 //! `recv` with `writev`. See docs/architecture.md.
 
+pub mod acl;
 pub mod broker;
 pub mod busdir;
 pub mod cli;

@@ -56,6 +56,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
             client_labels: args.metrics_client_labels,
         },
         metrics_token_file: args.metrics_token_file.clone(),
+        acl: args.acl.clone(),
         ..BrokerConfig::new(dir)
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -71,12 +72,13 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
     let result = runtime.block_on(async {
         // Install the handlers before the broker announces itself, so a
         // signal sent the moment `hello` appears already stops it cleanly.
-        let (mut term, mut int) = match (
+        let (mut term, mut int, mut hup) = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) {
-            (Ok(t), Ok(i)) => (t, i),
-            (Err(e), _) | (_, Err(e)) => {
+            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 eprintln!("error: cannot install signal handlers: {e}");
                 return Ok(false);
             }
@@ -87,7 +89,17 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
                 _ = int.recv() => {}
             }
         };
-        broker::run(config, shutdown).await.map(|()| true)
+        // SIGHUP rereads the --acl file.
+        let (reload_tx, reload) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // A reload already pending covers this signal too.
+                let _ = reload_tx.try_send(());
+            }
+        });
+        broker::run_reloadable(config, shutdown, reload)
+            .await
+            .map(|()| true)
     });
     // Do not wait for tasks that ignored the shutdown deadline.
     runtime.shutdown_background();

@@ -212,6 +212,7 @@ async fn handshake(line: &[u8], ctx: &Arc<Context>) {
             return;
         }
     };
+    // The client's identity is who owns its reply FIFO (`info.uid`).
     let answer = match refusal {
         Some(e) => Err(e),
         None => session::create(&hello, info.uid, ctx).await,

@@ -20,10 +20,14 @@ pub enum ErrorCode {
     TooManyClients,
     ShuttingDown,
     Internal,
+    /// The bus's ACL (`--acl`) does not allow this `PUB` or `SUB`.
+    Forbidden,
+    /// The user's clients hold as many subscriptions as the ACL allows it.
+    TooManySubscriptions,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::UnknownCommand,
         ErrorCode::BadSyntax,
         ErrorCode::BadTopic,
@@ -35,6 +39,8 @@ impl ErrorCode {
         ErrorCode::TooManyClients,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
+        ErrorCode::Forbidden,
+        ErrorCode::TooManySubscriptions,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +56,8 @@ impl ErrorCode {
             ErrorCode::TooManyClients => "too-many-clients",
             ErrorCode::ShuttingDown => "shutting-down",
             ErrorCode::Internal => "internal-error",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooManySubscriptions => "too-many-subscriptions",
         }
     }
 

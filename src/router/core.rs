@@ -6,6 +6,11 @@
 //! and land in FIFO outboxes, so messages from one publisher reach each
 //! subscriber in publish order, and `PONG` lands after everything its
 //! client's earlier commands caused.
+//!
+//! The access-control policy is a value held here ([`Policy`], swapped by
+//! [`RouterCore::set_policy`]); its decisions are kept per topic beside the
+//! route, so under an ACL a message costs one more small lookup, and
+//! without one nothing at all.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -15,8 +20,9 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::outbox::{CloseReason, Entry, Outbox, Push};
+use crate::acl::{Identity, Policy, Sub};
 use crate::counters::{Counters, DropReason, TopicCounters};
-use crate::protocol::{encode, Command, ProtocolError};
+use crate::protocol::{encode, Command, ErrorCode, ProtocolError};
 use crate::topic::{Pattern, PatternIndex, Topic};
 
 /// Identifies a connected client inside the router (cheaper than its uuid).
@@ -26,10 +32,21 @@ pub type ClientKey = u64;
 /// interest changes; bounded so that publishers on ever-new topics cannot
 /// grow it without limit.
 const MATCH_CACHE_MAX: usize = 4096;
+/// Publish decisions remembered per route (one per publishing client);
+/// beyond this the policy is asked each time.
+const PUBLISHERS_MAX: usize = 256;
 
 struct Client {
     outbox: Arc<Outbox>,
     patterns: HashSet<Pattern>,
+    who: Identity,
+}
+
+/// What one uid holds, for the ACL's per-user limits.
+#[derive(Default)]
+struct PerUser {
+    clients: usize,
+    subscriptions: usize,
 }
 
 /// What one `PUB` did, for the caller's accounting.
@@ -50,6 +67,8 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 struct Route {
     subscribers: Arc<[Arc<Outbox>]>,
     counters: Arc<TopicCounters>,
+    /// Under an ACL: whether each client that published here may.
+    publishers: FastMap<ClientKey, bool>,
 }
 
 pub struct RouterCore {
@@ -66,6 +85,8 @@ pub struct RouterCore {
     /// once however often interest changes. Folded topics are not kept:
     /// ever-new topic names must not grow this map without bound.
     topics: FastMap<Topic, Arc<TopicCounters>>,
+    policy: Arc<Policy>,
+    per_user: FastMap<u32, PerUser>,
 }
 
 impl RouterCore {
@@ -79,22 +100,102 @@ impl RouterCore {
             arena: bytes::BytesMut::new(),
             counters,
             topics: FastMap::default(),
+            policy: Arc::new(Policy::open()),
+            per_user: FastMap::default(),
+        }
+    }
+
+    /// Puts `policy` in force: for every command from now on, and for the
+    /// subscriptions already made: deliveries are filtered by it at once,
+    /// and a subscription it denies entirely is removed, its client told
+    /// with `ERR forbidden <pattern>`. Limits apply to what comes next;
+    /// what is already above them stays.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+        let mut dropped = Vec::new();
+        for (&key, client) in &self.clients {
+            for p in &client.patterns {
+                if self.policy.may_subscribe(&client.who, p) == Sub::Denied {
+                    dropped.push((key, p.clone()));
+                }
+            }
+        }
+        for (key, p) in dropped {
+            self.unsubscribe(key, &p);
+            if let Some(c) = self.clients.get(&key) {
+                c.outbox.push(encode::err(&forbidden(&p)));
+                self.counters.protocol_error(ErrorCode::Forbidden);
+            }
+        }
+        // Routes hold the old policy's decisions.
+        self.interest_changed();
+    }
+
+    /// [`RouterCore::attach_as`] for a router without an ACL (tests and
+    /// benchmarks): the client is uid 0 with no groups.
+    ///
+    /// # Panics
+    /// If the policy refuses the client.
+    pub fn attach(&mut self, key: ClientKey, outbox: Arc<Outbox>, subs: Vec<Pattern>) {
+        if let Err(e) = self.attach_as(key, outbox, Identity::default(), subs) {
+            panic!("the policy refused the client: {e}; use attach_as");
         }
     }
 
     /// Registers a client and its initial subscriptions (from `sub=`), which
-    /// are in force before the client is told it is welcome.
-    pub fn attach(&mut self, key: ClientKey, outbox: Arc<Outbox>, subs: Vec<Pattern>) {
+    /// are in force before the client is told it is welcome. `who` is whom
+    /// the policy judges.
+    ///
+    /// # Errors
+    /// Nothing is registered, and the error answers the HELLO, when the
+    /// policy refuses: the user has its `clients` limit connected
+    /// (`too-many-clients`), a `sub=` pattern is denied entirely
+    /// (`forbidden`), or the patterns would pass the user's `subscriptions`
+    /// limit (`too-many-subscriptions`).
+    pub fn attach_as(
+        &mut self,
+        key: ClientKey,
+        outbox: Arc<Outbox>,
+        who: Identity,
+        subs: Vec<Pattern>,
+    ) -> Result<(), ProtocolError> {
+        if !self.policy.is_open() {
+            let limits = self.policy.limits(&who);
+            let held = self.per_user.get(&who.uid);
+            if let Some(max) = limits.clients {
+                if held.map_or(0, |h| h.clients) >= max {
+                    return Err(ProtocolError::new(
+                        ErrorCode::TooManyClients,
+                        format!("{who} may have at most {max} clients at once (per-user limit in the broker's ACL); close one and try again"),
+                    ));
+                }
+            }
+            for p in &subs {
+                if self.policy.may_subscribe(&who, p) == Sub::Denied {
+                    return Err(forbidden(p));
+                }
+            }
+            if let Some(max) = limits.subscriptions {
+                let distinct: HashSet<&Pattern> = subs.iter().collect();
+                if held.map_or(0, |h| h.subscriptions) + distinct.len() > max {
+                    return Err(too_many_subscriptions(&who, max));
+                }
+            }
+        }
+        self.per_user.entry(who.uid).or_default().clients += 1;
         self.clients.insert(
             key,
             Client {
                 outbox,
                 patterns: HashSet::new(),
+                who,
             },
         );
         for p in subs {
-            self.subscribe(key, p);
+            // Checked above, all together.
+            self.add_subscription(key, p);
         }
+        Ok(())
     }
 
     /// Forgets a client and all its subscriptions. Idempotent.
@@ -102,6 +203,13 @@ impl RouterCore {
         if let Some(client) = self.clients.remove(&key) {
             for p in &client.patterns {
                 self.index.remove(p, key);
+            }
+            if let Some(u) = self.per_user.get_mut(&client.who.uid) {
+                u.clients -= 1;
+                u.subscriptions -= client.patterns.len();
+                if u.clients == 0 {
+                    self.per_user.remove(&client.who.uid);
+                }
             }
             if !client.patterns.is_empty() {
                 self.interest_changed();
@@ -126,8 +234,20 @@ impl RouterCore {
             Err(e) => {
                 client.outbox.push(encode::err(&e));
             }
-            Ok(Command::Pub { topic, payload }) => return self.publish(&topic, &payload, read_at),
-            Ok(Command::Sub(p)) => self.subscribe(key, p),
+            Ok(Command::Pub { topic, payload }) => {
+                if self.policy.is_open() {
+                    return self.publish(&topic, &payload, read_at);
+                }
+                return self.publish_as(key, &topic, &payload, read_at);
+            }
+            Ok(Command::Sub(p)) => {
+                if let Err(e) = self.subscribe(key, p) {
+                    self.counters.protocol_error(e.code);
+                    if let Some(client) = self.clients.get(&key) {
+                        client.outbox.push(encode::err(&e));
+                    }
+                }
+            }
             Ok(Command::Unsub(p)) => self.unsubscribe(key, &p),
             Ok(Command::Ping(token)) => {
                 client.outbox.push(encode::pong(token.as_deref()));
@@ -169,6 +289,62 @@ impl RouterCore {
         )
     }
 
+    /// [`RouterCore::publish`] on behalf of client `key`, if the policy
+    /// lets it publish to `topic`; otherwise `ERR forbidden <topic>` goes to
+    /// that client and nothing is delivered or counted as published. The
+    /// decision is kept with the topic's route, so it is made once per
+    /// client and topic, not once per message.
+    pub fn publish_as(
+        &mut self,
+        key: ClientKey,
+        topic: &Topic,
+        payload: &Bytes,
+        read_at: Instant,
+    ) -> Delivery {
+        // As in `publish`: on a hit, one lookup for the route and one for
+        // this publisher's decision kept in it.
+        if let Some(route) = self.cache.get_mut(topic) {
+            if !may_publish(
+                route,
+                key,
+                &self.clients,
+                &self.policy,
+                &self.counters,
+                topic,
+            ) {
+                return Delivery::default();
+            }
+            return deliver(
+                route,
+                &mut self.arena,
+                &self.counters,
+                topic,
+                payload,
+                read_at,
+            );
+        }
+        self.resolve(topic);
+        let route = self.cache.get_mut(topic).expect("just resolved");
+        if !may_publish(
+            route,
+            key,
+            &self.clients,
+            &self.policy,
+            &self.counters,
+            topic,
+        ) {
+            return Delivery::default();
+        }
+        deliver(
+            route,
+            &mut self.arena,
+            &self.counters,
+            topic,
+            payload,
+            read_at,
+        )
+    }
+
     pub fn client_count(&self) -> usize {
         self.clients.len()
     }
@@ -179,10 +355,15 @@ impl RouterCore {
 
     fn resolve(&mut self, topic: &Topic) {
         self.index.matches(topic, &mut self.scratch);
+        // A partial subscription matches topics its client may not receive:
+        // they are left out here, once per topic.
+        let open = self.policy.is_open();
         let subscribers: Arc<[Arc<Outbox>]> = self
             .scratch
             .iter()
-            .filter_map(|k| self.clients.get(k).map(|c| c.outbox.clone()))
+            .filter_map(|k| self.clients.get(k))
+            .filter(|c| open || self.policy.may_receive(&c.who, topic))
+            .map(|c| c.outbox.clone())
             .collect();
         let counters = match self.topics.get(topic) {
             Some(c) => c.clone(),
@@ -200,6 +381,7 @@ impl RouterCore {
         let route = Route {
             subscribers,
             counters,
+            publishers: FastMap::default(),
         };
         self.cache.insert(topic.detached(), route);
     }
@@ -211,11 +393,41 @@ impl RouterCore {
             .store(self.index.len() as u64, Relaxed);
     }
 
-    fn subscribe(&mut self, key: ClientKey, p: Pattern) {
+    /// `SUB`, as the policy allows: refused when it denies every topic of
+    /// the pattern, or when the user holds its `subscriptions` limit.
+    fn subscribe(&mut self, key: ClientKey, p: Pattern) -> Result<(), ProtocolError> {
+        let Some(client) = self.clients.get(&key) else {
+            return Ok(());
+        };
+        if client.patterns.contains(&p) || self.policy.is_open() {
+            self.add_subscription(key, p);
+            return Ok(());
+        }
+        if self.policy.may_subscribe(&client.who, &p) == Sub::Denied {
+            return Err(forbidden(&p));
+        }
+        if let Some(max) = self.policy.limits(&client.who).subscriptions {
+            let held = self
+                .per_user
+                .get(&client.who.uid)
+                .map_or(0, |u| u.subscriptions);
+            if held >= max {
+                return Err(too_many_subscriptions(&client.who, max));
+            }
+        }
+        self.add_subscription(key, p);
+        Ok(())
+    }
+
+    fn add_subscription(&mut self, key: ClientKey, p: Pattern) {
         if let Some(client) = self.clients.get_mut(&key) {
             let p = p.detached();
             if client.patterns.insert(p.clone()) {
                 self.index.insert(&p, key);
+                self.per_user
+                    .entry(client.who.uid)
+                    .or_default()
+                    .subscriptions += 1;
                 self.interest_changed();
             }
         }
@@ -225,10 +437,58 @@ impl RouterCore {
         if let Some(client) = self.clients.get_mut(&key) {
             if client.patterns.remove(p) {
                 self.index.remove(p, key);
+                if let Some(u) = self.per_user.get_mut(&client.who.uid) {
+                    u.subscriptions -= 1;
+                }
                 self.interest_changed();
             }
         }
     }
+}
+
+/// Whether client `key` may publish on `route`'s topic: decided by the
+/// policy once, then kept in the route. When it may not, the client gets
+/// `ERR forbidden <topic>`.
+fn may_publish(
+    route: &mut Route,
+    key: ClientKey,
+    clients: &FastMap<ClientKey, Client>,
+    policy: &Policy,
+    counters: &Counters,
+    topic: &Topic,
+) -> bool {
+    let ok = match route.publishers.get(&key) {
+        Some(&ok) => ok,
+        None => {
+            let Some(client) = clients.get(&key) else {
+                return false;
+            };
+            let ok = policy.may_publish(&client.who, topic);
+            if route.publishers.len() < PUBLISHERS_MAX {
+                route.publishers.insert(key, ok);
+            }
+            ok
+        }
+    };
+    if !ok {
+        if let Some(client) = clients.get(&key) {
+            client.outbox.push(encode::err(&forbidden(topic)));
+        }
+        counters.protocol_error(ErrorCode::Forbidden);
+    }
+    ok
+}
+
+/// `ERR forbidden <topic or pattern>`: the text is exactly what was refused.
+fn forbidden(what: &impl std::fmt::Display) -> ProtocolError {
+    ProtocolError::new(ErrorCode::Forbidden, what.to_string())
+}
+
+fn too_many_subscriptions(who: &Identity, max: usize) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::TooManySubscriptions,
+        format!("{who} may hold at most {max} subscriptions (per-user limit in the broker's ACL); UNSUB some first"),
+    )
 }
 
 /// Encodes the message once into `arena` and queues the same buffer for
@@ -362,6 +622,178 @@ mod tests {
         assert_eq!(lines(&a), ["MSG t 1", "MSG t 2"]);
         assert_eq!(lines(&b), ["MSG t 2", "MSG t 3"]);
         assert_eq!(core.subscription_count(), 0);
+    }
+
+    mod acl {
+        use super::*;
+        use crate::acl::{parse, Names};
+        use crate::protocol::ErrorCode;
+
+        const ALICE: u32 = 1001;
+        const BOB: u32 = 1002;
+        const CAROL: u32 = 1003;
+
+        struct Table;
+        impl Names for Table {
+            fn uid(&self, user: &str) -> Option<u32> {
+                match user {
+                    "alice" => Some(ALICE),
+                    "bob" => Some(BOB),
+                    "carol" => Some(CAROL),
+                    _ => None,
+                }
+            }
+            fn gid(&self, _: &str) -> Option<u32> {
+                None
+            }
+        }
+
+        const CHAT: &str = "default deny
+            allow pubsub chat.> user=alice
+            allow sub chat.public.> user=bob
+            limit user=bob clients=2 subscriptions=2
+            limit user=alice backlog=1K";
+
+        fn policy(text: &str) -> Arc<Policy> {
+            Arc::new(parse(std::path::Path::new("t.acl"), text, &Table).unwrap())
+        }
+
+        fn core(text: &str) -> RouterCore {
+            let mut core = RouterCore::new(Counters::new(100));
+            core.set_policy(policy(text));
+            core
+        }
+
+        fn join(
+            core: &mut RouterCore,
+            key: ClientKey,
+            uid: u32,
+            subs: &[&str],
+        ) -> Result<Arc<Outbox>, ProtocolError> {
+            let o = Arc::new(Outbox::new(BacklogLimits::default()));
+            let subs = subs.iter().map(|s| s.parse().unwrap()).collect();
+            core.attach_as(key, o.clone(), Identity::new(uid, vec![uid]), subs)
+                .map(|()| o)
+        }
+
+        #[test]
+        fn denied_pub_gets_err_forbidden_and_delivers_nothing() {
+            let mut core = core(CHAT);
+            let counters = core.counters.clone();
+            let a = join(&mut core, 1, ALICE, &["chat.>"]).unwrap();
+            let c = join(&mut core, 3, CAROL, &[]).unwrap();
+            let d = core.now(3, cmd("PUB chat.x hi"));
+            assert_eq!(d, Delivery::default());
+            core.now(3, cmd("PUB chat.x again")); // the cached decision
+            core.now(1, cmd("PUB _bus.x hi"));
+            core.now(1, cmd("PUB chat.x ok"));
+            assert_eq!(lines(&c), ["ERR forbidden chat.x", "ERR forbidden chat.x"]);
+            assert_eq!(lines(&a), ["ERR forbidden _bus.x", "MSG chat.x ok"]);
+            assert_eq!(counters.protocol_errors(ErrorCode::Forbidden), 3);
+        }
+
+        #[test]
+        fn partial_sub_receives_only_what_is_allowed() {
+            let mut core = core(CHAT);
+            let a = join(&mut core, 1, ALICE, &[]).unwrap();
+            let b = join(&mut core, 2, BOB, &[]).unwrap();
+            core.now(2, cmd("SUB chat.>"));
+            core.now(2, cmd("SUB chat.private.>"));
+            for t in ["chat.public.x", "chat.private.y", "chat.public.x"] {
+                core.now(1, cmd(&format!("PUB {t} m")));
+            }
+            assert_eq!(
+                lines(&b),
+                [
+                    "ERR forbidden chat.private.>",
+                    "MSG chat.public.x m",
+                    "MSG chat.public.x m"
+                ]
+            );
+            assert!(lines(&a).is_empty());
+            assert_eq!(core.subscription_count(), 1);
+        }
+
+        #[test]
+        fn hello_with_a_denied_sub_is_refused_and_attaches_nothing() {
+            let mut core = core(CHAT);
+            let e = join(&mut core, 2, BOB, &["chat.public.>", "secret.>"]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::Forbidden);
+            assert_eq!(e.text, "secret.>");
+            assert_eq!(core.client_count(), 0);
+            assert_eq!(core.subscription_count(), 0);
+            join(&mut core, 2, BOB, &["chat.>"]).expect("partial is accepted");
+        }
+
+        #[test]
+        fn per_user_limits_on_clients_and_subscriptions() {
+            let mut core = core(CHAT);
+            let b1 = join(&mut core, 1, BOB, &["chat.public.a"]).unwrap();
+            join(&mut core, 2, BOB, &[]).unwrap();
+            let e = join(&mut core, 3, BOB, &[]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::TooManyClients);
+            assert!(
+                e.text.contains("uid 1002 may have at most 2 clients"),
+                "{e}"
+            );
+            join(&mut core, 4, ALICE, &[]).expect("alice has no client limit");
+            // Subscriptions count across bob's clients.
+            core.now(2, cmd("SUB chat.public.b"));
+            core.now(1, cmd("SUB chat.public.c"));
+            core.now(1, cmd("SUB chat.public.a")); // already held: no change
+            let got = lines(&b1);
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert!(
+                got[0].starts_with(
+                    "ERR too-many-subscriptions uid 1002 may hold at most 2 subscriptions"
+                ),
+                "{got:?}"
+            );
+            // Room again after UNSUB; and after a client leaves.
+            core.now(1, cmd("UNSUB chat.public.a"));
+            core.now(1, cmd("SUB chat.public.c"));
+            assert!(lines(&b1).is_empty());
+            core.detach(2);
+            join(&mut core, 5, BOB, &["chat.public.d"]).unwrap();
+            let e = join(&mut core, 6, BOB, &[]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::TooManyClients);
+            core.detach(1);
+            let e = join(&mut core, 6, BOB, &["chat.public.x", "chat.public.y"]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::TooManySubscriptions);
+            join(&mut core, 6, BOB, &["chat.public.x"]).unwrap();
+        }
+
+        #[test]
+        fn a_new_policy_refilters_and_drops_what_it_denies() {
+            let mut core = core(CHAT);
+            let a = join(&mut core, 1, ALICE, &[]).unwrap();
+            let b = join(&mut core, 2, BOB, &["chat.>", "chat.public.>"]).unwrap();
+            core.now(2, cmd("PUB chat.public.x no"));
+            core.now(1, cmd("PUB chat.public.x 1"));
+            core.now(1, cmd("PUB chat.private.y 1"));
+            // Now bob may publish and read chat.private too, but not chat.public.
+            core.set_policy(policy(
+                "allow pubsub chat.> user=alice\ndeny sub chat.public.> user=bob\nallow pubsub chat.> user=bob",
+            ));
+            core.now(2, cmd("PUB chat.public.x yes"));
+            core.now(1, cmd("PUB chat.public.x 2"));
+            core.now(1, cmd("PUB chat.private.y 2"));
+            assert_eq!(
+                lines(&b),
+                [
+                    "ERR forbidden chat.public.x",
+                    "MSG chat.public.x 1",
+                    "ERR forbidden chat.public.>",
+                    "MSG chat.private.y 2"
+                ]
+            );
+            assert!(lines(&a).is_empty(), "alice subscribed to nothing");
+            assert_eq!(core.subscription_count(), 1);
+            // Back to no ACL: everything flows again.
+            core.set_policy(Arc::new(Policy::open()));
+            core.now(1, cmd("PUB chat.public.x 3"));
+            assert_eq!(lines(&b), ["MSG chat.public.x 3"]);
+        }
     }
 
     #[test]

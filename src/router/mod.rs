@@ -12,4 +12,4 @@ pub mod task;
 
 pub use self::core::{ClientKey, RouterCore};
 pub use outbox::{BacklogLimits, CloseReason, Entry, Outbox, OverflowPolicy, Push};
-pub use task::{RouterHandle, RouterMsg};
+pub use task::{AttachError, RouterHandle, RouterMsg};

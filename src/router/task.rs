@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::core::{ClientKey, RouterCore};
 use super::outbox::Outbox;
+use crate::acl::{Identity, Policy};
 use crate::counters::Counters;
 use crate::protocol::{Command, ProtocolError};
 use crate::topic::Pattern;
@@ -30,9 +31,12 @@ pub enum RouterMsg {
     Attach {
         key: ClientKey,
         outbox: Arc<Outbox>,
+        /// Whom the access-control policy judges.
+        who: Identity,
         subs: Vec<Pattern>,
-        /// Answered once the subscriptions are in force.
-        done: oneshot::Sender<()>,
+        /// Answered once the subscriptions are in force, or with why the
+        /// policy refused the client.
+        done: oneshot::Sender<Result<(), ProtocolError>>,
     },
     /// Everything one read from a client's `send` produced, in order.
     Batch {
@@ -44,6 +48,17 @@ pub enum RouterMsg {
     Detach {
         key: ClientKey,
     },
+    /// A new access-control policy (`--acl`, at start and on reload).
+    SetPolicy(Arc<Policy>),
+}
+
+/// Why [`RouterHandle::attach`] did not attach a client.
+#[derive(Debug)]
+pub enum AttachError {
+    /// The policy refused it: answer the HELLO with this.
+    Refused(ProtocolError),
+    /// The router has stopped (the broker is shutting down).
+    Stopped,
 }
 
 /// A cloneable way to reach the router. The router stops when every handle
@@ -62,16 +77,35 @@ impl RouterHandle {
     }
 
     /// Registers a client; returns once its `sub=` patterns are in force.
-    /// Returns `false` if the router has stopped.
-    pub async fn attach(&self, key: ClientKey, outbox: Arc<Outbox>, subs: Vec<Pattern>) -> bool {
+    ///
+    /// # Errors
+    /// The policy's refusal, or [`AttachError::Stopped`].
+    pub async fn attach(
+        &self,
+        key: ClientKey,
+        outbox: Arc<Outbox>,
+        who: Identity,
+        subs: Vec<Pattern>,
+    ) -> Result<(), AttachError> {
         let (done, wait) = oneshot::channel();
         let msg = RouterMsg::Attach {
             key,
             outbox,
+            who,
             subs,
             done,
         };
-        self.tx.send(msg).await.is_ok() && wait.await.is_ok()
+        self.tx.send(msg).await.map_err(|_| AttachError::Stopped)?;
+        match wait.await {
+            Ok(r) => r.map_err(AttachError::Refused),
+            Err(_) => Err(AttachError::Stopped),
+        }
+    }
+
+    /// Puts an access-control policy in force; commands sent after this
+    /// call returns are judged by it. Returns `false` if the router has stopped.
+    pub async fn set_policy(&self, policy: Arc<Policy>) -> bool {
+        self.tx.send(RouterMsg::SetPolicy(policy)).await.is_ok()
     }
 
     /// Sends one batch. Waits while the router is behind (backpressure).
@@ -117,11 +151,11 @@ fn handle(core: &mut RouterCore, msg: RouterMsg) -> usize {
         RouterMsg::Attach {
             key,
             outbox,
+            who,
             subs,
             done,
         } => {
-            core.attach(key, outbox, subs);
-            let _ = done.send(());
+            let _ = done.send(core.attach_as(key, outbox, who, subs));
             1
         }
         RouterMsg::Batch {
@@ -138,6 +172,10 @@ fn handle(core: &mut RouterCore, msg: RouterMsg) -> usize {
         }
         RouterMsg::Detach { key } => {
             core.detach(key);
+            1
+        }
+        RouterMsg::SetPolicy(policy) => {
+            core.set_policy(policy);
             1
         }
     }

@@ -39,11 +39,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::acl::Identity;
 use crate::context::Context;
 use crate::counters::DropReason;
 use crate::fifo::FileId;
 use crate::protocol::{encode, ErrorCode, Hello, ProtocolError};
-use crate::router::{ClientKey, CloseReason, Outbox};
+use crate::router::{AttachError, ClientKey, CloseReason, Outbox};
 use crate::watch::PidWatch;
 use crate::{busdir, fifo, warn_throttled};
 
@@ -65,8 +66,9 @@ impl Welcome {
     }
 }
 
-/// Creates a client for `hello`: everything in the module table, in order,
-/// then spawns its session. Nothing is left behind on failure.
+/// Creates a client for `hello`, whose reply FIFO `uid` owns (the client's
+/// identity for the ACL): everything in the module table, in order, then
+/// spawns its session. Nothing is left behind on failure.
 ///
 /// `uid` is the client's identity: the owner of its reply FIFO, which only
 /// that user (or root) can have made. `pid=` must name a process of that
@@ -75,7 +77,8 @@ impl Welcome {
 ///
 /// # Errors
 /// The [`ProtocolError`] to answer the HELLO with: `too-many-clients`,
-/// `bad-pid`, `shutting-down`, or `internal-error`.
+/// `bad-pid`, `forbidden`, `too-many-subscriptions`, `shutting-down`, or
+/// `internal-error`.
 pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welcome, ProtocolError> {
     if ctx.cancel.is_cancelled() {
         return Err(shutting_down());
@@ -90,16 +93,23 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
     let key = ctx.clients.next_key();
     let id = uuid::Uuid::new_v4().to_string();
     let dir = ctx.fs.clients_path().join(&id);
-    let outbox = Arc::new(Outbox::new(ctx.config.backlog));
+    let who = identity(uid, ctx).await;
+    let mut backlog = ctx.config.backlog;
+    if let Some(cap) = ctx.policy().limits(&who).backlog {
+        backlog.bytes = backlog.bytes.min(cap);
+    }
+    let outbox = Arc::new(Outbox::new(backlog));
     // Subscribe before the directory exists: whoever sees the directory
     // (the client after WELCOME, or a script watching clients/) can rely on
     // the sub= patterns being in force.
-    if !ctx
+    match ctx
         .router
-        .attach(key, outbox.clone(), hello.subs.clone())
+        .attach(key, outbox.clone(), who, hello.subs.clone())
         .await
     {
-        return Err(shutting_down());
+        Ok(()) => {}
+        Err(AttachError::Refused(e)) => return Err(e),
+        Err(AttachError::Stopped) => return Err(shutting_down()),
     }
     let owner = ctx.fs.shared().then_some(uid);
     let mut clients = ctx.fs.clients();
@@ -241,6 +251,17 @@ impl ClientFifos {
             dir,
         })
     }
+}
+
+/// Who `uid` is for the ACL. Its groups are read (NSS, possibly slow) only
+/// when an ACL is configured, off the async threads.
+async fn identity(uid: u32, ctx: &Context) -> Identity {
+    if ctx.config.acl.is_none() {
+        return Identity::new(uid, Vec::new());
+    }
+    tokio::task::spawn_blocking(move || Identity::of_uid(uid))
+        .await
+        .unwrap_or_else(|_| Identity::new(uid, Vec::new()))
 }
 
 fn shutting_down() -> ProtocolError {
