@@ -210,14 +210,14 @@ async fn serve(
     if let Some(reload) = reload {
         tokio::spawn(reload_acl_on(reload, ctx.clone()));
     }
-    let pipe_clients = pipe_budget_clients(ctx.config.pipe_size);
+    let pipe_budget = pipe_budget_clients(crate::fifo::min_pipe_size(), ctx.config.pipe_size);
     tracing::info!(
         "serving on {} (pid {}); open-file limit {fd_limit} allows about {max_clients} clients; {}; metrics {}",
         bus.path().display(),
         std::process::id(),
-        pipe_clients.map_or_else(
-            || format!("client pipes of {} bytes", ctx.config.pipe_size),
-            |n| format!("about {n} clients get {}-byte pipes before fs.pipe-user-pages-soft shrinks new ones to a page", ctx.config.pipe_size)
+        pipe_budget.map_or_else(
+            || format!("client pipes of one page, growing to {} bytes under load", ctx.config.pipe_size),
+            |(idle, busy)| format!("client pipes of one page, growing to {} bytes under load: fs.pipe-user-pages-soft holds about {idle} idle clients, or {busy} at full size", ctx.config.pipe_size)
         ),
         metrics_addr.map_or_else(
             || "off".to_owned(),
@@ -307,17 +307,19 @@ async fn reload_acl_on(mut reload: mpsc::Receiver<()>, ctx: Arc<Context>) {
     }
 }
 
-/// How many clients get their full pipe size before the user's pipe budget
-/// (`fs.pipe-user-pages-soft`, shared by all the user's pipes) runs out.
-/// `None` when there is no soft limit.
-fn pipe_budget_clients(pipe_size: usize) -> Option<usize> {
+/// How many clients fit in the user's pipe budget (`fs.pipe-user-pages-soft`,
+/// shared by all the user's pipes) with both FIFOs at one page (idle), and
+/// with both at their largest (`--pipe-size`). `None` when there is no soft
+/// limit. Past the budget, an unprivileged broker's FIFOs can no longer grow,
+/// and the user's other programs get one-page pipes.
+fn pipe_budget_clients(page: usize, pipe_size: usize) -> Option<(usize, usize)> {
     let pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
         .ok()?
         .trim()
         .parse()
         .ok()?;
-    let page = 4096;
-    (pages > 0).then(|| pages * page / (2 * pipe_size.max(page)))
+    let bytes = pages * page;
+    (pages > 0).then(|| (bytes / (2 * page), bytes / (2 * pipe_size.max(page))))
 }
 
 /// How many clients an open-file limit allows.

@@ -89,9 +89,12 @@ pub struct ServeArgs {
     /// How long a client has to open its reply FIFO (e.g. 5s, 500ms)
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
-    /// Pipe buffer for each client FIFO (F_SETPIPE_SZ); smaller lets more clients keep it within fs.pipe-user-pages-soft
+    /// Largest pipe buffer a client FIFO grows to (F_SETPIPE_SZ). A quiet client's FIFOs have one page each; they double while traffic fills them, up to this
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub pipe_size: usize,
+    /// How long a grown client FIFO must go without filling up before it shrinks back to one page (e.g. 1s, 200ms)
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub pipe_idle: Duration,
     /// Most clients at once [default: what the open-file limit allows]
     #[arg(long)]
     pub max_clients: Option<usize>,

@@ -78,8 +78,12 @@ pub struct BrokerConfig {
     pub flush_grace: Duration,
     /// Upper bound on clients; `None` derives it from the open-file limit.
     pub max_clients: Option<usize>,
-    /// Pipe buffer of each client FIFO (F_SETPIPE_SZ).
+    /// Largest pipe buffer a client FIFO grows to (F_SETPIPE_SZ); a quiet
+    /// client's FIFOs have one page.
     pub pipe_size: usize,
+    /// How long a grown FIFO's size must not have mattered before it is
+    /// shrunk back to one page.
+    pub pipe_idle: Duration,
     pub metrics: MetricsEndpoint,
     pub metrics_limits: MetricsLimits,
     /// `--metrics-token-file`: `/metrics` then requires the bearer token in
@@ -101,6 +105,7 @@ impl BrokerConfig {
             flush_grace: Duration::from_millis(500),
             max_clients: None,
             pipe_size: 64 * 1024,
+            pipe_idle: Duration::from_secs(1),
             metrics: MetricsEndpoint::Default,
             metrics_limits: MetricsLimits::default(),
             metrics_token_file: None,

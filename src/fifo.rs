@@ -351,21 +351,36 @@ pub async fn write_line(tx: &pipe::Sender, line: &[u8], timeout: Duration) -> io
 }
 
 /// Asks for a pipe buffer of `size` bytes (F_SETPIPE_SZ) and returns the
-/// size the pipe really has. Linux gives a new pipe one page instead of the
-/// default 16 once the user's pipe buffers pass `fs.pipe-user-pages-soft`,
-/// and then refuses to grow it: the returned size says which happened.
+/// size the pipe really has. The kernel charges pipe buffers to the user
+/// that opened the pipe first, and once that user's pipe buffers pass
+/// `fs.pipe-user-pages-soft` it refuses to grow a pipe (unless the process
+/// has `CAP_SYS_RESOURCE`); it refuses to shrink one below what it holds
+/// unread. Either way the pipe keeps its size, which is what this returns:
+/// compare it with `size` to know which happened.
 ///
 /// # Errors
-/// When `fcntl` fails for another reason than the budget.
+/// When `fcntl` fails for another reason than the budget or unread bytes.
 pub fn set_pipe_size(fd: RawFd, size: usize) -> io::Result<usize> {
     use nix::fcntl::{fcntl, FcntlArg};
     let size = i32::try_from(size).unwrap_or(i32::MAX);
     match fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)) {
         Ok(n) => Ok(n as usize),
-        // Over the user's budget (EPERM) or over pipe-max-size: keep what we have.
-        Err(Errno::EPERM | Errno::EINVAL) => Ok(fcntl(fd, FcntlArg::F_GETPIPE_SZ)? as usize),
+        // Over the user's budget (EPERM), over pipe-max-size (EINVAL), or
+        // shrinking below the unread bytes (EBUSY): keep what we have.
+        Err(Errno::EPERM | Errno::EINVAL | Errno::EBUSY) => {
+            Ok(fcntl(fd, FcntlArg::F_GETPIPE_SZ)? as usize)
+        }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The smallest pipe buffer `F_SETPIPE_SZ` gives: one page. What a quiet
+/// client's FIFOs are kept at, so that an idle client costs the user's pipe
+/// budget two pages rather than the default 32.
+pub fn min_pipe_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page).unwrap_or(4096)
 }
 
 /// One plain `read(2)` into the spare capacity of `buf` (reserve first);

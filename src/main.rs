@@ -48,6 +48,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         handshake_timeout: args.handshake_timeout,
         max_clients: args.max_clients,
         pipe_size: args.pipe_size,
+        pipe_idle: args.pipe_idle,
         metrics: args.metrics_addr,
         metrics_limits: fifobus::config::MetricsLimits {
             topics: args.metrics_topic_limit,

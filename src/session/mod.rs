@@ -26,6 +26,7 @@
 //! [`FsWatcher::watch_client`]: crate::watch::FsWatcher::watch_client
 //! [`FsWatcher::unwatch_client`]: crate::watch::FsWatcher::unwatch_client
 
+mod pipe_size;
 mod reader;
 mod writer;
 
@@ -113,12 +114,12 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
     }
     let owner = ctx.fs.shared().then_some(uid);
     let mut clients = ctx.fs.clients();
-    let made = match ClientFifos::create(&clients, &id, owner, ctx) {
+    let made = match ClientFifos::create(&clients, &id, owner) {
         // Someone removed clients/; put it back.
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
             ctx.fs.recreate_clients(&clients).and_then(|c| {
                 clients = c;
-                ClientFifos::create(&clients, &id, owner, ctx)
+                ClientFifos::create(&clients, &id, owner)
             })
         }
         r => r,
@@ -158,6 +159,8 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         name: id.clone(),
         send: fifos.send,
         recv: fifos.recv,
+        send_size: fifos.sizes[0],
+        recv_size: fifos.sizes[1],
         outbox: outbox.clone(),
         pid,
         _permit: permit,
@@ -198,30 +201,28 @@ struct ClientFifos {
     recv: pipe::Sender,
     /// Identities of `send` and `recv`, for the registry.
     ids: [FileId; 2],
+    /// Pipe buffers of `send` and `recv` as made: one page.
+    sizes: [usize; 2],
     /// The client directory, held while the session is set up.
     dir: OwnedFd,
 }
 
 impl ClientFifos {
     /// Makes `clients/<name>/` (0700) with `send` and `recv` (0600), all
-    /// relative to descriptors, and opens both at the configured pipe size;
-    /// then gives them to `owner` if set (a shared bus). Removes what it
-    /// made if any step fails.
-    fn create(
-        clients: &OwnedFd,
-        name: &str,
-        owner: Option<u32>,
-        ctx: &Context,
-    ) -> io::Result<ClientFifos> {
+    /// relative to descriptors, and opens both with a one-page buffer (they
+    /// grow with their traffic, see `pipe_size.rs`); then gives them to
+    /// `owner` if set (a shared bus). Removes what it made if any step
+    /// fails.
+    fn create(clients: &OwnedFd, name: &str, owner: Option<u32>) -> io::Result<ClientFifos> {
         let dir = busdir::make_client_dir(clients.as_raw_fd(), name)?;
-        let opened = Self::make_and_open(dir, owner, ctx);
+        let opened = Self::make_and_open(dir, owner);
         if opened.is_err() {
             let _ = busdir::remove_client_dir(clients.as_raw_fd(), name);
         }
         opened
     }
 
-    fn make_and_open(dir: OwnedFd, owner: Option<u32>, ctx: &Context) -> io::Result<ClientFifos> {
+    fn make_and_open(dir: OwnedFd, owner: Option<u32>) -> io::Result<ClientFifos> {
         let send = fifo::make_at(dir.as_raw_fd(), "send", 0o600, owner)?;
         let recv = fifo::make_at(dir.as_raw_fd(), "recv", 0o600, owner)?;
         let ids = [
@@ -230,15 +231,14 @@ impl ClientFifos {
         ];
         let send = pipe::Receiver::from_owned_fd_unchecked(send)?;
         let recv = pipe::Sender::from_owned_fd_unchecked(recv)?;
-        // The pipe size is chosen, not left to chance (--pipe-size); when the
-        // user's pipe budget is spent the kernel gives less: say so.
-        let want = ctx.config.pipe_size;
-        for fd in [send.as_raw_fd(), recv.as_raw_fd()] {
-            let got = fifo::set_pipe_size(fd, want)?;
-            if got < want {
-                warn_throttled!(ctx.throttle, "pipe-budget", "new client pipes get {got} bytes, not {want}: this user's pipe buffers passed fs.pipe-user-pages-soft (see docs/performance.md)");
-            }
-        }
+        // A new pipe has 16 pages (64 KiB), charged to the broker's user:
+        // an idle client should cost that budget the least it can, one page
+        // per FIFO. Traffic grows them (up to --pipe-size) when it needs to.
+        let min = fifo::min_pipe_size();
+        let sizes = [
+            fifo::set_pipe_size(send.as_raw_fd(), min)?,
+            fifo::set_pipe_size(recv.as_raw_fd(), min)?,
+        ];
         // Last, once it holds what it should: from now on the user may
         // open its directory.
         if let Some(uid) = owner.filter(|&u| u != nix::unistd::geteuid().as_raw()) {
@@ -248,6 +248,7 @@ impl ClientFifos {
             send,
             recv,
             ids,
+            sizes,
             dir,
         })
     }
@@ -297,6 +298,9 @@ pub struct Session {
     name: String,
     send: pipe::Receiver,
     recv: pipe::Sender,
+    /// Pipe buffers of `send` and `recv` when the session started.
+    send_size: usize,
+    recv_size: usize,
     outbox: Arc<Outbox>,
     pid: Option<PidWatch>,
     /// The client's place under the connection limit, given back on drop.
@@ -323,7 +327,19 @@ impl Session {
     /// by writing the last lines and waiting for the client to read them.
     async fn serve(&self, ctx: &Arc<Context>) -> (CloseReason, Instant) {
         let grace = ctx.config.flush_grace;
-        let writer = writer::write_lines(&self.recv, &self.outbox, ctx.counters.local_latency());
+        let mut recv_size = pipe_size::PipeSize::new(
+            self.recv.as_raw_fd(),
+            self.recv_size,
+            ctx.config.pipe_size,
+            ctx.config.pipe_idle,
+        );
+        let writer = writer::write_lines(
+            &self.recv,
+            &self.outbox,
+            ctx.counters.local_latency(),
+            &mut recv_size,
+            &ctx.throttle,
+        );
         tokio::pin!(writer);
         let stop = CancellationToken::new();
         let reader = reader::read_commands(self, ctx, &stop);

@@ -5,6 +5,16 @@
 //! lines, cannot hold a huge batch, and yields between batches. A bad line
 //! becomes an error item in its place in the batch, so its `ERR` keeps the
 //! order of the client's requests.
+//!
+//! A read that takes more than half of what `send` can hold means the
+//! client writes faster than this pipe size lets it (a bulk publisher: its
+//! `write` was blocked, or about to be): `send` then doubles, up to
+//! `--pipe-size` (see `pipe_size.rs`). Half, not all: a pipe of one-page
+//! slots counts as full before its bytes reach its size (a line that does
+//! not fit in what is left of the last page takes a new one), and half is
+//! what it holds at least when full. Before waiting for the client to write
+//! again, the reader shrinks `send` back to a page if it has not been full
+//! for `--pipe-idle`.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -12,6 +22,7 @@ use std::os::fd::AsRawFd;
 use bytes::BytesMut;
 use tokio_util::sync::CancellationToken;
 
+use super::pipe_size::{self, PipeSize};
 use super::Session;
 use crate::context::Context;
 use crate::protocol::{Command, ErrorCode, Line, LineSplitter, ProtocolError};
@@ -37,7 +48,14 @@ pub(super) async fn read_commands(
 ) -> Option<CloseReason> {
     let mut buf = BytesMut::new();
     let mut splitter = LineSplitter::new(ctx.config.max_line);
+    let mut pipe = PipeSize::new(
+        s.send.as_raw_fd(),
+        s.send_size,
+        ctx.config.pipe_size,
+        ctx.config.pipe_idle,
+    );
     loop {
+        pipe.shrink_if_idle(tokio::time::Instant::now());
         let last = tokio::select! {
             biased;
             r = s.send.readable() => {
@@ -47,12 +65,16 @@ pub(super) async fn read_commands(
                 false
             }
             () = stop.cancelled() => true,
+            () = pipe_size::until(pipe.check_at()) => {
+                pipe.on_timer(tokio::time::Instant::now());
+                continue;
+            }
         };
         // Batches are capped in lines and bytes, and the reader yields
         // between them: one busy publisher cannot hold a worker thread, fill
         // the router channel with huge batches, or starve shutdown.
         loop {
-            let batch = match read_batch(s, ctx, &mut buf, &mut splitter, last) {
+            let batch = match read_batch(s, ctx, &mut buf, &mut splitter, &mut pipe, last) {
                 Ok(b) => b,
                 Err(e) => return Some(CloseReason::Io(format!("reading send: {e}"))),
             };
@@ -97,6 +119,7 @@ fn read_batch(
     ctx: &Context,
     buf: &mut BytesMut,
     splitter: &mut LineSplitter,
+    pipe: &mut PipeSize,
     raw: bool,
 ) -> io::Result<Batch> {
     let mut batch = Batch {
@@ -147,7 +170,14 @@ fn read_batch(
                 batch.drained = true;
                 return Ok(batch);
             }
-            Ok(n) => read += n,
+            Ok(n) => {
+                read += n;
+                if 2 * n > pipe.size().min(READ_CHUNK) {
+                    pipe.grow(&ctx.throttle);
+                } else {
+                    pipe.passed();
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 batch.drained = true;
                 return Ok(batch);

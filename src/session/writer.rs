@@ -2,7 +2,11 @@
 //!
 //! It swaps the outbox's whole queue out under one lock, writes it with
 //! `writev` (up to `IOV_MAX` lines a call), and waits for room on `EAGAIN`
-//! while the lines stay counted as the client's backlog.
+//! while the lines stay counted as the client's backlog. `EAGAIN` is also
+//! what grows `recv` (see `pipe_size.rs`): the client reads slower than the
+//! pipe's size allows, or a burst came. Before writing a batch and before
+//! waiting for the next one, the writer shrinks `recv` back to a page if
+//! it has not been full for `--pipe-idle`.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -13,9 +17,11 @@ use bytes::Buf;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
 
+use super::pipe_size::{self, PipeSize};
 use crate::counters::LocalLatency;
 use crate::fifo;
 use crate::router::{CloseReason, Entry, Outbox};
+use crate::throttle::LogThrottle;
 
 /// `IOV_MAX` on Linux: lines per `writev`.
 const MAX_IOVECS: usize = 1024;
@@ -27,26 +33,41 @@ pub(super) async fn write_lines(
     recv: &pipe::Sender,
     outbox: &Outbox,
     mut latency: LocalLatency,
+    pipe: &mut PipeSize,
+    throttle: &LogThrottle,
 ) -> CloseReason {
     let mut batch: VecDeque<Entry> = VecDeque::new();
     loop {
         let end = outbox.take(&mut batch);
+        // Here the writer has written all it had: if `recv` has been quiet
+        // long enough, this is where it shrinks (before the next batch is
+        // written, so whoever has read all that came before it, the PONG
+        // to a PING included, finds it shrunk once the next batch arrives).
+        pipe.shrink_if_idle(Instant::now());
         if batch.is_empty() {
             match end {
                 Some(reason) => return reason,
                 None => {
-                    outbox.changed().await;
+                    tokio::select! {
+                        () = outbox.changed() => {}
+                        () = pipe_size::until(pipe.check_at()) => pipe.on_timer(Instant::now()),
+                    }
                     continue;
                 }
             }
         }
+        let mut full = false;
         while !batch.is_empty() {
             match write_some(recv, &mut batch, &mut latency) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     latency.flush();
-                    // The client is not reading. Wait for room, but give up
-                    // at once if the client is being ended meanwhile.
+                    full = true;
+                    // The client reads slower than this pipe size allows:
+                    // grow it (the kernel then reports room at once).
+                    pipe.grow(throttle);
+                    // Wait for room, but give up at once if the client is
+                    // being ended meanwhile.
                     tokio::select! {
                         r = recv.writable() => if let Err(e) = r {
                             return CloseReason::Io(format!("waiting on recv: {e}"));
@@ -61,6 +82,9 @@ pub(super) async fn write_lines(
             }
         }
         latency.flush();
+        if !full {
+            pipe.passed();
+        }
         if let Some(reason) = end {
             return reason;
         }
