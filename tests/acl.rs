@@ -367,6 +367,45 @@ fn broker(acl: &str, extra: &[&str]) -> (TempBus, PathBuf) {
     (bus, file)
 }
 
+/// The value of the `/metrics` series `series` (name and labels, as exported).
+fn metric(bus: &TempBus, series: &str) -> u64 {
+    let url = fifobus::stats::metrics_url(&bus.dir).unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(T))
+        .build()
+        .into();
+    let text = agent
+        .get(&url)
+        .call()
+        .and_then(|mut r| r.body_mut().read_to_string())
+        .unwrap();
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    value.parse().unwrap()
+}
+
+/// The `ERRORS` and `REJECTED` lines of `fifobus stats`.
+fn stats_errors(bus: &TempBus) -> (String, String) {
+    let out = Command::new(bin())
+        .arg("--dir")
+        .arg(&bus.dir)
+        .args(["stats", "--interval", "10ms"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let line = |head: &str| {
+        text.lines()
+            .find(|l| l.starts_with(head))
+            .unwrap_or_else(|| panic!("no {head} in:\n{text}"))
+            .to_owned()
+    };
+    (line("ERRORS "), line("REJECTED "))
+}
+
 fn chat_acl(alice: &User, bob: &User) -> String {
     format!(
         "# the chat of tests/acl.rs
@@ -479,6 +518,24 @@ fn three_users_get_what_the_acl_grants() {
     a.send("PUB chat.public.x 4");
     a.barrier();
     assert_eq!(b2.barrier(), ["MSG chat.public.x 4"]);
+
+    // Every refusal is counted under its code, in /metrics and fifobus
+    // stats: 8 commands (bob 2 + 2 by fifobus pub, carol 2 + 1, alice 1),
+    // 2 HELLOs (carol's recipe and fifobus sub).
+    assert_eq!(
+        metric(&bus, r#"fifobus_protocol_errors_total{kind="forbidden"}"#),
+        8
+    );
+    assert_eq!(
+        metric(
+            &bus,
+            r#"fifobus_handshakes_rejected_total{reason="forbidden"}"#
+        ),
+        2
+    );
+    let (errors, rejected) = stats_errors(&bus);
+    assert!(errors.contains("forbidden 8 ("), "{errors}");
+    assert!(rejected.contains("forbidden 2 ("), "{rejected}");
 }
 
 /// SIGHUP rereads the file: a good one takes effect for the next commands;
@@ -618,6 +675,26 @@ fn per_user_limits_answer_with_their_codes() {
     let alice_lines = alice_flood.barrier();
     assert_eq!(alice_lines.len(), 2000, "alice's is not");
     assert!(alice_lines.iter().all(|l| l.starts_with("MSG flood ")));
+
+    // Counted under their codes: bob's third client (by connect and by
+    // fifobus sub), his fourth subscription.
+    assert_eq!(
+        metric(
+            &bus,
+            r#"fifobus_handshakes_rejected_total{reason="too-many-clients"}"#
+        ),
+        2
+    );
+    assert_eq!(
+        metric(
+            &bus,
+            r#"fifobus_protocol_errors_total{kind="too-many-subscriptions"}"#
+        ),
+        1
+    );
+    let (errors, rejected) = stats_errors(&bus);
+    assert!(errors.contains("too-many-subscriptions 1 ("), "{errors}");
+    assert!(rejected.contains("too-many-clients 2 ("), "{rejected}");
 }
 
 /// Without --acl nothing changes: everyone may do everything, _bus. included.
