@@ -148,14 +148,59 @@ impl Names for SystemNames {
 
 /// Reads and parses `path`, resolving names with the system's databases.
 ///
+/// The file decides what every user may do, so it is trusted only as the
+/// metrics token file is: a regular file, not a symbolic link (`O_NOFOLLOW`),
+/// owned by the broker's effective uid or root, and writable by nobody else
+/// (whoever could write it could grant themselves anything at the next
+/// SIGHUP). Others may read it: it holds rules, not secrets, though it does
+/// name users and topics (`chmod 600` hides them).
+///
 /// # Errors
-/// An unreadable file (line 0) or the first bad line.
+/// An unreadable or unsafe file (line 0) or the first bad line.
 pub fn load(path: &Path) -> Result<Policy, AclError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AclError {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let whole = |message: String| AclError {
         file: path.to_owned(),
         line: 0,
-        message: format!("cannot read it: {e}"),
-    })?;
+        message,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => whole(
+                "is a symbolic link; give the path of the file itself (a link lets whoever owns it choose the policy)".into(),
+            ),
+            _ => whole(format!("cannot read it: {e}")),
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| whole(format!("cannot read it: {e}")))?;
+    if !meta.file_type().is_file() {
+        return Err(whole(
+            "is not a regular file; give a text file of rules (docs/acl.md)".into(),
+        ));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(whole(format!(
+            "is owned by uid {}, not by the broker's uid {euid} or root: that user could grant anyone anything; chown {euid} {}",
+            meta.uid(),
+            path.display()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(whole(format!(
+            "is writable by group or others (mode {mode:04o}): they could grant themselves anything; chmod go-w {}",
+            path.display()
+        )));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| whole(format!("cannot read it: {e}")))?;
     parse(path, &text, &SystemNames)
 }
 

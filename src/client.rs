@@ -550,7 +550,8 @@ impl Client {
 }
 
 /// A private directory for the reply FIFO: in `$XDG_RUNTIME_DIR` when set
-/// (tmpfs, private to the user, cheap to create FIFOs in), else `$TMPDIR`.
+/// (tmpfs, private to the user, cheap to create FIFOs in), else `$TMPDIR`,
+/// else /tmp.
 /// HELLO fields are separated by spaces, so a directory with a space in its
 /// path cannot be used; fall back to /tmp.
 fn reply_dir() -> io::Result<tempfile::TempDir> {
@@ -574,7 +575,13 @@ fn reply_dir() -> io::Result<tempfile::TempDir> {
             }
         }
     }
-    let d = b.tempdir()?;
+    // A $TMPDIR this user cannot write (one inherited from another user,
+    // as `su` keeps it) is no reason to fail: /tmp serves, and the
+    // directory is private (0700) wherever it is.
+    let d = match b.tempdir() {
+        Ok(d) => d,
+        Err(e) => return b.tempdir_in("/tmp").map_err(|_| e),
+    };
     if usable(&d) {
         return Ok(d);
     }
