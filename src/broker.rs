@@ -159,6 +159,7 @@ async fn serve(
     } else {
         Counters::without_topic_labels()
     };
+    counters.memory.set_limit(config.max_memory);
     let clients = if limits.client_labels {
         Registry::new(max_clients, limits.clients, counters.clone())
     } else {
@@ -191,7 +192,7 @@ async fn serve(
         None => None,
     };
     let ctx = Arc::new(Context {
-        router: RouterHandle::spawn(counters.clone()),
+        router: RouterHandle::spawn(counters.clone(), config.max_subscriptions),
         clients,
         watcher,
         counters,
@@ -210,6 +211,10 @@ async fn serve(
     if let Some(reload) = reload {
         tokio::spawn(reload_acl_on(reload, ctx.clone()));
     }
+    tracing::info!(
+        "clients may hold {} MiB in the broker (--max-memory), then the overflow policy applies to the largest backlogs",
+        ctx.config.max_memory >> 20
+    );
     let pipe_budget = pipe_budget_clients(crate::fifo::min_pipe_size(), ctx.config.pipe_size);
     tracing::info!(
         "serving on {} (pid {}); open-file limit {fd_limit} allows about {max_clients} clients; {}; metrics {}",

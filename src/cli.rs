@@ -77,12 +77,18 @@ pub struct ServeArgs {
     /// Longest accepted line on a client's send FIFO (e.g. 1MiB, 65536)
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     pub max_line: usize,
-    /// Lines queued per client before the overflow policy applies
-    #[arg(long, default_value_t = 100_000)]
+    /// Lines queued per client before the overflow policy applies (a bound on tiny lines; --backlog-bytes binds first for lines over 67 bytes)
+    #[arg(long, default_value_t = 1_000_000)]
     pub backlog_messages: usize,
-    /// Bytes queued per client before the overflow policy applies
+    /// Bytes queued per client before the overflow policy applies, counting the batch its writer holds
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub backlog_bytes: usize,
+    /// What all clients together may hold in the broker: backlogs, batches being written, partial lines (e.g. 128MiB, 2GiB). When reached, the overflow policy applies to the largest backlogs first [default: a quarter of the machine's memory (MemTotal in /proc/meminfo, or the cgroup's memory.max when lower), at least 64MiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<usize>,
+    /// Subscriptions one client may hold; beyond it SUB gets ERR too-many-subscriptions and the client stays connected
+    #[arg(long, default_value_t = 10_000)]
+    pub max_subscriptions: usize,
     /// What to do when a client's backlog is full
     #[arg(long, default_value = "drop-oldest", value_parser = overflow_parser())]
     pub overflow: OverflowPolicy,

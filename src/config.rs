@@ -60,6 +60,34 @@ impl Default for MetricsLimits {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_budget_is_a_quarter_of_what_the_broker_may_use() {
+        const G: usize = 1 << 30;
+        assert_eq!(default_max_memory(Some(16 * G), None), 4 * G);
+        assert_eq!(
+            default_max_memory(Some(16 * G), Some(2 * G)),
+            G / 2,
+            "the cgroup when lower"
+        );
+        assert_eq!(
+            default_max_memory(Some(128 << 20), None),
+            64 << 20,
+            "never under 64 MiB"
+        );
+        assert_eq!(default_max_memory(None, None), 64 << 20);
+        assert_eq!(
+            parse_meminfo("MemTotal:       16384 kB\nMemFree: 1 kB\n"),
+            Some(16 << 20)
+        );
+        assert_eq!(parse_memory_max("max\n"), None);
+        assert_eq!(parse_memory_max("1073741824\n"), Some(G));
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub dir: PathBuf,
@@ -91,6 +119,49 @@ pub struct BrokerConfig {
     pub metrics_token_file: Option<PathBuf>,
     /// The access-control file (`--acl`); `None`: everything is allowed.
     pub acl: Option<PathBuf>,
+    /// `--max-memory`: what all clients together may hold in the broker
+    /// (backlogs, batches in writers' hands, partial lines). The command
+    /// line derives a default from the machine ([`default_max_memory`]);
+    /// a library user who sets nothing gets no bound.
+    pub max_memory: usize,
+    /// `--max-subscriptions`: patterns one client may hold.
+    pub max_subscriptions: usize,
+}
+
+/// The smallest default budget: enough for a few busy clients on a tiny
+/// machine or container.
+const MIN_DEFAULT_MEMORY: usize = 64 << 20;
+
+/// `--max-memory`'s default: a quarter of the memory the broker may use
+/// (`MemTotal`, or the cgroup's `memory.max` when lower), at least 64 MiB.
+/// A quarter leaves the machine to its other programs while a broker with
+/// stuck readers is at its worst; the bound is on what clients hold, and the
+/// broker's own memory (a few MiB) comes on top.
+pub fn default_max_memory(mem_total: Option<usize>, cgroup_max: Option<usize>) -> usize {
+    let machine = match (mem_total, cgroup_max) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        // Unknown machine: the floor, which is safe anywhere.
+        (None, None) => return MIN_DEFAULT_MEMORY,
+    };
+    (machine / 4).max(MIN_DEFAULT_MEMORY)
+}
+
+/// `MemTotal` from the text of `/proc/meminfo`.
+pub fn parse_meminfo(text: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let n: usize = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => n.checked_mul(1024),
+        None => Some(n),
+        Some(_) => None,
+    }
+}
+
+/// A cgroup v2 `memory.max` ("max" means no limit).
+pub fn parse_memory_max(text: &str) -> Option<usize> {
+    text.trim().parse().ok()
 }
 
 impl BrokerConfig {
@@ -110,6 +181,8 @@ impl BrokerConfig {
             metrics_limits: MetricsLimits::default(),
             metrics_token_file: None,
             acl: None,
+            max_memory: usize::MAX,
+            max_subscriptions: crate::router::MAX_SUBSCRIPTIONS,
         }
     }
 }

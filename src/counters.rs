@@ -11,7 +11,7 @@
 //! `_other` ones, and [`Counters::folded_topics`] says how often that
 //! happened.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,14 +38,18 @@ pub enum DropReason {
     SlowConsumer,
     /// Queued for a client that went away (pid exited, directory removed).
     ClientGone,
+    /// The broker-wide `--max-memory` was reached: the overflow policy was
+    /// applied to the largest backlog.
+    MemoryBudget,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::BacklogOldest,
         DropReason::BacklogNewest,
         DropReason::SlowConsumer,
         DropReason::ClientGone,
+        DropReason::MemoryBudget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +58,7 @@ impl DropReason {
             DropReason::BacklogNewest => "backlog-drop-newest",
             DropReason::SlowConsumer => "slow-consumer",
             DropReason::ClientGone => "client-gone",
+            DropReason::MemoryBudget => "memory-budget",
         }
     }
 }
@@ -199,6 +204,70 @@ impl Drop for LocalLatency {
     }
 }
 
+/// The broker-wide memory budget (`--max-memory`): bytes that all clients
+/// together hold in the broker (backlogs, batches in writers' hands, partial
+/// lines), against a limit.
+///
+/// Holding costs one relaxed atomic add when charged and one sub when
+/// credited, nothing else per message. Enforcing it is the router's job
+/// ([`crate::router::RouterCore`]), since it alone owns every outbox: when
+/// `held` passes `limit` it applies the overflow policy to the largest
+/// backlogs until `held` is back under [`MemoryBudget::low_water`]; the gap
+/// between the two means one scan of the clients frees room for many
+/// messages rather than one.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: AtomicUsize,
+    held: AtomicUsize,
+}
+
+impl Default for MemoryBudget {
+    fn default() -> Self {
+        MemoryBudget::new(usize::MAX)
+    }
+}
+
+impl MemoryBudget {
+    pub fn new(limit: usize) -> Self {
+        MemoryBudget {
+            limit: AtomicUsize::new(limit),
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Set once at start, before any client (a budget is born unlimited).
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Relaxed);
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.load(Relaxed)
+    }
+
+    pub fn charge(&self, n: usize) {
+        self.held.fetch_add(n, Relaxed);
+    }
+
+    pub fn credit(&self, n: usize) {
+        self.held.fetch_sub(n, Relaxed);
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Relaxed)
+    }
+
+    /// Whether the router should reclaim now.
+    pub fn over(&self) -> bool {
+        self.held() > self.limit()
+    }
+
+    /// Where a reclaim stops: 1/32 below the limit.
+    pub fn low_water(&self) -> usize {
+        let l = self.limit();
+        l - l / 32
+    }
+}
+
 /// Topics that have counters of their own.
 type TopicTable = std::collections::HashMap<String, Arc<TopicCounters>>;
 
@@ -221,6 +290,8 @@ pub struct Counters {
     pub folded_topics: AtomicU64,
     pub folded_clients: AtomicU64,
     pub latency: Latency,
+    /// `--max-memory`, and what clients hold against it.
+    pub memory: Arc<MemoryBudget>,
 }
 
 impl Counters {
@@ -240,6 +311,7 @@ impl Counters {
             folded_topics: AtomicU64::new(0),
             folded_clients: AtomicU64::new(0),
             latency: Latency::default(),
+            memory: Arc::default(),
         })
     }
 

@@ -35,6 +35,31 @@ fn main() -> ExitCode {
     })
 }
 
+/// `--max-memory`'s default, from what this machine (or the cgroup the
+/// broker runs in) has; the rule is [`fifobus::config::default_max_memory`].
+fn machine_memory_budget() -> usize {
+    use fifobus::config::{default_max_memory, parse_meminfo, parse_memory_max};
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| parse_meminfo(&t));
+    // cgroup v2: "0::/some/path" names our group under /sys/fs/cgroup.
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        })
+        .and_then(|path| {
+            std::fs::read_to_string(format!(
+                "/sys/fs/cgroup{}/memory.max",
+                path.trim_end_matches('/')
+            ))
+            .ok()
+        })
+        .and_then(|t| parse_memory_max(&t));
+    default_max_memory(total, cgroup)
+}
+
 fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
     let config = BrokerConfig {
         mode: args.mode.unwrap_or(if args.shared { 0o755 } else { 0o700 }),
@@ -58,6 +83,8 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         },
         metrics_token_file: args.metrics_token_file.clone(),
         acl: args.acl.clone(),
+        max_memory: args.max_memory.unwrap_or_else(machine_memory_budget),
+        max_subscriptions: args.max_subscriptions,
         ..BrokerConfig::new(dir)
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

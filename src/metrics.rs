@@ -88,6 +88,8 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("fifobus_backlog_messages", "Lines queued for all clients. Counts lines waiting in the broker; up to one pipe buffer more may sit in the recv FIFO itself.", MetricType::GAUGE, None),
     ("fifobus_backlog_bytes", "Bytes queued for all clients. Counts lines waiting in the broker; up to one pipe buffer more may sit in the recv FIFO itself.", MetricType::GAUGE, None),
     ("fifobus_clients", "Clients connected.", MetricType::GAUGE, None),
+    ("fifobus_memory_held_bytes", "Bytes all clients hold in the broker against --max-memory: backlogs (with a per-line overhead), batches being written, partial lines.", MetricType::GAUGE, None),
+    ("fifobus_memory_limit_bytes", "The broker-wide memory budget (--max-memory).", MetricType::GAUGE, None),
 ];
 
 impl Exporter {
@@ -177,7 +179,9 @@ impl Collector for Exporter {
         f[11].add(Some("topic"), c.folded_topics.load(Relaxed));
         f[11].add(Some("client"), c.folded_clients.load(Relaxed));
         f[12].mf.mut_metric().push(latency(c));
-        self.backlogs(&mut f[13..]);
+        self.backlogs(&mut f[13..18]);
+        f[18].add(None, c.memory.held() as u64);
+        f[19].add(None, c.memory.limit().min(u64::MAX as usize) as u64);
         f.into_iter()
             .map(|f| f.mf)
             .filter(|mf| !mf.get_metric().is_empty())

@@ -41,6 +41,13 @@ impl LineSplitter {
         self.max_line
     }
 
+    /// Changes the cap from the next call on (the reader lowers it while the
+    /// broker's memory budget is exhausted). A line already buffered past
+    /// the new cap is reported as [`Line::TooLong`] and discarded.
+    pub fn set_max_line(&mut self, max_line: usize) {
+        self.max_line = max_line;
+    }
+
     /// Takes the next line from the front of `buf`, or returns `None` when
     /// `buf` holds no complete line (read more and call again). The caller
     /// must only append to `buf` between calls.

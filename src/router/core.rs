@@ -35,6 +35,13 @@ const MATCH_CACHE_MAX: usize = 4096;
 /// Publish decisions remembered per route (one per publishing client);
 /// beyond this the policy is asked each time.
 const PUBLISHERS_MAX: usize = 256;
+/// `--max-subscriptions`' default: far more than any real client holds
+/// (860 bytes each), few enough that one client cannot grow the index
+/// without bound.
+pub const MAX_SUBSCRIPTIONS: usize = 10_000;
+/// Reclaim rounds per budget check: each frees from the largest backlog,
+/// so this only stops a pathological loop (every backlog in writers' hands).
+const RECLAIM_ROUNDS: usize = 64;
 
 struct Client {
     outbox: Arc<Outbox>,
@@ -87,6 +94,8 @@ pub struct RouterCore {
     topics: FastMap<Topic, Arc<TopicCounters>>,
     policy: Arc<Policy>,
     per_user: FastMap<u32, PerUser>,
+    /// `--max-subscriptions`: per client, whatever the policy.
+    max_subscriptions: usize,
 }
 
 impl RouterCore {
@@ -102,7 +111,61 @@ impl RouterCore {
             topics: FastMap::default(),
             policy: Arc::new(Policy::open()),
             per_user: FastMap::default(),
+            max_subscriptions: MAX_SUBSCRIPTIONS,
         }
+    }
+
+    /// Sets `--max-subscriptions`, the most patterns one client may hold.
+    pub fn set_max_subscriptions(&mut self, max: usize) {
+        self.max_subscriptions = max;
+    }
+
+    /// Enforces the memory budget (`counters.memory`) if it is exceeded:
+    /// the overflow policy is applied to the largest backlog, then the next
+    /// largest, until what clients hold is back under the low-water mark.
+    /// Each round takes from the largest down to the second largest (at
+    /// least 1/64 of the budget), so equal backlogs lose about equally and a
+    /// small one loses nothing while a larger one can pay. Returns the lines
+    /// discarded, counted as `memory-budget` drops.
+    ///
+    /// Checked after every command: one relaxed load when under budget.
+    pub fn reclaim(&mut self) -> usize {
+        if !self.counters.memory.over() {
+            return 0;
+        }
+        let budget = self.counters.memory.clone();
+        let step = (budget.limit() / 64).max(1);
+        let mut lost = 0;
+        for _ in 0..RECLAIM_ROUNDS {
+            let held = budget.held();
+            let target = budget.low_water();
+            if held <= target {
+                break;
+            }
+            let (mut first, mut second) = ((0, None), 0);
+            for c in self.clients.values() {
+                let n = c.outbox.sheddable();
+                if n > first.0 {
+                    second = first.0;
+                    first = (n, Some(&c.outbox));
+                } else if n > second {
+                    second = n;
+                }
+            }
+            let (largest, Some(victim)) = first else {
+                // Everything held is in writers' hands or partial lines:
+                // nothing the policy can act on.
+                break;
+            };
+            let want = (held - target).min((largest - second).max(step));
+            let (lines, freed) = victim.shed(want);
+            lost += lines;
+            if freed == 0 {
+                break;
+            }
+        }
+        self.counters.dropped(DropReason::MemoryBudget, lost as u64);
+        lost
     }
 
     /// Puts `policy` in force: for every command from now on, and for the
@@ -159,6 +222,10 @@ impl RouterCore {
         who: Identity,
         subs: Vec<Pattern>,
     ) -> Result<(), ProtocolError> {
+        let distinct = subs.iter().collect::<HashSet<&Pattern>>().len();
+        if distinct > self.max_subscriptions {
+            return Err(too_many_for_client(self.max_subscriptions));
+        }
         if !self.policy.is_open() {
             let limits = self.policy.limits(&who);
             let held = self.per_user.get(&who.uid);
@@ -222,6 +289,20 @@ impl RouterCore {
     /// Items from a client that is no longer attached are ignored. `read_at`
     /// is when the broker read the line, for the latency histogram.
     pub fn apply(
+        &mut self,
+        key: ClientKey,
+        item: Result<Command, ProtocolError>,
+        read_at: Instant,
+    ) -> Delivery {
+        let d = self.apply_one(key, item, read_at);
+        let lost = self.reclaim();
+        Delivery {
+            dropped: d.dropped + lost,
+            ..d
+        }
+    }
+
+    fn apply_one(
         &mut self,
         key: ClientKey,
         item: Result<Command, ProtocolError>,
@@ -399,7 +480,13 @@ impl RouterCore {
         let Some(client) = self.clients.get(&key) else {
             return Ok(());
         };
-        if client.patterns.contains(&p) || self.policy.is_open() {
+        if client.patterns.contains(&p) {
+            return Ok(());
+        }
+        if client.patterns.len() >= self.max_subscriptions {
+            return Err(too_many_for_client(self.max_subscriptions));
+        }
+        if self.policy.is_open() {
             self.add_subscription(key, p);
             return Ok(());
         }
@@ -484,6 +571,14 @@ fn forbidden(what: &impl std::fmt::Display) -> ProtocolError {
     ProtocolError::new(ErrorCode::Forbidden, what.to_string())
 }
 
+/// The per-client limit (`--max-subscriptions`), beside the ACL's per-user one.
+fn too_many_for_client(max: usize) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::TooManySubscriptions,
+        format!("a client may hold at most {max} subscriptions (the broker's --max-subscriptions); UNSUB some first, or use a wildcard pattern"),
+    )
+}
+
 fn too_many_subscriptions(who: &Identity, max: usize) -> ProtocolError {
     ProtocolError::new(
         ErrorCode::TooManySubscriptions,
@@ -520,6 +615,7 @@ fn deliver(
                     oldest += n;
                 }
                 Push::Dropped => newest += 1,
+                Push::Skipped(n) => oldest += n,
                 Push::Disconnected(n) => d.disconnected += n + 1,
                 Push::Closed => {}
             }
@@ -546,15 +642,26 @@ fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Reply;
     use crate::router::outbox::BacklogLimits;
     use std::collections::VecDeque;
 
+    /// Everything queued for `o`, taken and reported written as its writer
+    /// would.
     fn lines(o: &Outbox) -> Vec<String> {
-        let mut q = VecDeque::new();
-        o.take(&mut q);
-        q.iter()
-            .map(|e| String::from_utf8_lossy(&e.line).trim_end().to_string())
-            .collect()
+        let mut all = Vec::new();
+        loop {
+            let mut q = VecDeque::new();
+            o.take(&mut q);
+            if q.is_empty() {
+                return all;
+            }
+            o.written(q.iter().map(|e| e.line.len()).sum(), q.len());
+            all.extend(
+                q.iter()
+                    .map(|e| String::from_utf8_lossy(&e.line).trim_end().to_string()),
+            );
+        }
     }
 
     /// `RouterCore::apply` with "now" as the read time.
@@ -808,5 +915,178 @@ mod tests {
         assert_eq!(a.take(&mut q), Some(CloseReason::Bye));
         let got: Vec<&[u8]> = q.iter().map(|e| &e.line[..]).collect();
         assert_eq!(got, [&b"MSG t 1\n"[..], b"BYE\n"]);
+    }
+
+    mod budget {
+        use super::*;
+        use crate::router::outbox::{OverflowPolicy, ENTRY_COST};
+
+        /// A router whose clients share a budget of `limit` bytes.
+        fn core(limit: usize) -> RouterCore {
+            let counters = Counters::new(100);
+            counters.memory.set_limit(limit);
+            RouterCore::new(counters)
+        }
+
+        fn join(
+            core: &mut RouterCore,
+            key: ClientKey,
+            subs: &[&str],
+            policy: OverflowPolicy,
+        ) -> Arc<Outbox> {
+            let limits = BacklogLimits {
+                policy,
+                ..BacklogLimits::default()
+            };
+            let o = Arc::new(Outbox::with_budget(limits, core.counters.memory.clone()));
+            core.attach(
+                key,
+                o.clone(),
+                subs.iter().map(|s| s.parse().unwrap()).collect(),
+            );
+            o
+        }
+
+        /// "MSG <topic> <4-digit n>\n" costs this against the budget.
+        fn cost(topic: &str) -> usize {
+            "MSG  0000\n".len() + topic.len() + ENTRY_COST
+        }
+
+        fn pub_n(core: &mut RouterCore, key: ClientKey, topic: &str, range: std::ops::Range<u32>) {
+            if !core.clients.contains_key(&key) {
+                join(core, key, &[], OverflowPolicy::DropOldest);
+            }
+            for i in range {
+                core.now(key, cmd(&format!("PUB {topic} {i:04}")));
+            }
+        }
+
+        #[test]
+        fn the_largest_backlog_pays_and_a_small_one_loses_nothing() {
+            let mut core = core(100 * cost("big"));
+            let big = join(&mut core, 1, &["big"], OverflowPolicy::DropOldest);
+            let small = join(&mut core, 2, &["small"], OverflowPolicy::DropOldest);
+            pub_n(&mut core, 3, "small", 0..20);
+            pub_n(&mut core, 3, "big", 0..200);
+            let held = core.counters.memory.held();
+            assert!(held <= core.counters.memory.limit(), "{held}");
+            let small_lines = lines(&small);
+            assert_eq!(small_lines.len(), 20, "{small_lines:?}");
+            assert_eq!(small_lines[0], "MSG small 0000");
+            let got = lines(&big);
+            // The newest survive, after one gap that says how many went.
+            let Some(Reply::Dropped(n)) = got.first().map(|l| Reply::parse(l.as_bytes())) else {
+                panic!("{got:?}")
+            };
+            assert_eq!(got.len() - 1 + n as usize, 200);
+            assert_eq!(got.last().unwrap(), "MSG big 0199");
+            assert_eq!(core.counters.dropped_total(DropReason::MemoryBudget), n);
+            assert_eq!(core.counters.dropped_total(DropReason::BacklogOldest), 0);
+        }
+
+        #[test]
+        fn equal_backlogs_lose_about_equally() {
+            let mut core = core(128 * cost("t"));
+            let a = join(&mut core, 1, &["t"], OverflowPolicy::DropOldest);
+            let b = join(&mut core, 2, &["t"], OverflowPolicy::DropOldest);
+            pub_n(&mut core, 3, "t", 0..1000);
+            let (la, lb) = (lines(&a).len(), lines(&b).len());
+            assert!(la.abs_diff(lb) <= 8, "{la} vs {lb}");
+            assert!(la + lb <= 130, "{la} + {lb}");
+        }
+
+        /// Walks a client's lines: each `MSG <topic> n` is the next number
+        /// and each `DROPPED k` skips exactly k. Returns (delivered, dropped).
+        fn account(got: &[String], topic: &str, sent: u32) -> (u32, u64) {
+            let (mut next, mut delivered, mut dropped) = (0u64, 0, 0);
+            for l in got {
+                match Reply::parse(l.as_bytes()) {
+                    Reply::Msg { payload, .. } => {
+                        let n: u64 = std::str::from_utf8(payload).unwrap().parse().unwrap();
+                        assert_eq!(n, next, "a loss not reported where it happened: {got:?}");
+                        next += 1;
+                        delivered += 1;
+                    }
+                    Reply::Dropped(k) => {
+                        next += k;
+                        dropped += k;
+                    }
+                    _ => panic!("{topic}: unexpected {l:?}"),
+                }
+            }
+            assert_eq!(next, u64::from(sent), "every message delivered or counted");
+            (delivered, dropped)
+        }
+
+        #[test]
+        fn drop_newest_refuses_the_new_lines_of_the_largest() {
+            let mut core = core(50 * cost("t"));
+            let a = join(&mut core, 1, &["t"], OverflowPolicy::DropNewest);
+            pub_n(&mut core, 3, "t", 0..100);
+            let got = lines(&a);
+            assert_eq!(got[..2], ["MSG t 0000", "MSG t 0001"], "the oldest stay");
+            let (delivered, dropped) = account(&got, "t", 100);
+            assert!((45..=50).contains(&delivered), "{got:?}");
+            assert_eq!(
+                core.counters.dropped_total(DropReason::MemoryBudget),
+                dropped
+            );
+        }
+
+        #[test]
+        fn disconnect_ends_the_largest() {
+            let mut core = core(50 * cost("big"));
+            let big = join(&mut core, 1, &["big"], OverflowPolicy::Disconnect);
+            let small = join(&mut core, 2, &["small"], OverflowPolicy::Disconnect);
+            pub_n(&mut core, 3, "small", 0..5);
+            pub_n(&mut core, 3, "big", 0..60);
+            assert_eq!(big.abandoned(), Some(CloseReason::SlowConsumer));
+            assert_eq!(small.abandoned(), None);
+            assert_eq!(lines(&small).len(), 5);
+        }
+
+        #[test]
+        fn under_budget_nothing_is_dropped() {
+            let mut core = core(1 << 20);
+            let a = join(&mut core, 1, &["t"], OverflowPolicy::DropOldest);
+            pub_n(&mut core, 3, "t", 0..1000);
+            assert_eq!(lines(&a).len(), 1000);
+            assert_eq!(
+                core.counters.memory.held(),
+                0,
+                "taken and dropped: nothing held"
+            );
+        }
+    }
+
+    #[test]
+    fn a_client_holds_at_most_max_subscriptions_and_stays_connected() {
+        let mut core = RouterCore::new(Counters::new(100));
+        core.set_max_subscriptions(2);
+        let a = client(&mut core, 1, &["a"]);
+        core.now(1, cmd("SUB b"));
+        core.now(1, cmd("SUB a")); // held already: not a new one
+        core.now(1, cmd("SUB c"));
+        let got = lines(&a);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("ERR too-many-subscriptions a client may hold at most 2"),
+            "{got:?}"
+        );
+        core.now(1, cmd("PING x"));
+        core.now(1, cmd("UNSUB a"));
+        core.now(1, cmd("SUB c"));
+        core.now(1, cmd("PUB c hi"));
+        assert_eq!(lines(&a), ["PONG x", "MSG c hi"]);
+        assert_eq!(
+            core.counters
+                .protocol_errors(ErrorCode::TooManySubscriptions),
+            1
+        );
+        // At HELLO, too many sub= patterns refuse the client.
+        let o = Arc::new(Outbox::new(BacklogLimits::default()));
+        let subs = ["x", "y", "z"].iter().map(|s| s.parse().unwrap()).collect();
+        let e = core.attach_as(2, o, Identity::default(), subs).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooManySubscriptions);
     }
 }

@@ -10,20 +10,38 @@
 //! - drop-newest refuses new lines, so the gap sits after everything queued:
 //!   `DROPPED` is written last in the next batch.
 //!
-//! The writer swaps the whole queue out under one short lock (rumqttd's
-//! `exchange`), so locking costs once per batch, not once per line.
+//! The writer takes a batch (up to what one `writev` can write) under one
+//! short lock (rumqttd's `exchange`), so locking costs once per batch, not
+//! once per line. What it took stays counted, against the client's byte cap
+//! and the broker's memory budget, until it reports it written
+//! ([`Outbox::written`]): a slow reader cannot hold more than its cap by
+//! having its writer hold the rest.
+//!
+//! Every queued line is also charged to the broker-wide
+//! [`MemoryBudget`], at its length plus [`ENTRY_COST`]. The router enforces
+//! the budget by calling [`Outbox::shed`] on the largest backlogs.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::protocol::encode;
+use crate::counters::MemoryBudget;
+use crate::protocol::{encode, Reply};
 
 /// Queued lines that may share an encoding-arena chunk (see `push_entry`).
 const PIN_LINES: usize = 64;
+/// What one queued line costs beyond its bytes, charged to the memory
+/// budget: its slot in the queue (an `Entry`, 48 bytes) and the allocator's
+/// header of its private copy.
+pub const ENTRY_COST: usize = 64;
+/// Lines the writer takes at once: `IOV_MAX`, what one `writev` can write.
+pub const TAKE_LINES: usize = 1024;
+/// Bytes the writer takes at once (at least one line), so that a writer
+/// stuck on a full pipe holds little that the budget cannot reclaim.
+pub const TAKE_BYTES: usize = 64 * 1024;
 
 /// What happens when a client's backlog is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,7 +99,9 @@ pub struct BacklogLimits {
 impl Default for BacklogLimits {
     fn default() -> Self {
         BacklogLimits {
-            messages: 100_000,
+            // Bytes bind for any line over 67 bytes; the count only bounds
+            // the per-line overhead of tiny lines (1M × 64 B).
+            messages: 1_000_000,
             bytes: 64 << 20,
             policy: OverflowPolicy::DropOldest,
         }
@@ -148,6 +168,11 @@ pub enum Push {
     QueuedDropping(usize),
     /// The line itself was discarded (drop-newest).
     Dropped,
+    /// The line itself was discarded under drop-oldest, with the given
+    /// number of lines in all (this one included): the queue ran empty and
+    /// the writer's hand still fills the cap, so there was nothing older
+    /// left to drop. The gap is reported where it is (first in the next batch).
+    Skipped(usize),
     /// The overflow ended this client (disconnect policy), discarding this
     /// line and the given number of queued ones.
     Disconnected(usize),
@@ -158,7 +183,11 @@ pub enum Push {
 #[derive(Debug, Default)]
 struct State {
     queue: VecDeque<Entry>,
+    /// Line bytes queued plus those in the writer's hand.
     bytes: usize,
+    /// Bytes and lines the writer took and has not reported written.
+    in_hand: usize,
+    in_hand_lines: usize,
     /// Lines discarded since the client was last told.
     dropped: u64,
     /// Lines discarded by a close that does not flush.
@@ -171,6 +200,57 @@ impl State {
     fn messages_queued(&self) -> usize {
         self.queue.iter().filter(|e| e.published.is_some()).count()
     }
+
+    /// What this outbox holds against the memory budget.
+    fn charged(&self) -> usize {
+        self.bytes + (self.queue.len() + self.in_hand_lines) * ENTRY_COST
+    }
+
+    /// The part of [`State::charged`] in the writer's hand.
+    fn in_hand_charged(&self) -> usize {
+        self.in_hand + self.in_hand_lines * ENTRY_COST
+    }
+
+    /// Gives a line made by `take` (a gap marker) straight to the writer,
+    /// counted as in its hand.
+    fn hand_over(&mut self, e: Entry, into: &mut VecDeque<Entry>, budget: &MemoryBudget) {
+        budget.charge(e.line.len() + ENTRY_COST);
+        self.bytes += e.line.len();
+        self.in_hand += e.line.len();
+        self.in_hand_lines += 1;
+        into.push_back(e);
+    }
+
+    fn push_back(&mut self, e: Entry, budget: &MemoryBudget) {
+        budget.charge(e.line.len() + ENTRY_COST);
+        self.bytes += e.line.len();
+        self.queue.push_back(e);
+    }
+
+    /// Discards queued lines from the front while `more(self, freed so
+    /// far)`, counting them as dropped; returns (lines, bytes freed against
+    /// the budget), which the caller credits.
+    fn drop_front(&mut self, mut more: impl FnMut(&State, usize) -> bool) -> (usize, usize) {
+        let (mut n, mut freed) = (0, 0);
+        while !self.queue.is_empty() && more(self, freed) {
+            let old = self.queue.pop_front().expect("checked non-empty");
+            self.bytes -= old.line.len();
+            freed += old.line.len() + ENTRY_COST;
+            n += 1;
+        }
+        self.dropped += n as u64;
+        (n, freed)
+    }
+
+    /// Empties the queue (not the writer's hand); returns the bytes freed
+    /// against the budget, which the caller credits.
+    fn clear_queue(&mut self) -> usize {
+        let lines: usize = self.queue.iter().map(|e| e.line.len()).sum();
+        let freed = lines + self.queue.len() * ENTRY_COST;
+        self.bytes -= lines;
+        self.queue.clear();
+        freed
+    }
 }
 
 #[derive(Debug)]
@@ -181,15 +261,23 @@ pub struct Outbox {
     /// Wakes the session when the client is being ended (any number of waiters).
     closing: Notify,
     limits: BacklogLimits,
+    budget: Arc<MemoryBudget>,
 }
 
 impl Outbox {
+    /// An outbox under a budget of its own, unlimited (tests, benchmarks).
     pub fn new(limits: BacklogLimits) -> Self {
+        Self::with_budget(limits, Arc::default())
+    }
+
+    /// An outbox that charges what it holds to the broker's `budget`.
+    pub fn with_budget(limits: BacklogLimits, budget: Arc<MemoryBudget>) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             closing: Notify::new(),
             limits,
+            budget,
         }
     }
 
@@ -199,8 +287,8 @@ impl Outbox {
     }
 
     /// Queues one encoded line. Never blocks beyond a short lock. One line
-    /// may exceed the byte cap when the queue is empty, so a line larger than
-    /// the cap is still delivered to a reader that keeps up.
+    /// may exceed the byte cap when nothing else is held, so a line larger
+    /// than the cap is still delivered to a reader that keeps up.
     pub fn push_entry(&self, mut entry: Entry) -> Push {
         let line_len = entry.line.len();
         let mut s = self.lock();
@@ -208,20 +296,20 @@ impl Outbox {
             return Push::Closed;
         }
         let over = |s: &State| {
-            !s.queue.is_empty()
+            s.bytes > 0
                 && (s.queue.len() >= self.limits.messages || s.bytes + line_len > self.limits.bytes)
         };
         let mut outcome = Push::Queued;
         if over(&s) {
             match self.limits.policy {
                 OverflowPolicy::DropOldest => {
-                    let mut n = 0;
-                    while over(&s) {
-                        let old = s.queue.pop_front().expect("over() implies non-empty");
-                        s.bytes -= old.line.len();
-                        n += 1;
+                    let (n, freed) = s.drop_front(|s, _| over(s));
+                    self.budget.credit(freed);
+                    if over(&s) {
+                        // Everything older is in the writer's hand.
+                        s.dropped += 1;
+                        return Push::Skipped(n + 1);
                     }
-                    s.dropped += n as u64;
                     outcome = Push::QueuedDropping(n);
                 }
                 OverflowPolicy::DropNewest => {
@@ -230,12 +318,7 @@ impl Outbox {
                 }
                 OverflowPolicy::Disconnect => {
                     let discarded = s.queue.len();
-                    s.queue.clear();
-                    s.bytes = 0;
-                    s.end = Some(CloseReason::SlowConsumer);
-                    drop(s);
-                    self.wake.notify_one();
-                    self.closing.notify_waiters();
+                    self.end_slow(s);
                     return Push::Disconnected(discarded);
                 }
             }
@@ -249,8 +332,13 @@ impl Outbox {
             entry.line = Bytes::copy_from_slice(&entry.line);
         }
         let was_empty = s.queue.is_empty();
-        s.bytes += line_len;
-        s.queue.push_back(entry);
+        if s.dropped > 0 && self.limits.policy != OverflowPolicy::DropOldest {
+            // Under drop-newest the gap is behind everything queued: mark
+            // it here, before the first line that made it through after it.
+            let d = std::mem::take(&mut s.dropped);
+            s.push_back(Entry::control(encode::dropped(d)), &self.budget);
+        }
+        s.push_back(entry, &self.budget);
         drop(s);
         // The writer drains everything it finds, so it needs waking only when
         // the queue goes from empty to non-empty.
@@ -258,6 +346,60 @@ impl Outbox {
             self.wake.notify_one();
         }
         outcome
+    }
+
+    /// Frees about `want` bytes of this client's backlog for the broker's
+    /// memory budget, as its overflow policy says: drop-oldest discards from
+    /// the front, drop-newest from the back (its newest lines), disconnect
+    /// ends the client. Lines in the writer's hand are not touched. Returns
+    /// (lines discarded, bytes freed against the budget).
+    pub fn shed(&self, want: usize) -> (usize, usize) {
+        let mut s = self.lock();
+        if s.end.is_some() || s.queue.is_empty() {
+            return (0, 0);
+        }
+        let (lines, freed) = match self.limits.policy {
+            OverflowPolicy::DropOldest => s.drop_front(|_, freed| freed < want),
+            OverflowPolicy::DropNewest => {
+                let (mut n, mut freed) = (0, 0);
+                loop {
+                    let marker = match s.queue.back() {
+                        None => break,
+                        Some(e) => gap_marker(e),
+                    };
+                    // Past `want`, go on only to fold a gap marker left at
+                    // the back into the gap there.
+                    if freed >= want && marker.is_none() {
+                        break;
+                    }
+                    let e = s.queue.pop_back().expect("checked above");
+                    s.bytes -= e.line.len();
+                    freed += e.line.len() + ENTRY_COST;
+                    s.dropped += marker.unwrap_or(1);
+                    n += usize::from(marker.is_none());
+                }
+                (n, freed)
+            }
+            OverflowPolicy::Disconnect => {
+                let n = s.messages_queued();
+                return (n, self.end_slow(s));
+            }
+        };
+        self.budget.credit(freed);
+        (lines, freed)
+    }
+
+    /// Ends the client under the disconnect policy: discards the queue,
+    /// credits the budget, wakes its writer and session. Returns the bytes
+    /// freed against the budget.
+    fn end_slow(&self, mut s: std::sync::MutexGuard<'_, State>) -> usize {
+        let freed = s.clear_queue();
+        self.budget.credit(freed);
+        s.end = Some(CloseReason::SlowConsumer);
+        drop(s);
+        self.wake.notify_one();
+        self.closing.notify_waiters();
+        freed
     }
 
     /// Ends this client. The first reason wins, except that a reason that
@@ -279,15 +421,14 @@ impl Outbox {
                 // the farewell, which is the last line a client reads.
                 if s.dropped > 0 && self.limits.policy != OverflowPolicy::DropOldest {
                     let d = std::mem::take(&mut s.dropped);
-                    s.queue.push_back(Entry::control(encode::dropped(d)));
+                    s.push_back(Entry::control(encode::dropped(d)), &self.budget);
                 }
-                s.bytes += f.len();
-                s.queue.push_back(Entry::control(f));
+                s.push_back(Entry::control(f), &self.budget);
             }
         } else {
             discarded = s.messages_queued();
-            s.queue.clear();
-            s.bytes = 0;
+            let freed = s.clear_queue();
+            self.budget.credit(freed);
         }
         s.discarded_at_close = discarded;
         s.end = Some(reason);
@@ -314,21 +455,64 @@ impl Outbox {
         self.lock().end.clone()
     }
 
-    /// Moves every queued line into `into` (with a `DROPPED` line where the
-    /// gap is) and returns the close reason if the client is ending: once
-    /// `into` is written, the writer is done.
+    /// Moves the next batch of queued lines into `into` (at most
+    /// [`TAKE_LINES`] lines and [`TAKE_BYTES`] or the byte cap, at least
+    /// one line), with a `DROPPED` line where a gap is. They stay counted as
+    /// the client's until reported with [`Outbox::written`]. Returns the
+    /// close reason if the client is ending and nothing is left queued:
+    /// once `into` is written, the writer is done.
     pub fn take(&self, into: &mut VecDeque<Entry>) -> Option<CloseReason> {
         let mut s = self.lock();
-        let dropped = std::mem::take(&mut s.dropped);
-        if dropped > 0 && self.limits.policy == OverflowPolicy::DropOldest {
-            into.push_back(Entry::control(encode::dropped(dropped)));
+        let gap_first = self.limits.policy == OverflowPolicy::DropOldest;
+        if s.dropped > 0 && gap_first {
+            let d = std::mem::take(&mut s.dropped);
+            s.hand_over(Entry::control(encode::dropped(d)), into, &self.budget);
         }
-        into.append(&mut s.queue);
-        if dropped > 0 && self.limits.policy != OverflowPolicy::DropOldest {
-            into.push_back(Entry::control(encode::dropped(dropped)));
+        let max_bytes = TAKE_BYTES.min(self.limits.bytes);
+        let (mut n, mut bytes) = (0, 0);
+        for e in &s.queue {
+            if n > 0 && (n >= TAKE_LINES || bytes + e.line.len() > max_bytes) {
+                break;
+            }
+            n += 1;
+            bytes += e.line.len();
         }
-        s.bytes = 0;
+        into.extend(s.queue.drain(..n));
+        s.in_hand += bytes;
+        s.in_hand_lines += n;
+        if !s.queue.is_empty() {
+            return None;
+        }
+        if s.dropped > 0 && !gap_first {
+            let d = std::mem::take(&mut s.dropped);
+            s.hand_over(Entry::control(encode::dropped(d)), into, &self.budget);
+        }
         s.end.clone()
+    }
+
+    /// The writer wrote `bytes` of what it took, completing `lines` lines
+    /// (or discarded them, the client being gone): no longer the client's
+    /// to hold.
+    pub fn written(&self, bytes: usize, lines: usize) {
+        if bytes == 0 && lines == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        s.bytes -= bytes;
+        s.in_hand -= bytes;
+        s.in_hand_lines -= lines;
+        drop(s);
+        self.budget.credit(bytes + lines * ENTRY_COST);
+    }
+
+    /// Bytes queued that [`Outbox::shed`] could free now (not those in the
+    /// writer's hand), for the router to find the largest backlogs.
+    pub fn sheddable(&self) -> usize {
+        let s = self.lock();
+        if s.end.is_some() {
+            return 0;
+        }
+        s.charged() - s.in_hand_charged()
     }
 
     /// The close reason, if one was set and it does not flush: the writer
@@ -349,10 +533,11 @@ impl Outbox {
         self.lock().end.is_some()
     }
 
-    /// Lines and bytes waiting (not counting what the writer already took).
+    /// Lines and bytes waiting, including what the writer took and has
+    /// not written yet.
     pub fn backlog(&self) -> (usize, usize) {
         let s = self.lock();
-        (s.queue.len(), s.bytes)
+        (s.queue.len() + s.in_hand_lines, s.bytes)
     }
 
     /// Waits until something was pushed or the outbox was closed since the
@@ -364,6 +549,23 @@ impl Outbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock leaves plain data behind; keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The count of a `DROPPED` line that `push_entry` put in the queue.
+fn gap_marker(e: &Entry) -> Option<u64> {
+    let line = e.line.strip_suffix(b"\n").unwrap_or(&e.line);
+    match (e.published, Reply::parse(line)) {
+        (None, Reply::Dropped(d)) => Some(d),
+        _ => None,
+    }
+}
+
+impl Drop for Outbox {
+    /// Whatever is still held goes back to the budget with the client.
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.budget.credit(s.charged());
     }
 }
 
@@ -500,5 +702,147 @@ mod tests {
         assert_eq!(o.take(&mut q), Some(CloseReason::Shutdown));
         assert_eq!(q.len(), 2);
         assert_eq!(o.abandoned(), None);
+    }
+
+    fn msg(s: &str) -> Entry {
+        Entry {
+            line: line(s),
+            published: Some(Instant::now()),
+        }
+    }
+
+    fn budgeted(bytes: usize, policy: OverflowPolicy) -> (Outbox, Arc<MemoryBudget>) {
+        let budget = Arc::new(MemoryBudget::default());
+        let limits = BacklogLimits {
+            messages: 1000,
+            bytes,
+            policy,
+        };
+        (Outbox::with_budget(limits, budget.clone()), budget)
+    }
+
+    #[test]
+    fn the_byte_cap_counts_what_the_writer_holds_until_it_is_written() {
+        let o = outbox(100, 6, OverflowPolicy::DropOldest);
+        o.push(line("a"));
+        o.push(line("b"));
+        let mut hand = VecDeque::new();
+        o.take(&mut hand); // the writer holds "a", "b" (4 bytes)
+        assert_eq!(o.backlog(), (2, 4), "taken is still held");
+        o.push(line("c")); // 6: fits
+        o.push(line("d")); // 8: "c" goes, the writer's lines cannot
+        assert_eq!(o.backlog(), (3, 6));
+        o.written(4, 2);
+        assert_eq!(o.backlog(), (1, 2));
+        assert_eq!(taken(&o), ["DROPPED 1", "d"]);
+    }
+
+    #[test]
+    fn with_the_cap_in_the_writers_hand_a_new_line_is_the_one_dropped() {
+        let o = outbox(100, 4, OverflowPolicy::DropOldest);
+        o.push(line("a"));
+        o.push(line("b"));
+        let mut hand = VecDeque::new();
+        o.take(&mut hand);
+        assert_eq!(o.push(line("c")), Push::Skipped(1));
+        o.written(4, 2);
+        o.push(line("d"));
+        assert_eq!(taken(&o), ["DROPPED 1", "d"], "the gap where it is");
+    }
+
+    #[test]
+    fn the_writer_takes_one_writev_at_a_time_and_ends_only_when_drained() {
+        let o = outbox(10_000, 1 << 30, OverflowPolicy::DropOldest);
+        for i in 0..TAKE_LINES + 5 {
+            o.push(line(&i.to_string()));
+        }
+        o.close(CloseReason::Bye, Some(encode::bye()));
+        let mut hand = VecDeque::new();
+        assert_eq!(o.take(&mut hand), None, "more is queued");
+        assert_eq!(hand.len(), TAKE_LINES);
+        hand.clear();
+        assert_eq!(o.take(&mut hand), Some(CloseReason::Bye));
+        assert_eq!(hand.len(), 6);
+        // And by bytes: one line at least, however long.
+        let o = outbox(10, 1 << 30, OverflowPolicy::DropOldest);
+        o.push(Bytes::from(vec![b'x'; TAKE_BYTES + 1]));
+        o.push(line("y"));
+        hand.clear();
+        o.take(&mut hand);
+        assert_eq!(hand.len(), 1);
+    }
+
+    #[test]
+    fn drop_newest_marks_the_gap_before_the_next_line_that_gets_through() {
+        let o = outbox(2, 1 << 20, OverflowPolicy::DropNewest);
+        for s in ["a", "b", "c"] {
+            o.push(line(s));
+        }
+        let mut hand = VecDeque::new();
+        o.take(&mut hand); // a, b in hand; the queue is empty, "c" was lost
+        assert_eq!(hand.len(), 3, "a, b, then the gap, since nothing follows");
+        let (n, b) = (hand.len(), hand.iter().map(|e| e.line.len()).sum());
+        o.written(b, n);
+        for s in ["d", "e", "f"] {
+            o.push(line(s));
+        }
+        assert_eq!(taken(&o), ["d", "e", "DROPPED 1"]);
+    }
+
+    #[test]
+    fn the_budget_is_charged_per_line_and_fully_given_back() {
+        let (o, budget) = budgeted(1 << 20, OverflowPolicy::DropOldest);
+        o.push_entry(msg("MSG t a")); // 8 bytes
+        o.push(line("PONG")); // 5 bytes
+        assert_eq!(budget.held(), 13 + 2 * ENTRY_COST);
+        let mut hand = VecDeque::new();
+        o.take(&mut hand);
+        assert_eq!(budget.held(), 13 + 2 * ENTRY_COST, "in hand still counts");
+        o.written(10, 1); // "MSG t a\n" and 2 bytes of "PONG\n"
+        assert_eq!(budget.held(), 3 + ENTRY_COST);
+        o.written(3, 1);
+        assert_eq!(budget.held(), 0);
+        o.push_entry(msg("MSG t b"));
+        o.close(CloseReason::Removed, None);
+        assert_eq!(budget.held(), 0, "a discarding close gives it back");
+        let (o, budget) = budgeted(1 << 20, OverflowPolicy::DropOldest);
+        o.push_entry(msg("MSG t c"));
+        drop(o);
+        assert_eq!(budget.held(), 0, "so does a client that goes");
+    }
+
+    #[test]
+    fn shedding_under_drop_oldest_takes_from_the_front() {
+        let (o, budget) = budgeted(1 << 20, OverflowPolicy::DropOldest);
+        for s in ["a", "b", "c", "d"] {
+            o.push_entry(msg(s));
+        }
+        assert_eq!(o.sheddable(), 4 * (2 + ENTRY_COST));
+        assert_eq!(o.shed(2 * ENTRY_COST), (2, 2 * (2 + ENTRY_COST)));
+        assert_eq!(budget.held(), 2 * (2 + ENTRY_COST));
+        assert_eq!(taken(&o), ["DROPPED 2", "c", "d"]);
+    }
+
+    #[test]
+    fn shedding_under_drop_newest_takes_the_newest_and_reports_the_gap_at_the_end() {
+        let (o, _) = budgeted(1 << 20, OverflowPolicy::DropNewest);
+        for s in ["a", "b", "c", "d"] {
+            o.push_entry(msg(s));
+        }
+        assert_eq!(o.shed(1).0, 1);
+        o.push_entry(msg("e"));
+        assert_eq!(o.shed(1).0, 1, "takes e; the marker before it merges");
+        assert_eq!(taken(&o), ["a", "b", "c", "DROPPED 2"]);
+    }
+
+    #[test]
+    fn shedding_under_disconnect_ends_the_client() {
+        let (o, budget) = budgeted(1 << 20, OverflowPolicy::Disconnect);
+        o.push_entry(msg("a"));
+        o.push_entry(msg("b"));
+        assert_eq!(o.shed(1), (2, 2 * (2 + ENTRY_COST)));
+        assert_eq!(o.abandoned(), Some(CloseReason::SlowConsumer));
+        assert_eq!(budget.held(), 0);
+        assert_eq!(o.sheddable(), 0, "an ending client is not shed again");
     }
 }

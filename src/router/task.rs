@@ -69,10 +69,13 @@ pub struct RouterHandle {
 }
 
 impl RouterHandle {
-    /// Starts the router task and returns a handle to it.
-    pub fn spawn(counters: Arc<Counters>) -> RouterHandle {
+    /// Starts the router task and returns a handle to it. It enforces the
+    /// memory budget in `counters` and `max_subscriptions` per client.
+    pub fn spawn(counters: Arc<Counters>, max_subscriptions: usize) -> RouterHandle {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-        tokio::spawn(run(rx, RouterCore::new(counters)));
+        let mut core = RouterCore::new(counters);
+        core.set_max_subscriptions(max_subscriptions);
+        tokio::spawn(run(rx, core));
         RouterHandle { tx }
     }
 

@@ -99,7 +99,7 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
     if let Some(cap) = ctx.policy().limits(&who).backlog {
         backlog.bytes = backlog.bytes.min(cap);
     }
-    let outbox = Arc::new(Outbox::new(backlog));
+    let outbox = Arc::new(Outbox::with_budget(backlog, ctx.counters.memory.clone()));
     // Subscribe before the directory exists: whoever sees the directory
     // (the client after WELCOME, or a script watching clients/) can rely on
     // the sub= patterns being in force.

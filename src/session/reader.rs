@@ -15,6 +15,18 @@
 //! what it holds at least when full. Before waiting for the client to write
 //! again, the reader shrinks `send` back to a page if it has not been full
 //! for `--pipe-idle`.
+//!
+//! A partial line (the bytes after the last newline) stays in the reader's
+//! buffer until its newline comes, up to `--max-line`. What that buffer
+//! holds is charged to the broker's memory budget ([`PartialCharge`]), and
+//! the buffer is cut to size when the pipe is drained, so a partial line
+//! costs its length rather than a 64 KiB read chunk. While the budget is
+//! exhausted the reader accepts lines of at most [`FAIR_PARTIAL`] bytes:
+//! a longer one (partial or not) is discarded up to its newline and
+//! answered `ERR line-too-long`, so clients holding partial lines cannot
+//! pin `--max-line` each while the broker is short. Backpressure (not
+//! reading) was the alternative; it would not free what a client already
+//! sent, and a hostile client does not mind being blocked.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -25,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::pipe_size::{self, PipeSize};
 use super::Session;
 use crate::context::Context;
+use crate::counters::MemoryBudget;
 use crate::protocol::{Command, ErrorCode, Line, LineSplitter, ProtocolError};
 use crate::router::CloseReason;
 use crate::{fifo, warn_throttled};
@@ -37,6 +50,30 @@ const READ_CHUNK: usize = 64 * 1024;
 const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_ITEMS: usize = 1024;
 
+/// The longest line accepted while the memory budget is exhausted: ordinary
+/// messages still pass, a partial line cannot grow to `--max-line`.
+pub(crate) const FAIR_PARTIAL: usize = 64 * 1024;
+
+/// What this client's read buffer holds against the memory budget; given
+/// back when the reader stops.
+struct PartialCharge<'a> {
+    budget: &'a MemoryBudget,
+    held: usize,
+}
+
+impl PartialCharge<'_> {
+    /// Charges what `buf` holds now, in place of what was charged before.
+    fn update(&mut self, buf: &BytesMut) {
+        let now = if buf.is_empty() { 0 } else { buf.capacity() };
+        if now > self.held {
+            self.budget.charge(now - self.held);
+        } else {
+            self.budget.credit(self.held - now);
+        }
+        self.held = now;
+    }
+}
+
 /// Reads `send` until BYE or an error (returns the reason), or until `stop`
 /// is cancelled: then it first passes on whatever the client wrote before
 /// (a script that publishes and exits must not lose its last lines to the
@@ -48,6 +85,8 @@ pub(super) async fn read_commands(
 ) -> Option<CloseReason> {
     let mut buf = BytesMut::new();
     let mut splitter = LineSplitter::new(ctx.config.max_line);
+    let budget = &ctx.counters.memory;
+    let mut charge = PartialCharge { budget, held: 0 };
     let mut pipe = PipeSize::new(
         s.send.as_raw_fd(),
         s.send_size,
@@ -74,7 +113,14 @@ pub(super) async fn read_commands(
         // between them: one busy publisher cannot hold a worker thread, fill
         // the router channel with huge batches, or starve shutdown.
         loop {
-            let batch = match read_batch(s, ctx, &mut buf, &mut splitter, &mut pipe, last) {
+            splitter.set_max_line(if budget.over() {
+                ctx.config.max_line.min(FAIR_PARTIAL)
+            } else {
+                ctx.config.max_line
+            });
+            let batch = read_batch(s, ctx, &mut buf, &mut splitter, &mut pipe, last);
+            charge.update(&buf);
+            let batch = match batch {
                 Ok(b) => b,
                 Err(e) => return Some(CloseReason::Io(format!("reading send: {e}"))),
             };
@@ -99,7 +145,11 @@ pub(super) async fn read_commands(
         if buf.is_empty() {
             // Idle clients should not pin a read buffer each.
             buf = BytesMut::new();
+        } else if buf.capacity() > 2 * buf.len() {
+            // A partial line waits for its newline: keep only its bytes.
+            buf = BytesMut::from(&buf[..]);
         }
+        charge.update(&buf);
     }
 }
 
@@ -137,6 +187,16 @@ fn read_batch(
                     Ok(Some(c)) => Ok(c),
                     Err(e) => Err(e),
                 },
+                Line::TooLong if splitter.max_line() < ctx.config.max_line => {
+                    Err(ProtocolError::new(
+                        ErrorCode::LineTooLong,
+                        format!(
+                            "line longer than {} bytes skipped: the broker's memory budget (--max-memory) is exhausted, so lines are capped below --max-line ({}) until it recovers; send it again later",
+                            splitter.max_line(),
+                            ctx.config.max_line
+                        ),
+                    ))
+                }
                 Line::TooLong => Err(ProtocolError::new(
                     ErrorCode::LineTooLong,
                     format!(

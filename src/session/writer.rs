@@ -1,12 +1,16 @@
 //! A client's writer: outbox → `recv`.
 //!
-//! It swaps the outbox's whole queue out under one lock, writes it with
-//! `writev` (up to `IOV_MAX` lines a call), and waits for room on `EAGAIN`
-//! while the lines stay counted as the client's backlog. `EAGAIN` is also
-//! what grows `recv` (see `pipe_size.rs`): the client reads slower than the
-//! pipe's size allows, or a burst came. Before writing a batch and before
-//! waiting for the next one, the writer shrinks `recv` back to a page if
-//! it has not been full for `--pipe-idle`.
+//! It takes a batch from the outbox under one lock, writes it with `writev`
+//! (up to `IOV_MAX` lines a call), and waits for room on `EAGAIN`. The
+//! lines it holds stay counted as the client's backlog (and against the
+//! memory budget) until written: it reports each write with
+//! [`Outbox::written`], and what it still holds when it stops is returned
+//! by [`InHand`]'s drop.
+//!
+//! `EAGAIN` is also what grows `recv` (see `pipe_size.rs`): the client
+//! reads slower than the pipe's size allows, or a burst came. Before
+//! writing a batch and before waiting for the next one, the writer shrinks
+//! `recv` back to a page if it has not been full for `--pipe-idle`.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -36,9 +40,13 @@ pub(super) async fn write_lines(
     pipe: &mut PipeSize,
     throttle: &LogThrottle,
 ) -> CloseReason {
-    let mut batch: VecDeque<Entry> = VecDeque::new();
+    let mut hand = InHand {
+        outbox,
+        batch: VecDeque::new(),
+    };
+    let batch = &mut hand.batch;
     loop {
-        let end = outbox.take(&mut batch);
+        let end = outbox.take(batch);
         // Here the writer has written all it had: if `recv` has been quiet
         // long enough, this is where it shrinks (before the next batch is
         // written, so whoever has read all that came before it, the PONG
@@ -58,8 +66,8 @@ pub(super) async fn write_lines(
         }
         let mut full = false;
         while !batch.is_empty() {
-            match write_some(recv, &mut batch, &mut latency) {
-                Ok(()) => {}
+            match write_some(recv, batch, &mut latency) {
+                Ok((bytes, lines)) => outbox.written(bytes, lines),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     latency.flush();
                     full = true;
@@ -91,12 +99,27 @@ pub(super) async fn write_lines(
     }
 }
 
-/// One `writev` of as many queued lines as fit; drops what was written.
+/// The lines a writer took from its outbox; those not written when it
+/// stops are reported to the outbox as gone, so they stop counting.
+struct InHand<'a> {
+    outbox: &'a Outbox,
+    batch: VecDeque<Entry>,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        let bytes = self.batch.iter().map(|e| e.line.len()).sum();
+        self.outbox.written(bytes, self.batch.len());
+    }
+}
+
+/// One `writev` of as many queued lines as fit; drops what was written and
+/// returns (bytes written, lines completed).
 fn write_some(
     recv: &pipe::Sender,
     batch: &mut VecDeque<Entry>,
     latency: &mut LocalLatency,
-) -> io::Result<()> {
+) -> io::Result<(usize, usize)> {
     // On the stack: a writev per batch should not cost an allocation too.
     let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
     let mut count = 0;
@@ -105,6 +128,8 @@ fn write_some(
         count += 1;
     }
     let mut n = recv.try_write_vectored(&slices[..count])?;
+    let written = n;
+    let mut lines = 0;
     let now = std::time::Instant::now();
     while n > 0 {
         let front = batch.front_mut().expect("wrote more than was queued");
@@ -114,12 +139,13 @@ fn write_some(
                 latency.observe(now.duration_since(t));
             }
             batch.pop_front();
+            lines += 1;
         } else {
             front.line.advance(n);
             n = 0;
         }
     }
-    Ok(())
+    Ok((written, lines))
 }
 
 /// Waits, until `deadline` at most, for the client to read everything in `recv`.

@@ -52,6 +52,8 @@ pub struct BenchOptions {
     pub handshakes: usize,
     pub progress: bool,
     pub only: Option<String>,
+    /// Bytes published in the memory flood (issue 9: 180 MB).
+    pub flood_bytes: u64,
     /// Throughput figures are the median of this many runs.
     pub runs: usize,
 }
@@ -68,6 +70,7 @@ impl BenchOptions {
             handshakes: 5_000,
             progress: true,
             only: None,
+            flood_bytes: 180_000_000,
             runs: 3,
         }
     }
@@ -80,6 +83,7 @@ impl BenchOptions {
             idle_clients: 200,
             idle_seconds: 1,
             handshakes: 200,
+            flood_bytes: 8_000_000,
             runs: 1,
             ..Self::full()
         }
@@ -200,7 +204,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
     // This process holds a FIFO per subscriber, as the broker holds two per
     // client: give it the same room the broker gives itself.
     fifobus_testkit::raise_open_file_limit();
-    let steps: u64 = 9;
+    let steps: u64 = 10;
     let bar = progress(opts.progress, steps);
     let mut rows = Vec::new();
     let step = |name: &str| {
@@ -367,8 +371,155 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
         );
         bar.inc(1);
     }
+    if wanted("memory") {
+        step("memory under a flood");
+        for (label, extra) in [
+            ("default settings", &[][..]),
+            ("--max-memory 128MiB", &["--max-memory", "128MiB"][..]),
+        ] {
+            let f = memory_flood(extra, opts.flood_bytes)?;
+            rows.push(
+                Measurement::new(
+                    format!("peak RSS, 10 stuck subscribers, {} MB flood, {label}, MiB", opts.flood_bytes / 1_000_000),
+                    "MiB",
+                    f.peak_rss as f64 / (1 << 20) as f64,
+                )
+                .note(format!(
+                    "a reading subscriber got {} of {} in order{}; {} MiB before the flood; fifobus bench --only memory",
+                    f.reader_got,
+                    f.sent,
+                    if f.reader_gap { ", with a DROPPED" } else { ", no DROPPED" },
+                    f.rss_before >> 20,
+                )),
+            );
+        }
+        let (n, len) = (1000, 1000);
+        let per = partial_line_cost(n, len)?;
+        rows.push(
+            Measurement::new(
+                format!("resident memory per partial line of {len} bytes, bytes"),
+                "B",
+                per,
+            )
+            .note(format!(
+                "{n} clients each leave a partial line in the broker; RSS delta / {n}"
+            )),
+        );
+        bar.inc(1);
+    }
     bar.finish_and_clear();
     Ok(rows)
+}
+
+/// What [`memory_flood`] saw.
+struct Flood {
+    peak_rss: u64,
+    rss_before: u64,
+    sent: u64,
+    reader_got: u64,
+    reader_gap: bool,
+}
+
+/// Ten subscribers that never read and one that reads as fast as it can,
+/// under a flood of `bytes` of 1000-byte messages on their topic (the
+/// scenario of issue 9): the broker's peak RSS (`VmHWM`), and whether the
+/// reader got everything in order.
+fn memory_flood(extra: &[&str], bytes: u64) -> Result<Flood> {
+    const PAYLOAD: usize = 1000;
+    let mut opts = BusOptions::new(broker_program()?);
+    opts.rust_log = "warn".into();
+    opts.log_to_file = false;
+    opts.graceful_stop = Some(Duration::from_secs(5));
+    opts.prefix = "fifobus-bench-";
+    let bus = TempBus::try_start(opts, extra)
+        .map_err(|e| BenchError::Failed(format!("the benchmark broker: {e}")))?;
+    let broker = Broker { bus };
+    let subs = ["flood".to_owned()];
+    let _stuck: Vec<Client> = (0..10)
+        .map(|_| broker.connect(&subs))
+        .collect::<Result<_>>()?;
+    let reader = broker.connect(&subs)?;
+    let mut publisher = broker.connect(&[])?;
+    let sent = bytes / PAYLOAD as u64;
+    let rss_before = rss_bytes(broker.pid())?;
+    let reading = std::thread::spawn(move || {
+        let mut reader = reader;
+        let (mut got, mut gap) = (0u64, false);
+        while got < sent {
+            match reader.read_line(Some(Duration::from_secs(10))) {
+                Ok(Some(line)) => match Reply::parse(&line) {
+                    Reply::Msg { .. } => got += 1,
+                    Reply::Dropped(_) => gap = true,
+                    _ => {}
+                },
+                _ => break,
+            }
+        }
+        (got, gap)
+    });
+    let filler = "x".repeat(PAYLOAD);
+    let chunk: Vec<u8> = {
+        let mut out = Vec::new();
+        for _ in 0..64 {
+            encode_pub(&mut out, &topic("flood"), filler.as_bytes());
+        }
+        out
+    };
+    for _ in 0..sent / 64 {
+        publisher.send_raw(&chunk)?;
+    }
+    publisher.ping("done", Duration::from_secs(60))?;
+    let (reader_got, reader_gap) = reading
+        .join()
+        .map_err(|_| BenchError::Failed("the reading subscriber panicked".into()))?;
+    let peak_rss = status_kib(broker.pid(), "VmHWM:")? * 1024;
+    Ok(Flood {
+        peak_rss,
+        rss_before,
+        sent: sent / 64 * 64,
+        reader_got,
+        reader_gap,
+    })
+}
+
+/// Resident bytes per client holding a partial line of `len` bytes: `n`
+/// clients each write one (no newline), and once the broker has read them
+/// all (their `send` FIFOs empty) the RSS growth is divided by `n`.
+fn partial_line_cost(n: usize, len: usize) -> Result<f64> {
+    let broker = Broker::start(&[])?;
+    let n = n.min(client_budget().saturating_sub(10));
+    let mut clients: Vec<Client> = (0..n).map(|_| broker.connect(&[])).collect::<Result<_>>()?;
+    let before = rss_bytes(broker.pid())?;
+    let partial = format!("PUB t {}", "x".repeat(len.saturating_sub(6)));
+    for c in &mut clients {
+        c.send_raw(partial.as_bytes())?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for c in &clients {
+        let send = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.dir().join("send"))?;
+        use std::os::fd::AsRawFd;
+        while fifobus::fifo::unread_bytes(send.as_raw_fd())? > 0 {
+            if Instant::now() > deadline {
+                return Err(BenchError::Failed(
+                    "the broker did not read the partial lines".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let after = rss_bytes(broker.pid())?;
+    Ok(after.saturating_sub(before) as f64 / n.max(1) as f64)
+}
+
+fn status_kib(pid: i32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| BenchError::Failed(format!("no {field} in /proc/PID/status")))
 }
 
 const ON: &[&str] = &["--metrics-addr", "127.0.0.1:0"];
