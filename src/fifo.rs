@@ -328,51 +328,69 @@ impl CheckedReply {
         self.info
     }
 
+    /// One attempt to open the checked FIFO for writing: `Ok(None)` when it
+    /// has no reader yet (`ENXIO`).
+    ///
+    /// # Errors
+    /// [`ReplyError::Io`] for any other failure.
+    pub fn try_open(&self) -> Result<Option<(pipe::Sender, ReplyInfo)>, ReplyError> {
+        let via = PathBuf::from(format!("/proc/self/fd/{}", self.handle.as_raw_fd()));
+        // `O_WRONLY | O_NONBLOCK` (std adds `O_CLOEXEC`); no `O_NOFOLLOW`:
+        // the `/proc/self/fd` entry is a magic link to the checked FIFO.
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&via)
+        {
+            Ok(file) => {
+                let tx = pipe::Sender::from_owned_fd_unchecked(OwnedFd::from(file))
+                    .map_err(|e| ReplyError::Io(self.shown.clone(), e))?;
+                Ok(Some((tx, self.info)))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            Err(e) => Err(ReplyError::Io(self.shown.clone(), e)),
+        }
+    }
+
+    /// The error for a reply nobody opened for reading within `waited`.
+    pub fn no_reader(&self, waited: Duration) -> ReplyError {
+        ReplyError::NoReader(self.shown.clone(), waited)
+    }
+
     /// Opens the checked FIFO for writing. `ENXIO` means the client has not
     /// opened it for reading yet: plain shell clients write HELLO first and
     /// open the reply afterwards, so retry with a short backoff until
     /// `started + wait()`. `wait` is asked again at every retry, so a
     /// caller may shorten it while this waits (the rendezvous does as its
     /// table of pending handshakes fills); the deadline is then noticed
-    /// within one backoff step (at most 50 ms). This only runs while a
+    /// within one backoff step (at most 50 ms). The wait never grows back:
+    /// the shortest answer so far holds. This only runs while a
     /// handshake is pending, never while the broker is idle.
     ///
     /// # Errors
     /// [`ReplyError::NoReader`] when the deadline passes, `Io` otherwise.
     pub async fn open(
-        self,
+        &self,
         started: Instant,
         wait: impl Fn() -> Duration,
     ) -> Result<(pipe::Sender, ReplyInfo), ReplyError> {
-        let via = PathBuf::from(format!("/proc/self/fd/{}", self.handle.as_raw_fd()));
         let mut backoff = Duration::from_millis(1);
+        let mut shortest = Duration::MAX;
         loop {
-            // `O_WRONLY | O_NONBLOCK` (std adds `O_CLOEXEC`); no `O_NOFOLLOW`:
-            // the `/proc/self/fd` entry is a magic link to the checked FIFO.
-            match OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&via)
-            {
-                Ok(file) => {
-                    let tx = pipe::Sender::from_owned_fd_unchecked(OwnedFd::from(file))
-                        .map_err(|e| ReplyError::Io(self.shown.clone(), e))?;
-                    return Ok((tx, self.info));
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                    let now = Instant::now();
-                    let wait = wait();
-                    let deadline = started + wait;
-                    if now >= deadline {
-                        return Err(ReplyError::NoReader(self.shown, wait));
-                    }
-                    // The last try is at the deadline itself: a client that
-                    // opens its reply within the wait is never refused.
-                    tokio::time::sleep_until((now + backoff).min(deadline)).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(50));
-                }
-                Err(e) => return Err(ReplyError::Io(self.shown, e)),
+            if let Some(opened) = self.try_open()? {
+                return Ok(opened);
             }
+            let now = Instant::now();
+            shortest = shortest.min(wait());
+            let wait = shortest;
+            let deadline = started + wait;
+            if now >= deadline {
+                return Err(self.no_reader(wait));
+            }
+            // The last try is at the deadline itself: a client that opens
+            // its reply within the wait is never refused.
+            tokio::time::sleep_until((now + backoff).min(deadline)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(50));
         }
     }
 }

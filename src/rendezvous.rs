@@ -8,26 +8,37 @@
 //! so a reply nobody reads times out without leaving anything behind.
 //!
 //! HELLOs naming reply FIFOs nobody opens are cheap to write, so a flood of
-//! them must not keep real clients out (see [`handshake_wait`]):
+//! them must not keep real clients out:
+//! - a reply FIFO is tried at once, before the handshake takes a seat in the
+//!   table of waiting handshakes: a client that opened its reply before
+//!   writing HELLO (the client library, `fifobus connect`) never waits for a
+//!   seat, however full the table;
 //! - at most one handshake waits on a given reply FIFO (by identity, device
 //!   and inode); another HELLO naming it meanwhile is dropped (`reply-busy`);
-//! - the wait for a reader shrinks as the table of pending handshakes fills,
-//!   down to [`MIN_HANDSHAKE_WAIT`] when it is full, and every waiting
-//!   handshake follows the current figure, not the one it started with; so
-//!   when the table is full the oldest waiters are abandoned first and a slot
-//!   frees at least every [`MIN_HANDSHAKE_WAIT`]: the loop never stops
-//!   reading `hello` for longer than that, and real HELLOs do not queue
-//!   behind the flood for the whole `--handshake-timeout`.
+//! - the wait for a reader shrinks as the table fills (see
+//!   [`handshake_wait`]), down to [`MIN_HANDSHAKE_WAIT`] when it is full, and
+//!   every waiting handshake follows the figure as it changes (the shortest
+//!   it has seen: it does not grow back when the flood ebbs), not the one it
+//!   started with;
+//! - when the table is full, a newcomer takes the seat of the oldest waiter
+//!   if that one has waited [`MIN_HANDSHAKE_WAIT`], and is refused at once
+//!   otherwise (`reply-timeout`). Either way the loop goes on reading
+//!   `hello`: a flood is worked off as fast as HELLOs can be parsed, so real
+//!   HELLOs do not queue behind it in the pipe.
 //!
-//! A real client still gets through a full table: it opens its reply FIFO
-//! for reading before writing HELLO, or right after (a shell's `read <
-//! "$r"`), so its open succeeds at the first or second try, milliseconds
-//! after its HELLO is read, far inside even the shortest wait.
+//! Why a real client still gets through: it opens its reply FIFO for
+//! reading before writing HELLO, or right after (a shell's `read < "$r"`),
+//! so the broker's first or second try succeeds, milliseconds after its
+//! HELLO is read: at once without a seat, or well inside the
+//! [`MIN_HANDSHAKE_WAIT`] every seated handshake is guaranteed. Only a flood
+//! that fills the whole table within [`MIN_HANDSHAKE_WAIT`] (over ten
+//! thousand distinct FIFOs a second) refuses a late opener, and then only
+//! one whose first try failed.
 //!
 //! This module only reads, parses and answers: making the client is
 //! [`session::create`]'s job.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
@@ -37,6 +48,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::net::unix::pipe;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::busdir::{BusDir, HelloCheck};
 use crate::context::Context;
@@ -70,24 +83,43 @@ pub fn handshake_wait(timeout: Duration, pending: usize) -> Duration {
     floor + (timeout - floor) * room / half as u32
 }
 
-/// The table of pending handshakes: its slots, and which reply FIFOs are
-/// being waited on.
+/// Handshake tasks at once, in any phase: the hard bound on their memory
+/// and descriptors. Twice the waiting table, so that a full table of waiters
+/// leaves room for HELLOs that are answered at once.
+const MAX_HANDSHAKE_TASKS: usize = 2 * MAX_PENDING_HANDSHAKES;
+
+/// The handshakes in progress: a bound on tasks, the table of those
+/// waiting for their reply FIFO to be opened, and which FIFOs those are.
 struct Pending {
-    slots: Arc<Semaphore>,
+    tasks: Arc<Semaphore>,
     replies: Mutex<HashSet<FileId>>,
+    waiting: Mutex<Waiting>,
+}
+
+/// Handshakes waiting for a reader, oldest first, each with the token that
+/// abandons it.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    seats: BTreeMap<u64, (Instant, CancellationToken)>,
 }
 
 impl Pending {
     fn new() -> Arc<Pending> {
         Arc::new(Pending {
-            slots: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            tasks: Arc::new(Semaphore::new(MAX_HANDSHAKE_TASKS)),
             replies: Mutex::default(),
+            waiting: Mutex::default(),
         })
     }
 
-    /// Handshakes holding a slot now.
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Handshakes waiting for a reader now.
     fn count(&self) -> usize {
-        MAX_PENDING_HANDSHAKES - self.slots.available_permits()
+        self.waiting().seats.len()
     }
 
     /// Marks `id` as waited on, unless some handshake already waits on it.
@@ -96,6 +128,30 @@ impl Pending {
         r.insert(id).then(|| ReplyClaim {
             pending: self.clone(),
             id,
+        })
+    }
+
+    /// A seat in the waiting table: a free one, else the oldest waiter's
+    /// if it has waited [`MIN_HANDSHAKE_WAIT`] (it is abandoned), else none.
+    fn seat(self: &Arc<Self>) -> Option<Seat> {
+        let now = Instant::now();
+        let mut w = self.waiting();
+        if w.seats.len() >= MAX_PENDING_HANDSHAKES {
+            let (&oldest, (since, _)) = w.seats.first_key_value()?;
+            if now.duration_since(*since) < MIN_HANDSHAKE_WAIT {
+                return None;
+            }
+            let (_, abandon) = w.seats.remove(&oldest).expect("just seen");
+            abandon.cancel();
+        }
+        let seq = w.next;
+        w.next += 1;
+        let abandoned = CancellationToken::new();
+        w.seats.insert(seq, (now, abandoned.clone()));
+        Some(Seat {
+            pending: self.clone(),
+            seq,
+            abandoned,
         })
     }
 }
@@ -114,6 +170,20 @@ impl Drop for ReplyClaim {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         r.remove(&self.id);
+    }
+}
+
+/// A seat in the waiting table, given up on drop.
+struct Seat {
+    pending: Arc<Pending>,
+    seq: u64,
+    /// Cancelled when a newcomer takes this seat.
+    abandoned: CancellationToken,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.pending.waiting().seats.remove(&self.seq);
     }
 }
 
@@ -170,7 +240,7 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
                 }
             };
             let permit = tokio::select! {
-                p = pending.slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                p = pending.tasks.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 () = ctx.cancel.cancelled() => break,
             };
             let (ctx2, pending2) = (ctx.clone(), pending.clone());
@@ -257,7 +327,7 @@ async fn refuse_for_shutdown(reply: &Path, ctx: &Context) {
     let Ok(checked) = check_reply(reply, ctx) else {
         return;
     };
-    if let Ok((tx, _)) = checked.open(tokio::time::Instant::now(), || QUICK).await {
+    if let Ok((tx, _)) = checked.open(Instant::now(), || QUICK).await {
         let e = ProtocolError::new(
             ErrorCode::ShuttingDown,
             "the broker is stopping; try again when it is back",
@@ -276,6 +346,28 @@ fn drain(rx: &pipe::Receiver, buf: &mut BytesMut) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Opens a checked reply FIFO: at once if its reader is there, else from a
+/// seat in the waiting table, for as long as [`handshake_wait`] allows or
+/// until a newcomer takes the seat.
+async fn wait_for_reader(
+    checked: CheckedReply,
+    timeout: Duration,
+    pending: &Arc<Pending>,
+) -> Result<(pipe::Sender, crate::fifo::ReplyInfo), ReplyError> {
+    let started = Instant::now();
+    if let Some(opened) = checked.try_open()? {
+        return Ok(opened);
+    }
+    let Some(seat) = pending.seat() else {
+        return Err(checked.no_reader(Duration::ZERO));
+    };
+    let abandoned = &seat.abandoned;
+    tokio::select! {
+        r = checked.open(started, || handshake_wait(timeout, pending.count())) => r,
+        () = abandoned.cancelled() => Err(checked.no_reader(started.elapsed())),
     }
 }
 
@@ -315,10 +407,8 @@ async fn handshake(line: &[u8], ctx: &Arc<Context>, pending: &Arc<Pending>) {
     let reply = match check_reply(&hello.reply, ctx) {
         Ok(checked) => match pending.claim(checked.info().id()) {
             Some(claim) => {
-                let started = tokio::time::Instant::now();
-                let wait = || handshake_wait(timeout, pending.count());
                 let r = tokio::select! {
-                    r = checked.open(started, wait) => r,
+                    r = wait_for_reader(checked, timeout, pending) => r,
                     () = ctx.cancel.cancelled() => {
                         drop(claim);
                         refuse_for_shutdown(&hello.reply, ctx).await;
