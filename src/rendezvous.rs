@@ -349,26 +349,46 @@ fn drain(rx: &pipe::Receiver, buf: &mut BytesMut) -> io::Result<()> {
     }
 }
 
-/// Opens a checked reply FIFO: at once if its reader is there, else from a
-/// seat in the waiting table, for as long as [`handshake_wait`] allows or
-/// until a newcomer takes the seat.
+/// Why [`wait_for_reader`] gave up.
+enum Busy {
+    /// Another handshake is waiting for this FIFO's reader.
+    Busy,
+    Reply(ReplyError),
+}
+
+impl From<ReplyError> for Busy {
+    fn from(e: ReplyError) -> Busy {
+        Busy::Reply(e)
+    }
+}
+
+/// Opens a checked reply FIFO: at once if its reader is there (however many
+/// HELLOs name it), else from a seat in the waiting table, for as long as
+/// [`handshake_wait`] allows or until a newcomer takes the seat, provided
+/// no other handshake is already waiting on the same FIFO.
 async fn wait_for_reader(
     checked: CheckedReply,
     timeout: Duration,
     pending: &Arc<Pending>,
-) -> Result<(pipe::Sender, crate::fifo::ReplyInfo), ReplyError> {
+) -> Result<(pipe::Sender, crate::fifo::ReplyInfo), Busy> {
     let started = Instant::now();
     if let Some(opened) = checked.try_open()? {
         return Ok(opened);
     }
+    // Held while waiting only: once open, the FIFO may serve the client's
+    // next HELLO (a script reusing its reply FIFO).
+    let Some(_claim) = pending.claim(checked.info().id()) else {
+        return Err(Busy::Busy);
+    };
     let Some(seat) = pending.seat() else {
-        return Err(checked.no_reader(Duration::ZERO));
+        return Err(checked.no_reader(Duration::ZERO).into());
     };
     let abandoned = &seat.abandoned;
-    tokio::select! {
+    let r = tokio::select! {
         r = checked.open(started, || handshake_wait(timeout, pending.count())) => r,
         () = abandoned.cancelled() => Err(checked.no_reader(started.elapsed())),
-    }
+    };
+    Ok(r?)
 }
 
 /// Reads one HELLO and answers it on its reply FIFO, except when that FIFO
@@ -405,33 +425,28 @@ async fn handshake(line: &[u8], ctx: &Arc<Context>, pending: &Arc<Pending>) {
     };
     let timeout = ctx.config.handshake_timeout;
     let reply = match check_reply(&hello.reply, ctx) {
-        Ok(checked) => match pending.claim(checked.info().id()) {
-            Some(claim) => {
-                let r = tokio::select! {
-                    r = wait_for_reader(checked, timeout, pending) => r,
-                    () = ctx.cancel.cancelled() => {
-                        drop(claim);
-                        refuse_for_shutdown(&hello.reply, ctx).await;
-                        return;
-                    }
-                };
-                // Waiting is over: once open, the FIFO may serve the
-                // client's next HELLO (a script reusing its reply FIFO).
-                drop(claim);
-                r
-            }
-            None => {
-                ctx.counters.handshake_rejected(Rejection::ReplyBusy);
-                warn_throttled!(
-                    ctx.throttle,
-                    "reply-busy",
-                    "dropped a HELLO naming {}: another handshake is already waiting for that FIFO to be opened",
-                    hello.reply.display()
-                );
+        Ok(checked) => tokio::select! {
+            r = wait_for_reader(checked, timeout, pending) => r,
+            () = ctx.cancel.cancelled() => {
+                refuse_for_shutdown(&hello.reply, ctx).await;
                 return;
             }
         },
-        Err(e) => Err(e),
+        Err(e) => Err(Busy::Reply(e)),
+    };
+    let reply = match reply {
+        Err(Busy::Busy) => {
+            ctx.counters.handshake_rejected(Rejection::ReplyBusy);
+            warn_throttled!(
+                ctx.throttle,
+                "reply-busy",
+                "dropped a HELLO naming {}: another handshake is already waiting for that FIFO to be opened",
+                hello.reply.display()
+            );
+            return;
+        }
+        Err(Busy::Reply(e)) => Err(e),
+        Ok(r) => Ok(r),
     };
     let (reply, info) = match reply {
         Ok(r) => r,
