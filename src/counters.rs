@@ -71,6 +71,11 @@ pub enum Rejection {
     Code(ErrorCode),
     /// Nobody opened the reply FIFO in time.
     ReplyTimeout,
+    /// Another handshake was already waiting on the same reply FIFO.
+    ReplyBusy,
+    /// Bytes left in `hello` after the last newline once it was drained:
+    /// a HELLO written without its newline (or in pieces), discarded.
+    Fragment,
 }
 
 impl Rejection {
@@ -78,6 +83,8 @@ impl Rejection {
         match self {
             Rejection::Code(c) => c.as_str(),
             Rejection::ReplyTimeout => "reply-timeout",
+            Rejection::ReplyBusy => "reply-busy",
+            Rejection::Fragment => "hello-fragment",
         }
     }
 
@@ -85,15 +92,18 @@ impl Rejection {
         match self {
             Rejection::Code(c) => c.index(),
             Rejection::ReplyTimeout => ErrorCode::ALL.len(),
+            Rejection::ReplyBusy => ErrorCode::ALL.len() + 1,
+            Rejection::Fragment => ErrorCode::ALL.len() + 2,
         }
     }
 
     /// Every rejection, in a fixed order, for export.
     pub fn all() -> impl Iterator<Item = Rejection> {
-        ErrorCode::ALL
-            .into_iter()
-            .map(Rejection::Code)
-            .chain([Rejection::ReplyTimeout])
+        ErrorCode::ALL.into_iter().map(Rejection::Code).chain([
+            Rejection::ReplyTimeout,
+            Rejection::ReplyBusy,
+            Rejection::Fragment,
+        ])
     }
 }
 
@@ -285,7 +295,7 @@ pub struct Counters {
     /// Subscriptions (pattern, client pairs) in force; set by the router.
     pub subscriptions: AtomicU64,
     pub handshakes_accepted: AtomicU64,
-    rejected: [AtomicU64; ErrorCode::ALL.len() + 1],
+    rejected: [AtomicU64; ErrorCode::ALL.len() + 3],
     protocol_errors: [AtomicU64; ErrorCode::ALL.len()],
     pub folded_topics: AtomicU64,
     pub folded_clients: AtomicU64,

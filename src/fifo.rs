@@ -243,11 +243,8 @@ fn is_under(dir: OwnedFd, ancestor: FileId) -> io::Result<bool> {
 }
 
 /// Opens a client's reply FIFO for writing, safely (see the module docs),
-/// after checking it against `guard`. `ENXIO` means the client has not
-/// opened it for reading yet: plain shell clients write HELLO first and
-/// open the reply afterwards, so retry with a short backoff until `timeout`.
-/// This only runs while a handshake is pending, never while the broker is
-/// idle.
+/// after checking it against `guard`: [`check_reply`], then
+/// [`CheckedReply::open`] waiting at most `timeout` for a reader.
 ///
 /// # Errors
 /// [`ReplyError`] saying which check failed.
@@ -256,6 +253,28 @@ pub async fn open_reply(
     timeout: Duration,
     guard: &ReplyGuard<'_>,
 ) -> Result<(pipe::Sender, ReplyInfo), ReplyError> {
+    check_reply(path, guard)?
+        .open(Instant::now(), || timeout)
+        .await
+}
+
+/// A reply FIFO that passed every check, held by an `O_PATH` descriptor
+/// (nothing else: a pending handshake costs one descriptor), not yet open
+/// for writing.
+#[derive(Debug)]
+pub struct CheckedReply {
+    handle: OwnedFd,
+    info: ReplyInfo,
+    shown: String,
+}
+
+/// Checks a client's reply FIFO (see the module docs) against `guard`
+/// without opening it for writing, so the caller knows which FIFO it is
+/// (its identity, its owner) before deciding to wait for it. Never waits.
+///
+/// # Errors
+/// [`ReplyError`] saying which check failed.
+pub fn check_reply(path: &Path, guard: &ReplyGuard<'_>) -> Result<CheckedReply, ReplyError> {
     use nix::fcntl::OFlag;
     let shown = || path.display().to_string();
     let io = |e: Errno| ReplyError::Io(shown(), e.into());
@@ -297,10 +316,25 @@ pub async fn open_reply(
         Ok(true) => return Err(ReplyError::InsideBus(shown())),
         Err(e) => return Err(ReplyError::Io(shown(), e)),
     }
-    let via = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
-    let deadline = Instant::now() + timeout;
-    let mut backoff = Duration::from_millis(1);
-    loop {
+    Ok(CheckedReply {
+        handle,
+        info,
+        shown: shown(),
+    })
+}
+
+impl CheckedReply {
+    pub fn info(&self) -> ReplyInfo {
+        self.info
+    }
+
+    /// One attempt to open the checked FIFO for writing: `Ok(None)` when it
+    /// has no reader yet (`ENXIO`).
+    ///
+    /// # Errors
+    /// [`ReplyError::Io`] for any other failure.
+    pub fn try_open(&self) -> Result<Option<(pipe::Sender, ReplyInfo)>, ReplyError> {
+        let via = PathBuf::from(format!("/proc/self/fd/{}", self.handle.as_raw_fd()));
         // `O_WRONLY | O_NONBLOCK` (std adds `O_CLOEXEC`); no `O_NOFOLLOW`:
         // the `/proc/self/fd` entry is a magic link to the checked FIFO.
         match OpenOptions::new()
@@ -310,20 +344,53 @@ pub async fn open_reply(
         {
             Ok(file) => {
                 let tx = pipe::Sender::from_owned_fd_unchecked(OwnedFd::from(file))
-                    .map_err(|e| ReplyError::Io(shown(), e))?;
-                return Ok((tx, info));
+                    .map_err(|e| ReplyError::Io(self.shown.clone(), e))?;
+                Ok(Some((tx, self.info)))
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(ReplyError::NoReader(shown(), timeout));
-                }
-                // The last try is at the deadline itself: a client that
-                // opens its reply within the timeout is never refused.
-                tokio::time::sleep_until((now + backoff).min(deadline)).await;
-                backoff = (backoff * 2).min(Duration::from_millis(50));
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            Err(e) => Err(ReplyError::Io(self.shown.clone(), e)),
+        }
+    }
+
+    /// The error for a reply nobody opened for reading within `waited`.
+    pub fn no_reader(&self, waited: Duration) -> ReplyError {
+        ReplyError::NoReader(self.shown.clone(), waited)
+    }
+
+    /// Opens the checked FIFO for writing. `ENXIO` means the client has not
+    /// opened it for reading yet: plain shell clients write HELLO first and
+    /// open the reply afterwards, so retry with a short backoff until
+    /// `started + wait()`. `wait` is asked again at every retry, so a
+    /// caller may shorten it while this waits (the rendezvous does as its
+    /// table of pending handshakes fills); the deadline is then noticed
+    /// within one backoff step (at most 50 ms). The wait never grows back:
+    /// the shortest answer so far holds. This only runs while a
+    /// handshake is pending, never while the broker is idle.
+    ///
+    /// # Errors
+    /// [`ReplyError::NoReader`] when the deadline passes, `Io` otherwise.
+    pub async fn open(
+        &self,
+        started: Instant,
+        wait: impl Fn() -> Duration,
+    ) -> Result<(pipe::Sender, ReplyInfo), ReplyError> {
+        let mut backoff = Duration::from_millis(1);
+        let mut shortest = Duration::MAX;
+        loop {
+            if let Some(opened) = self.try_open()? {
+                return Ok(opened);
             }
-            Err(e) => return Err(ReplyError::Io(shown(), e)),
+            let now = Instant::now();
+            shortest = shortest.min(wait());
+            let wait = shortest;
+            let deadline = started + wait;
+            if now >= deadline {
+                return Err(self.no_reader(wait));
+            }
+            // The last try is at the deadline itself: a client that opens
+            // its reply within the wait is never refused.
+            tokio::time::sleep_until((now + backoff).min(deadline)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(50));
         }
     }
 }

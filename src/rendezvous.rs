@@ -7,22 +7,54 @@
 //! unbounded memory. A handshake creates nothing until the reply FIFO is open,
 //! so a reply nobody reads times out without leaving anything behind.
 //!
+//! HELLOs naming reply FIFOs nobody opens are cheap to write, so a flood of
+//! them must not keep real clients out:
+//! - a reply FIFO is tried at once, before the handshake takes a seat in the
+//!   table of waiting handshakes: a client that opened its reply before
+//!   writing HELLO (the client library, `fifobus connect`) never waits for a
+//!   seat, however full the table;
+//! - at most one handshake waits on a given reply FIFO (by identity, device
+//!   and inode); another HELLO naming it meanwhile is dropped (`reply-busy`);
+//! - the wait for a reader shrinks as the table fills (see
+//!   [`handshake_wait`]), down to [`MIN_HANDSHAKE_WAIT`] when it is full, and
+//!   every waiting handshake follows the figure as it changes (the shortest
+//!   it has seen: it does not grow back when the flood ebbs), not the one it
+//!   started with;
+//! - when the table is full, a newcomer takes the seat of the oldest waiter
+//!   if that one has waited [`MIN_HANDSHAKE_WAIT`], and is refused at once
+//!   otherwise (`reply-timeout`). Either way the loop goes on reading
+//!   `hello`: a flood is worked off as fast as HELLOs can be parsed, so real
+//!   HELLOs do not queue behind it in the pipe.
+//!
+//! Why a real client still gets through: it opens its reply FIFO for
+//! reading before writing HELLO, or right after (a shell's `read < "$r"`),
+//! so the broker's first or second try succeeds, milliseconds after its
+//! HELLO is read: at once without a seat, or well inside the
+//! [`MIN_HANDSHAKE_WAIT`] every seated handshake is guaranteed. Only a flood
+//! that fills the whole table within [`MIN_HANDSHAKE_WAIT`] (over ten
+//! thousand distinct FIFOs a second) refuses a late opener, and then only
+//! one whose first try failed.
+//!
 //! This module only reads, parses and answers: making the client is
 //! [`session::create`]'s job.
 
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::net::unix::pipe;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::busdir::{BusDir, HelloCheck};
 use crate::context::Context;
 use crate::counters::Rejection;
-use crate::fifo::{FileId, ReplyError, ReplyGuard, ReplyInfo};
+use crate::fifo::{CheckedReply, FileId, ReplyError, ReplyGuard};
 use crate::protocol::hello::{HelloRejected, MAX_HELLO_LINE};
 use crate::protocol::{encode, ErrorCode, Hello, Line, LineSplitter, ProtocolError};
 use crate::{busdir, fifo, session, warn_throttled};
@@ -30,9 +62,134 @@ use crate::{busdir, fifo, session, warn_throttled};
 /// Handshakes in progress at once; each holds a reply FIFO descriptor.
 pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 
+/// The shortest wait for a reader a handshake is given, however full the
+/// table (unless `--handshake-timeout` is shorter still): ample for a client
+/// that opens its reply before or right after writing HELLO, and short
+/// enough that a full table frees a slot ten times a second.
+pub const MIN_HANDSHAKE_WAIT: Duration = Duration::from_millis(100);
+
+/// How long a handshake waits for its reply FIFO's reader while `pending`
+/// handshakes (itself included) are in the table: the whole `timeout` up to
+/// half full, then linearly less, down to [`MIN_HANDSHAKE_WAIT`] when full.
+/// Under half full nothing changes for slow clients; past it, the HELLOs
+/// that hold slots longest (those nobody answers) are the ones cut short.
+pub fn handshake_wait(timeout: Duration, pending: usize) -> Duration {
+    let floor = MIN_HANDSHAKE_WAIT.min(timeout);
+    let half = MAX_PENDING_HANDSHAKES / 2;
+    if pending <= half {
+        return timeout;
+    }
+    let room = MAX_PENDING_HANDSHAKES.saturating_sub(pending) as u32;
+    floor + (timeout - floor) * room / half as u32
+}
+
+/// Handshake tasks at once, in any phase: the hard bound on their memory
+/// and descriptors. Twice the waiting table, so that a full table of waiters
+/// leaves room for HELLOs that are answered at once.
+const MAX_HANDSHAKE_TASKS: usize = 2 * MAX_PENDING_HANDSHAKES;
+
+/// The handshakes in progress: a bound on tasks, the table of those
+/// waiting for their reply FIFO to be opened, and which FIFOs those are.
+struct Pending {
+    tasks: Arc<Semaphore>,
+    replies: Mutex<HashSet<FileId>>,
+    waiting: Mutex<Waiting>,
+}
+
+/// Handshakes waiting for a reader, oldest first, each with the token that
+/// abandons it.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    seats: BTreeMap<u64, (Instant, CancellationToken)>,
+}
+
+impl Pending {
+    fn new() -> Arc<Pending> {
+        Arc::new(Pending {
+            tasks: Arc::new(Semaphore::new(MAX_HANDSHAKE_TASKS)),
+            replies: Mutex::default(),
+            waiting: Mutex::default(),
+        })
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Handshakes waiting for a reader now.
+    fn count(&self) -> usize {
+        self.waiting().seats.len()
+    }
+
+    /// Marks `id` as waited on, unless some handshake already waits on it.
+    fn claim(self: &Arc<Self>, id: FileId) -> Option<ReplyClaim> {
+        let mut r = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+        r.insert(id).then(|| ReplyClaim {
+            pending: self.clone(),
+            id,
+        })
+    }
+
+    /// A seat in the waiting table: a free one, else the oldest waiter's
+    /// if it has waited [`MIN_HANDSHAKE_WAIT`] (it is abandoned), else none.
+    fn seat(self: &Arc<Self>) -> Option<Seat> {
+        let now = Instant::now();
+        let mut w = self.waiting();
+        if w.seats.len() >= MAX_PENDING_HANDSHAKES {
+            let (&oldest, (since, _)) = w.seats.first_key_value()?;
+            if now.duration_since(*since) < MIN_HANDSHAKE_WAIT {
+                return None;
+            }
+            let (_, abandon) = w.seats.remove(&oldest).expect("just seen");
+            abandon.cancel();
+        }
+        let seq = w.next;
+        w.next += 1;
+        let abandoned = CancellationToken::new();
+        w.seats.insert(seq, (now, abandoned.clone()));
+        Some(Seat {
+            pending: self.clone(),
+            seq,
+            abandoned,
+        })
+    }
+}
+
+/// One handshake's hold on its reply FIFO, released on drop.
+struct ReplyClaim {
+    pending: Arc<Pending>,
+    id: FileId,
+}
+
+impl Drop for ReplyClaim {
+    fn drop(&mut self) {
+        let mut r = self
+            .pending
+            .replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        r.remove(&self.id);
+    }
+}
+
+/// A seat in the waiting table, given up on drop.
+struct Seat {
+    pending: Arc<Pending>,
+    seq: u64,
+    /// Cancelled when a newcomer takes this seat.
+    abandoned: CancellationToken,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.pending.waiting().seats.remove(&self.seq);
+    }
+}
+
 /// Serves `hello` until shutdown, then removes it first of all.
 pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let pending = Pending::new();
     let mut splitter = LineSplitter::new(MAX_HELLO_LINE - 1);
     let mut buf = BytesMut::new();
     loop {
@@ -83,14 +240,18 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
                 }
             };
             let permit = tokio::select! {
-                p = pending.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                p = pending.tasks.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 () = ctx.cancel.cancelled() => break,
             };
-            let ctx2 = ctx.clone();
+            let (ctx2, pending2) = (ctx.clone(), pending.clone());
             ctx.tracker.spawn(async move {
-                handshake(&line, &ctx2).await;
+                handshake(&line, &ctx2, &pending2).await;
                 drop(permit);
             });
+        }
+        // (Unless stopping: then `buf` may still hold lines to refuse below.)
+        if !ctx.cancel.is_cancelled() {
+            discard_fragment(&mut buf, &mut splitter, &ctx);
         }
     }
     // First thing at shutdown: no new client may start writing HELLO.
@@ -113,26 +274,60 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
     bus
 }
 
-/// Opens a reply FIFO, refusing anything under the bus directory and any
+/// What is left in `buf` once every complete line is taken, right after
+/// `hello` was drained to `EAGAIN`: a fragment that can never become a valid
+/// HELLO, so it is dropped (counted, logged) rather than glued to the front
+/// of the next client's line.
+///
+/// Why it can never complete: a valid HELLO is one `write()` of at most
+/// `PIPE_BUF` bytes ending in `\n`, and the kernel places such a write in
+/// the pipe whole, never interleaved with another and never half visible to
+/// a reader (it waits for room for all of it, and copies it under the pipe's
+/// lock). Having read until the pipe was empty, `buf` therefore holds whole
+/// writes only, so bytes after its last newline are the end of a write that
+/// itself ended without one (`echo -n`, or a HELLO written in pieces):
+/// whatever comes next starts a new write. Only writes over `PIPE_BUF` can
+/// be seen in part, and those are over [`MAX_HELLO_LINE`]: the splitter is
+/// then discarding up to the next newline and has left `buf` empty, so this
+/// does not touch them. What this cannot undo is a fragment and another
+/// HELLO landing between the same two reads: they are one line, refused
+/// (its client times out), and the next HELLO is unaffected.
+fn discard_fragment(buf: &mut BytesMut, splitter: &mut LineSplitter, ctx: &Context) {
+    if buf.is_empty() {
+        return;
+    }
+    ctx.counters.handshake_rejected(Rejection::Fragment);
+    warn_throttled!(
+        ctx.throttle,
+        "hello-fragment",
+        "discarded {} bytes left in hello without a newline ({:?}): a HELLO must be one write ending in a newline",
+        buf.len(),
+        String::from_utf8_lossy(&buf[..buf.len().min(80)])
+    );
+    buf.clear();
+    // The splitter remembers how far it searched `buf`; start afresh.
+    *splitter = LineSplitter::new(splitter.max_line());
+}
+
+/// Checks a reply FIFO, refusing anything under the bus directory and any
 /// FIFO the broker holds (`hello`, every live client's `send` and `recv`).
-async fn open_reply(
-    reply: &Path,
-    timeout: std::time::Duration,
-    ctx: &Context,
-) -> Result<(pipe::Sender, ReplyInfo), ReplyError> {
+fn check_reply(reply: &Path, ctx: &Context) -> Result<CheckedReply, ReplyError> {
     let held = |id: FileId| ctx.fs.hello_id() == Some(id) || ctx.clients.holds(id);
     let guard = ReplyGuard {
         bus_dir: ctx.fs.id(),
         held: &held,
     };
-    fifo::open_reply(reply, timeout, &guard).await
+    fifo::check_reply(reply, &guard)
 }
 
 /// Answers `ERR shutting-down` on a reply FIFO if it can be opened at once
 /// (its client is waiting on it); the shutdown deadline leaves no time for more.
 async fn refuse_for_shutdown(reply: &Path, ctx: &Context) {
-    const QUICK: std::time::Duration = std::time::Duration::from_millis(100);
-    if let Ok((tx, _)) = open_reply(reply, QUICK, ctx).await {
+    const QUICK: Duration = Duration::from_millis(100);
+    let Ok(checked) = check_reply(reply, ctx) else {
+        return;
+    };
+    if let Ok((tx, _)) = checked.open(Instant::now(), || QUICK).await {
         let e = ProtocolError::new(
             ErrorCode::ShuttingDown,
             "the broker is stopping; try again when it is back",
@@ -154,13 +349,55 @@ fn drain(rx: &pipe::Receiver, buf: &mut BytesMut) -> io::Result<()> {
     }
 }
 
+/// Why [`wait_for_reader`] gave up.
+enum Busy {
+    /// Another handshake is waiting for this FIFO's reader.
+    Busy,
+    Reply(ReplyError),
+}
+
+impl From<ReplyError> for Busy {
+    fn from(e: ReplyError) -> Busy {
+        Busy::Reply(e)
+    }
+}
+
+/// Opens a checked reply FIFO: at once if its reader is there (however many
+/// HELLOs name it), else from a seat in the waiting table, for as long as
+/// [`handshake_wait`] allows or until a newcomer takes the seat, provided
+/// no other handshake is already waiting on the same FIFO.
+async fn wait_for_reader(
+    checked: CheckedReply,
+    timeout: Duration,
+    pending: &Arc<Pending>,
+) -> Result<(pipe::Sender, crate::fifo::ReplyInfo), Busy> {
+    let started = Instant::now();
+    if let Some(opened) = checked.try_open()? {
+        return Ok(opened);
+    }
+    // Held while waiting only: once open, the FIFO may serve the client's
+    // next HELLO (a script reusing its reply FIFO).
+    let Some(_claim) = pending.claim(checked.info().id()) else {
+        return Err(Busy::Busy);
+    };
+    let Some(seat) = pending.seat() else {
+        return Err(checked.no_reader(Duration::ZERO).into());
+    };
+    let abandoned = &seat.abandoned;
+    let r = tokio::select! {
+        r = checked.open(started, || handshake_wait(timeout, pending.count())) => r,
+        () = abandoned.cancelled() => Err(checked.no_reader(started.elapsed())),
+    };
+    Ok(r?)
+}
+
 /// Reads one HELLO and answers it on its reply FIFO, except when that FIFO
 /// is the broker's own or lies in the bus directory (`reply=DIR/hello`,
 /// `reply=<another client>/recv`): then writing `ERR bad-reply` there would
 /// itself be the attack (a line injected into another client's stream, or
 /// into `hello`), so the HELLO is refused in silence, logged and counted
 /// as `bad-reply`, and no client is created.
-async fn handshake(line: &[u8], ctx: &Arc<Context>) {
+async fn handshake(line: &[u8], ctx: &Arc<Context>, pending: &Arc<Pending>) {
     let (hello, refusal) = match Hello::parse(line) {
         Ok(h) => (h, None),
         Err(HelloRejected { reply: None, error }) => {
@@ -186,12 +423,30 @@ async fn handshake(line: &[u8], ctx: &Arc<Context>) {
             (h, Some(error))
         }
     };
-    let reply = tokio::select! {
-        r = open_reply(&hello.reply, ctx.config.handshake_timeout, ctx) => r,
-        () = ctx.cancel.cancelled() => {
-            refuse_for_shutdown(&hello.reply, ctx).await;
+    let timeout = ctx.config.handshake_timeout;
+    let reply = match check_reply(&hello.reply, ctx) {
+        Ok(checked) => tokio::select! {
+            r = wait_for_reader(checked, timeout, pending) => r,
+            () = ctx.cancel.cancelled() => {
+                refuse_for_shutdown(&hello.reply, ctx).await;
+                return;
+            }
+        },
+        Err(e) => Err(Busy::Reply(e)),
+    };
+    let reply = match reply {
+        Err(Busy::Busy) => {
+            ctx.counters.handshake_rejected(Rejection::ReplyBusy);
+            warn_throttled!(
+                ctx.throttle,
+                "reply-busy",
+                "dropped a HELLO naming {}: another handshake is already waiting for that FIFO to be opened",
+                hello.reply.display()
+            );
             return;
         }
+        Err(Busy::Reply(e)) => Err(e),
+        Ok(r) => Ok(r),
     };
     let (reply, info) = match reply {
         Ok(r) => r,
@@ -228,10 +483,49 @@ async fn handshake(line: &[u8], ctx: &Arc<Context>) {
             encode::err(e)
         }
     };
-    if let Err(e) = fifo::write_line(&reply, &line, ctx.config.handshake_timeout).await {
+    // A reader that does not read gets the same budget as one that does
+    // not open.
+    let wait = handshake_wait(timeout, pending.count());
+    if let Err(e) = fifo::write_line(&reply, &line, wait).await {
         tracing::debug!("cannot answer HELLO on {}: {e}", hello.reply.display());
         if let Ok(welcome) = answer {
             welcome.abandon();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_is_whole_to_half_full_then_shrinks_to_the_floor() {
+        let t = Duration::from_secs(5);
+        let half = MAX_PENDING_HANDSHAKES / 2;
+        assert_eq!(handshake_wait(t, 1), t);
+        assert_eq!(handshake_wait(t, half), t);
+        let three_quarters = handshake_wait(t, half + half / 2);
+        assert_eq!(
+            three_quarters,
+            MIN_HANDSHAKE_WAIT + (t - MIN_HANDSHAKE_WAIT) / 2
+        );
+        assert_eq!(
+            handshake_wait(t, MAX_PENDING_HANDSHAKES),
+            MIN_HANDSHAKE_WAIT
+        );
+        assert_eq!(
+            handshake_wait(t, MAX_PENDING_HANDSHAKES + 5),
+            MIN_HANDSHAKE_WAIT
+        );
+        // Never longer than asked for.
+        let short = Duration::from_millis(30);
+        assert_eq!(handshake_wait(short, MAX_PENDING_HANDSHAKES), short);
+        assert_eq!(handshake_wait(short, half + 1), short);
+        let mut last = t;
+        for n in half..=MAX_PENDING_HANDSHAKES {
+            let w = handshake_wait(t, n);
+            assert!(w <= last, "the wait only shrinks as the table fills");
+            last = w;
         }
     }
 }

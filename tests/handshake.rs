@@ -169,7 +169,7 @@ fn reply_that_is_a_symlink_file_or_device_is_never_written() {
     let fifo_link = tmp.path().join("fifolink");
     std::os::unix::fs::symlink(&fifo_target, &fifo_link).unwrap();
     for reply in [&link, &target, &fifo_link, Path::new("/dev/null")] {
-        write_hello(&bus, &format!("HELLO reply={}\n", reply.display()));
+        write_hello(&bus, &hello_line(reply, None));
     }
     // The refusals are logged; a later good client is served.
     let mut c = bus.connect("after", &[]);
@@ -194,7 +194,7 @@ fn reply_nobody_reads_times_out_and_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let r = tmp.path().join("unread");
     nix::unistd::mkfifo(&r, Mode::from_bits_truncate(0o600)).unwrap();
-    write_hello(&bus, &format!("HELLO reply={} name=ghost\n", r.display()));
+    write_hello(&bus, &hello_line(&r, Some("ghost")));
     assert!(bus.wait_log("nobody opened"));
     assert!(bus.client_dirs().is_empty());
     let mut c = bus.connect("after", &[]);
@@ -217,7 +217,7 @@ fn ten_thousand_hellos_in_a_burst_are_all_answered() {
     let mut burst = String::new();
     for _ in 0..EACH {
         for (p, _) in &fds {
-            burst.push_str(&format!("HELLO reply={p}\n"));
+            burst.push_str(&hello_line(Path::new(p), None));
         }
     }
     // Several writers at once, as in real life. Each line is one write(),

@@ -147,9 +147,7 @@ fn sigterm_stops_promptly_with_blocked_clients_and_cleans_up() {
     fs::OpenOptions::new()
         .write(true)
         .open(bus.dir.join("hello"))
-        .and_then(|mut f| {
-            std::io::Write::write_all(&mut f, format!("HELLO reply={}\n", r.display()).as_bytes())
-        })
+        .and_then(|mut f| std::io::Write::write_all(&mut f, hello_line(&r, None).as_bytes()))
         .unwrap();
     barrier(&mut idle);
     // That shutdown meets its deadline is tested in-process under tokio's

@@ -334,10 +334,7 @@ fn reply_naming_a_broker_fifo_is_refused_in_silence() {
         linked.clone(),
     ];
     for (i, r) in replies.iter().enumerate() {
-        write_hello(
-            &bus.dir,
-            &format!("HELLO reply={} name=phantom{i}\n", r.display()),
-        );
+        write_hello(&bus.dir, &hello_line(r, Some(&format!("phantom{i}"))));
     }
     // Each refusal is logged; the old code logged a join instead.
     let settled = wait_for(&bus.log, T, || {

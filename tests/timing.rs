@@ -34,7 +34,7 @@ use fifobus::broker::{self, BrokerError, SHUTDOWN_DEADLINE};
 use fifobus::config::{BrokerConfig, MetricsEndpoint};
 use fifobus::fifo;
 use fifobus::protocol::{encode_pub, Command, Hello, Reply};
-use fifobus::rendezvous::MAX_PENDING_HANDSHAKES;
+use fifobus::rendezvous::{MAX_PENDING_HANDSHAKES, MIN_HANDSHAKE_WAIT};
 use fifobus::topic::{Pattern, Topic};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -628,11 +628,16 @@ async fn handshake_timeout_abandons_an_unread_reply() {
     bus.stop().await;
 }
 
-/// As many stuck handshakes as the broker allows at once: the next client
-/// waits for a slot (backpressure), and gets one when they time out, so an
-/// abandoned handshake gives its slot back.
+/// A full table of handshakes waiting on reply FIFOs nobody opens (a
+/// flood): a client that opened its reply before writing HELLO is welcomed
+/// at once, without waiting for a seat; the waits shrink to
+/// `MIN_HANDSHAKE_WAIT` as the table fills, so every flood handshake is
+/// abandoned after that (not after the 2 s handshake timeout), never
+/// before; and a client that opens its reply only after writing HELLO (a
+/// shell's `read < "$r"`) gets a seat and its WELCOME. Before the wait
+/// shrank, the first client waited the whole timeout for a slot.
 #[tokio::test(start_paused = true)]
-async fn abandoned_handshakes_free_their_slots() {
+async fn a_full_table_of_unread_replies_is_cut_short() {
     let mut bus = Bus::start(HANDSHAKE_TIMEOUT).await;
     let start = Instant::now();
     for _ in 0..MAX_PENDING_HANDSHAKES {
@@ -651,14 +656,48 @@ async fn abandoned_handshakes_free_their_slots() {
         })
         .await;
     }
-    assert!(start.elapsed() < HANDSHAKE_TIMEOUT / 10);
+    let filled = start.elapsed();
+    assert!(filled < MIN_HANDSHAKE_WAIT / 4, "filling took {filled:?}");
+    let abandoned = |bus: &Bus| bus.log.text().matches("nobody opened").count();
     let c = bus.connect("patient", None, &[]).await;
-    let waited = start.elapsed();
     assert!(
-        waited >= HANDSHAKE_TIMEOUT && waited <= HANDSHAKE_TIMEOUT + Duration::from_secs(1),
-        "welcomed after {waited:?}: expected to wait for a slot until the timeout {HANDSHAKE_TIMEOUT:?}"
+        start.elapsed() < MIN_HANDSHAKE_WAIT,
+        "welcomed after {:?}, with the table full",
+        start.elapsed()
     );
-    assert_eq!(bus.client_dirs(), vec![c.dir.clone()]);
+    assert_eq!(
+        abandoned(&bus),
+        0,
+        "no flood handshake is cut before the floor"
+    );
+    // Every flood handshake is abandoned within one backoff step (50 ms)
+    // of the shortest wait, though the timeout is 2 s.
+    let bus_ref = &bus;
+    until("the flood handshakes to be abandoned", || {
+        (abandoned(bus_ref) == MAX_PENDING_HANDSHAKES).then_some(())
+    })
+    .await;
+    let cut = start.elapsed();
+    assert!(
+        cut >= MIN_HANDSHAKE_WAIT && cut <= filled + MIN_HANDSHAKE_WAIT + Duration::from_millis(55),
+        "all abandoned after {cut:?}"
+    );
+    // A client that opens its reply only after its HELLO was read.
+    let reply = bus.reply_fifo();
+    bus.hello(&Hello {
+        reply: reply.clone(),
+        name: Some("late".to_owned()),
+        pid: None,
+        subs: Vec::new(),
+    });
+    settle().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut answer = LineReader::reply(&reply);
+    let line = answer.next_line("the answer to late's HELLO").await;
+    let late = TestClient::welcomed(&line.expect("the reply FIFO does not end"));
+    let mut expected = vec![c.dir.clone(), late.dir.clone()];
+    expected.sort();
+    assert_eq!(bus.client_dirs(), expected);
     bus.stop().await;
 }
 

@@ -50,6 +50,8 @@ pub struct BenchOptions {
     pub idle_clients: usize,
     pub idle_seconds: u64,
     pub handshakes: usize,
+    /// Real handshakes timed with and without a flood of unanswered HELLOs.
+    pub flood_handshakes: usize,
     pub progress: bool,
     pub only: Option<String>,
     /// Bytes published in the memory flood (issue 9: 180 MB).
@@ -68,6 +70,7 @@ impl BenchOptions {
             idle_clients: 10_000,
             idle_seconds: 10,
             handshakes: 5_000,
+            flood_handshakes: 200,
             progress: true,
             only: None,
             flood_bytes: 180_000_000,
@@ -84,6 +87,7 @@ impl BenchOptions {
             idle_seconds: 1,
             handshakes: 200,
             flood_bytes: 8_000_000,
+            flood_handshakes: 20,
             runs: 1,
             ..Self::full()
         }
@@ -204,7 +208,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
     // This process holds a FIFO per subscriber, as the broker holds two per
     // client: give it the same room the broker gives itself.
     fifobus_testkit::raise_open_file_limit();
-    let steps: u64 = 10;
+    let steps: u64 = 12;
     let bar = progress(opts.progress, steps);
     let mut rows = Vec::new();
     let step = |name: &str| {
@@ -212,7 +216,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
     };
     // --only NAME runs the scenarios whose group name contains NAME
     // ("1 -> 1", "1 -> 10", "10 -> 1", "100 topics", "latency",
-    // "saturation", "clients"), e.g. to profile one of them.
+    // "saturation", "clients", "handshake flood"), e.g. to profile one of them.
     let wanted = |group: &str| opts.only.as_deref().is_none_or(|o| group.contains(o));
 
     if wanted("1 -> 1") {
@@ -407,6 +411,32 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
         );
         bar.inc(1);
     }
+    if wanted("handshake flood") {
+        step("handshakes during a flood of unanswered HELLOs");
+        let n = opts.flood_handshakes;
+        let broker = Broker::start(ON)?;
+        let quiet = timed_connects(&broker, n, false)?;
+        drop(broker);
+        let broker = Broker::start(ON)?;
+        let flooded = timed_connects(&broker, n, true)?;
+        drop(broker);
+        for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+            let ms = |s: &[u64]| percentile(s, q) as f64 / 1e6;
+            rows.push(
+                Measurement::new(
+                    format!("handshake during a HELLO flood, {name}, ms"),
+                    "ms",
+                    ms(&flooded),
+                )
+                .target(Target::AtMost(500.0))
+                .note(format!(
+                    "{n} Client::connect one after another; without the flood {:.2} ms; flood: one thread writing HELLOs naming {FLOOD_FIFOS} FIFOs nobody opens and {FLOOD_SHARED} naming one, round after round",
+                    ms(&quiet)
+                )),
+            );
+        }
+        bar.inc(1);
+    }
     bar.finish_and_clear();
     Ok(rows)
 }
@@ -520,6 +550,83 @@ fn status_kib(pid: i32, field: &str) -> Result<u64> {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .ok_or_else(|| BenchError::Failed(format!("no {field} in /proc/PID/status")))
+}
+
+/// Distinct reply FIFOs the flood names: more than the broker's table of
+/// waiting handshakes holds.
+const FLOOD_FIFOS: usize = 1500;
+/// HELLOs per round naming one and the same reply FIFO.
+const FLOOD_SHARED: usize = 200;
+
+/// The time each of `n` real handshakes takes (`Client::connect`, one after
+/// another), in nanoseconds; with `flood`, while a thread writes HELLOs
+/// whose reply FIFOs nobody opens, as fast as the broker takes them.
+fn timed_connects(broker: &Broker, n: usize, flood: bool) -> Result<Vec<u64>> {
+    let tmp = scratch_dir()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = if flood {
+        let hello_to = |reply: PathBuf| -> Result<Vec<u8>> {
+            fifobus::protocol::Hello {
+                reply,
+                name: Some("flood".into()),
+                pid: None,
+                subs: Vec::new(),
+            }
+            .encode()
+            .map_err(|e| BenchError::Failed(format!("cannot encode a HELLO: {e}")))
+        };
+        let mut lines = Vec::new();
+        let shared = tmp.path().join("shared");
+        mkfifo(&shared)?;
+        for _ in 0..FLOOD_SHARED {
+            lines.push(hello_to(shared.clone())?);
+        }
+        for i in 0..FLOOD_FIFOS {
+            let p = tmp.path().join(format!("r{i}"));
+            mkfifo(&p)?;
+            lines.push(hello_to(p)?);
+        }
+        let hello = broker.dir().join("hello");
+        let stop = stop.clone();
+        Some(std::thread::spawn(move || -> io::Result<u64> {
+            let mut h = std::fs::OpenOptions::new().write(true).open(hello)?;
+            let mut written = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for l in &lines {
+                    h.write_all(l)?;
+                    written += 1;
+                }
+            }
+            Ok(written)
+        }))
+    } else {
+        None
+    };
+    if flood {
+        // Let the flood fill the broker's table first.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let mut took = Vec::with_capacity(n);
+    let mut result = Ok(());
+    for _ in 0..n {
+        let start = Instant::now();
+        match broker.connect(&[]) {
+            Ok(c) => {
+                took.push(start.elapsed().as_nanos() as u64);
+                drop(c);
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(f) = flooder {
+        f.join()
+            .map_err(|_| BenchError::Failed("the flood thread panicked".into()))??;
+    }
+    result.map(|()| took)
 }
 
 const ON: &[&str] = &["--metrics-addr", "127.0.0.1:0"];

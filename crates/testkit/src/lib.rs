@@ -502,3 +502,17 @@ pub fn pub_lines<T: AsRef<str>, P: AsRef<[u8]>>(
     }
     out
 }
+
+/// A `HELLO` line (with its newline) naming `reply` and, if given, `name`:
+/// for tests that write to `hello` themselves rather than through the client.
+pub fn hello_line(reply: &Path, name: Option<&str>) -> String {
+    let line = fifobus::protocol::Hello {
+        reply: reply.to_owned(),
+        name: name.map(str::to_owned),
+        pid: None,
+        subs: Vec::new(),
+    }
+    .encode()
+    .expect("a test's HELLO encodes");
+    String::from_utf8(line).expect("test paths are UTF-8")
+}
