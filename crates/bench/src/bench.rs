@@ -409,6 +409,13 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
                 "{n} clients each leave a partial line in the broker; RSS delta / {n}"
             )),
         );
+        let n = 100_000;
+        let per = subscription_cost(n)?;
+        rows.push(
+            Measurement::new("resident memory per subscription, bytes", "B", per).note(format!(
+                "one client subscribes {n} distinct patterns (--max-subscriptions raised); RSS delta / {n}"
+            )),
+        );
         bar.inc(1);
     }
     if wanted("handshake flood") {
@@ -520,9 +527,16 @@ fn partial_line_cost(n: usize, len: usize) -> Result<f64> {
     let n = n.min(client_budget().saturating_sub(10));
     let mut clients: Vec<Client> = (0..n).map(|_| broker.connect(&[])).collect::<Result<_>>()?;
     let before = rss_bytes(broker.pid())?;
-    let partial = format!("PUB t {}", "x".repeat(len.saturating_sub(6)));
+    // A PUB line without its newline: it stays in the broker, waiting.
+    let mut partial = Vec::new();
+    encode_pub(
+        &mut partial,
+        &topic("t"),
+        "x".repeat(len.saturating_sub(7)).as_bytes(),
+    );
+    partial.pop();
     for c in &mut clients {
-        c.send_raw(partial.as_bytes())?;
+        c.send_raw(&partial)?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     for c in &clients {
@@ -541,6 +555,42 @@ fn partial_line_cost(n: usize, len: usize) -> Result<f64> {
     }
     let after = rss_bytes(broker.pid())?;
     Ok(after.saturating_sub(before) as f64 / n.max(1) as f64)
+}
+
+/// What `n` subscriptions of one client cost the broker: RSS before and
+/// after a client subscribes `n` distinct patterns, synchronised with a
+/// PING/PONG barrier, divided by `n`.
+fn subscription_cost(n: usize) -> Result<f64> {
+    let limit = (n + 10).to_string();
+    let broker = Broker::start(&["--max-subscriptions", &limit])?;
+    let mut c = broker.connect(&[])?;
+    c.ping("warm", Duration::from_secs(10))?;
+    let before = rss_bytes(broker.pid())?;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let p: fifobus::topic::Pattern =
+            format!("sub.cost.{i}.>").parse().expect("a valid pattern");
+        fifobus::protocol::Command::Sub(p)
+            .encode(&mut out)
+            .map_err(|e| BenchError::Failed(format!("cannot encode SUB: {e}")))?;
+        if out.len() > 60 * 1024 {
+            c.send_raw(&out)?;
+            out.clear();
+        }
+    }
+    c.send_raw(&out)?;
+    let refused = c
+        .ping("subs-done", Duration::from_secs(60))?
+        .iter()
+        .filter(|l| matches!(Reply::parse(l), Reply::Err { .. }))
+        .count();
+    if refused > 0 {
+        return Err(BenchError::Failed(format!(
+            "{refused} of {n} subscriptions were refused"
+        )));
+    }
+    let after = rss_bytes(broker.pid())?;
+    Ok(after.saturating_sub(before) as f64 / n as f64)
 }
 
 fn status_kib(pid: i32, field: &str) -> Result<u64> {
