@@ -47,6 +47,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         },
         handshake_timeout: args.handshake_timeout,
         max_clients: args.max_clients,
+        orphan_timeout: args.orphan_timeout,
         pipe_size: args.pipe_size,
         metrics: args.metrics_addr,
         metrics_limits: fifobus::config::MetricsLimits {

@@ -8,15 +8,23 @@
 //! session is dropped, however it ends (mini-redis's `Listener`).
 //!
 //! Off the message path: the router keeps its own map of outboxes.
+//!
+//! Clients without `pid=` also get an [`Activity`] here: the broker cannot
+//! see them leave (it holds both ends of their FIFOs), so when the table is
+//! full it ends the one idle longest ([`Registry::longest_idle`]), and each
+//! session ends its client after `--orphan-timeout` of idleness.
 
 use std::collections::HashMap;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use nix::sys::inotify::WatchDescriptor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::counters::{Counters, ALL, OTHER};
 use crate::fifo::FileId;
@@ -39,8 +47,73 @@ pub struct ClientEntry {
     pub fifos: [FileId; 2],
 }
 
+/// What shows that a client without `pid=` is still there: a command read
+/// from its `send`, or bytes read by it from its `recv`. Updated at most
+/// once per batch by its reader and writer (relaxed atomics); read when the
+/// table is full and when its idle timer fires.
+///
+/// Reads from `recv` are not seen as they happen (that would cost a wake-up
+/// per read): the writer adds what it writes to `unread`, the bytes `recv`
+/// would hold had the client read nothing since the broker last looked, and
+/// whoever looks compares that with `FIONREAD` (see `session::orphan`).
+#[derive(Debug)]
+pub struct Activity {
+    pub key: ClientKey,
+    origin: Instant,
+    /// Nanoseconds from `origin` to the last sign of life.
+    last: AtomicU64,
+    /// Bytes `recv` would hold had the client read nothing since the broker
+    /// last looked.
+    pub unread: AtomicU64,
+    /// The broker's descriptor of `recv`, while it is open: `-1` once the
+    /// session lets go of it. Looking at `recv` holds this lock, so the
+    /// descriptor cannot be closed (and its number reused) meanwhile.
+    pub recv: Mutex<RawFd>,
+    /// Chosen to be ended to make room: no second newcomer picks it.
+    claimed: AtomicBool,
+}
+
+impl Activity {
+    /// A sign of life now.
+    pub fn touch(&self) {
+        let ns = Instant::now()
+            .saturating_duration_since(self.origin)
+            .as_nanos() as u64;
+        self.last.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    /// When the client last showed it is there (as far as the broker knows).
+    pub fn last(&self) -> Instant {
+        self.origin + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+
+    /// The writer put `n` more bytes into `recv`.
+    pub fn wrote(&self, n: usize) {
+        self.unread.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The session is closing `recv`: nobody may look at it any more.
+    pub fn forget_recv(&self) {
+        *self.recv.lock().unwrap_or_else(|p| p.into_inner()) = -1;
+    }
+
+    /// Takes this client as the one to end; `false` if another newcomer did.
+    pub fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::Relaxed)
+    }
+
+    /// It turned out to be active: another may choose it later.
+    pub fn unclaim(&self) {
+        self.claimed.store(false, Ordering::Relaxed);
+    }
+}
+
 pub struct Registry {
     clients: DashMap<ClientKey, Arc<ClientEntry>>,
+    /// The clients without `pid=`, which may be ended for idleness.
+    idle: DashMap<ClientKey, Arc<Activity>>,
+    /// Common origin of every [`Activity`] time, so they compare.
+    origin: Instant,
     by_watch: DashMap<WatchDescriptor, ClientKey>,
     /// Every live client's FIFOs, so a `reply=` naming one (even by a hard
     /// link outside the bus directory) is refused in one lookup.
@@ -62,6 +135,8 @@ impl Registry {
     pub fn new(max: usize, series_limit: usize, counters: Arc<Counters>) -> Arc<Registry> {
         Arc::new(Registry {
             clients: DashMap::new(),
+            idle: DashMap::new(),
+            origin: Instant::now(),
             by_watch: DashMap::new(),
             by_fifo: DashMap::new(),
             slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
@@ -86,6 +161,56 @@ impl Registry {
     /// The place is given back when the permit is dropped.
     pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
         self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// A place, waiting up to `wait` for one to be given back: after a
+    /// client was ended to make room. Places given back go to those who wait
+    /// first, in order, so a newcomer that did not wait cannot take it.
+    pub async fn admit_within(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        tokio::time::timeout(wait, self.slots.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Starts tracking the activity of client `key` (one without `pid=`),
+    /// whose `recv` the broker holds as `recv`. Active from now.
+    pub fn track_activity(&self, key: ClientKey, recv: RawFd) -> Arc<Activity> {
+        let a = Arc::new(Activity {
+            key,
+            origin: self.origin,
+            last: AtomicU64::new(0),
+            unread: AtomicU64::new(0),
+            recv: Mutex::new(recv),
+            claimed: AtomicBool::new(false),
+        });
+        a.touch();
+        self.idle.insert(key, a.clone());
+        a
+    }
+
+    /// The unclaimed client without `pid=` idle longest (the earlier
+    /// connected first among equals), claimed for the caller; `None` if
+    /// there is none. One pass over the clients without `pid=`: it runs
+    /// only when the table is full.
+    pub fn longest_idle(&self) -> Option<Arc<Activity>> {
+        loop {
+            let oldest = self
+                .idle
+                .iter()
+                .filter(|e| !e.claimed.load(Ordering::Relaxed))
+                .min_by_key(|e| (e.last.load(Ordering::Relaxed), e.key))
+                .map(|e| e.value().clone())?;
+            // Lost a race with another newcomer: look again.
+            if oldest.claim() {
+                return Some(oldest);
+            }
+        }
+    }
+
+    /// The outbox of client `key`, if it is live.
+    pub fn outbox(&self, key: ClientKey) -> Option<Arc<Outbox>> {
+        self.clients.get(&key).map(|e| e.outbox.clone())
     }
 
     pub fn max(&self) -> usize {
@@ -131,6 +256,7 @@ impl Registry {
     /// client's (the kernel reuses descriptors once a watch is gone), so the
     /// caller removes the right inotify watch.
     pub fn remove(&self, key: ClientKey) -> Option<WatchDescriptor> {
+        self.idle.remove(&key);
         let (_, entry) = self.clients.remove(&key)?;
         for id in entry.fifos {
             self.by_fifo.remove_if(&id, |_, k| *k == key);

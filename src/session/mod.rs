@@ -26,6 +26,7 @@
 //! [`FsWatcher::watch_client`]: crate::watch::FsWatcher::watch_client
 //! [`FsWatcher::unwatch_client`]: crate::watch::FsWatcher::unwatch_client
 
+mod orphan;
 mod reader;
 mod writer;
 
@@ -44,6 +45,7 @@ use crate::context::Context;
 use crate::counters::DropReason;
 use crate::fifo::FileId;
 use crate::protocol::{encode, ErrorCode, Hello, ProtocolError};
+use crate::registry::Activity;
 use crate::router::{AttachError, ClientKey, CloseReason, Outbox};
 use crate::watch::PidWatch;
 use crate::{busdir, fifo, warn_throttled};
@@ -83,8 +85,14 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
     if ctx.cancel.is_cancelled() {
         return Err(shutting_down());
     }
-    let Some(permit) = ctx.clients.admit() else {
-        return Err(too_many(ctx.clients.max()));
+    // Full: a client without pid= may have vanished unseen; the one idle
+    // longest makes room (docs/protocol.md, "Lifecycle").
+    let permit = match ctx.clients.admit() {
+        Some(p) => p,
+        None => match orphan::make_room(ctx).await {
+            Some(p) => p,
+            None => return Err(too_many(ctx.clients.max())),
+        },
     };
     let pid = match hello.pid {
         Some(p) => Some(watch_pid(p, uid, ctx)?),
@@ -149,6 +157,10 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         watch,
         fifos.ids,
     );
+    // Without pid=, idleness is what ends it.
+    let activity = pid
+        .is_none()
+        .then(|| ctx.clients.track_activity(key, fifos.recv.as_raw_fd()));
     tracing::debug!(client = %label, id = %id, uid, pid = ?hello.pid, "client joined");
     let session = Session {
         key,
@@ -160,6 +172,7 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         recv: fifos.recv,
         outbox: outbox.clone(),
         pid,
+        activity,
         _permit: permit,
     };
     ctx.tracker.spawn(session.run(ctx.clone()));
@@ -271,7 +284,7 @@ fn shutting_down() -> ProtocolError {
 fn too_many(max: usize) -> ProtocolError {
     ProtocolError::new(
         ErrorCode::TooManyClients,
-        format!("the broker serves at most {max} clients (open-file limit); try again later"),
+        format!("the broker serves at most {max} clients (--max-clients, or the open-file limit) and none of them can be ended for idleness (those with pid= never are); try again later"),
     )
 }
 
@@ -299,8 +312,19 @@ pub struct Session {
     recv: pipe::Sender,
     outbox: Arc<Outbox>,
     pid: Option<PidWatch>,
+    /// Signs of life of a client without `pid=` (see `orphan.rs`).
+    activity: Option<Arc<Activity>>,
     /// The client's place under the connection limit, given back on drop.
     _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // `recv` is closed right after this: nobody may look at it any more.
+        if let Some(a) = &self.activity {
+            a.forget_recv();
+        }
+    }
 }
 
 impl Session {
@@ -323,7 +347,12 @@ impl Session {
     /// by writing the last lines and waiting for the client to read them.
     async fn serve(&self, ctx: &Arc<Context>) -> (CloseReason, Instant) {
         let grace = ctx.config.flush_grace;
-        let writer = writer::write_lines(&self.recv, &self.outbox, ctx.counters.local_latency());
+        let writer = writer::write_lines(
+            &self.recv,
+            &self.outbox,
+            ctx.counters.local_latency(),
+            self.activity.as_deref(),
+        );
         tokio::pin!(writer);
         let stop = CancellationToken::new();
         let reader = reader::read_commands(self, ctx, &stop);
@@ -341,6 +370,7 @@ impl Session {
             }
             reason = &mut reader => reason.unwrap_or(CloseReason::Shutdown),
             () = ctx.cancel.cancelled() => CloseReason::Shutdown,
+            () = orphan::idle_too_long(self.activity.as_deref(), ctx) => CloseReason::IdleTimeout,
             () = self.outbox.closed() => {
                 // Closed by the router (BYE, overflow) or the watcher (deleted).
                 // A flush gets the grace period, no more: a client that says
@@ -375,6 +405,12 @@ impl Session {
                 () = self.pid_exited() => {}
             }
         }
+        if matches!(reason, CloseReason::Evicted | CloseReason::IdleTimeout) {
+            // Ended for idleness: its queue is discarded (it was not reading),
+            // but a client still there learns why it sees EOF, if its pipe
+            // has room. Under PIPE_BUF: written whole or not at all.
+            let _ = self.recv.try_write(&encode::bye());
+        }
         if let Some(wd) = ctx.clients.remove(self.key) {
             ctx.watcher.unwatch_client(wd);
         }
@@ -406,5 +442,13 @@ fn log_end(label: &str, reason: &CloseReason) {
         CloseReason::Io(e) => {
             tracing::warn!(client = %label, "client ended by an I/O error: {e}")
         }
+        CloseReason::Evicted => tracing::info!(
+            client = %label,
+            "client without pid= ended: the table was full and it was idle longest"
+        ),
+        CloseReason::IdleTimeout => tracing::info!(
+            client = %label,
+            "client without pid= ended: idle for --orphan-timeout"
+        ),
     }
 }

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::counters::LocalLatency;
 use crate::fifo;
+use crate::registry::Activity;
 use crate::router::{CloseReason, Entry, Outbox};
 
 /// `IOV_MAX` on Linux: lines per `writev`.
@@ -22,11 +23,13 @@ const MAX_IOVECS: usize = 1024;
 
 /// Writes the outbox to `recv` until the outbox ends; returns why.
 /// `latency` gets publish-to-write time per `MSG`, counted locally and
-/// flushed once per batch.
+/// flushed once per batch. `activity` (clients without `pid=`) counts the
+/// bytes written, so that a later look at `recv` can tell they were read.
 pub(super) async fn write_lines(
     recv: &pipe::Sender,
     outbox: &Outbox,
     mut latency: LocalLatency,
+    activity: Option<&Activity>,
 ) -> CloseReason {
     let mut batch: VecDeque<Entry> = VecDeque::new();
     loop {
@@ -42,7 +45,11 @@ pub(super) async fn write_lines(
         }
         while !batch.is_empty() {
             match write_some(recv, &mut batch, &mut latency) {
-                Ok(()) => {}
+                Ok(n) => {
+                    if let Some(a) = activity {
+                        a.wrote(n);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     latency.flush();
                     // The client is not reading. Wait for room, but give up
@@ -67,12 +74,13 @@ pub(super) async fn write_lines(
     }
 }
 
-/// One `writev` of as many queued lines as fit; drops what was written.
+/// One `writev` of as many queued lines as fit; drops what was written and
+/// returns how many bytes that was.
 fn write_some(
     recv: &pipe::Sender,
     batch: &mut VecDeque<Entry>,
     latency: &mut LocalLatency,
-) -> io::Result<()> {
+) -> io::Result<usize> {
     // On the stack: a writev per batch should not cost an allocation too.
     let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
     let mut count = 0;
@@ -80,7 +88,8 @@ fn write_some(
         *slot = IoSlice::new(&e.line);
         count += 1;
     }
-    let mut n = recv.try_write_vectored(&slices[..count])?;
+    let written = recv.try_write_vectored(&slices[..count])?;
+    let mut n = written;
     let now = std::time::Instant::now();
     while n > 0 {
         let front = batch.front_mut().expect("wrote more than was queued");
@@ -95,7 +104,7 @@ fn write_some(
             n = 0;
         }
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Waits, until `deadline` at most, for the client to read everything in `recv`.
