@@ -394,6 +394,30 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_idle_is_claimed_once_and_removed_clients_are_not_candidates() {
+        let r = Registry::new(10, 10, Counters::new(1));
+        let a = r.track_activity(1, -1);
+        let b = r.track_activity(2, -1);
+        let _c = r.track_activity(3, -1);
+        // Tracked in this order; a is then active again.
+        a.touch();
+        let first = r.longest_idle().expect("three candidates");
+        assert_eq!(first.key, 2, "b: idle longest");
+        assert_eq!(r.longest_idle().unwrap().key, 3, "b is claimed; c next");
+        assert_eq!(r.longest_idle().unwrap().key, 1);
+        assert!(r.longest_idle().is_none(), "all claimed");
+        b.unclaim();
+        assert_eq!(
+            r.longest_idle().unwrap().key,
+            2,
+            "unclaimed: a candidate again"
+        );
+        b.unclaim();
+        r.remove(2);
+        assert!(r.longest_idle().is_none(), "removed: not a candidate");
+    }
+
+    #[test]
     fn held_fifos_are_known_while_their_client_lives() {
         let r = Registry::new(10, 10, Counters::new(1));
         r.insert(1, "a".into(), PathBuf::from("/x"), outbox(), None, fifos(1));
