@@ -114,6 +114,8 @@ pub struct Registry {
     idle: DashMap<ClientKey, Arc<Activity>>,
     /// Common origin of every [`Activity`] time, so they compare.
     origin: Instant,
+    /// Held while choosing a client to end (see [`Registry::longest_idle`]).
+    choosing: Mutex<()>,
     by_watch: DashMap<WatchDescriptor, ClientKey>,
     /// Every live client's FIFOs, so a `reply=` naming one (even by a hard
     /// link outside the bus directory) is refused in one lookup.
@@ -137,6 +139,7 @@ impl Registry {
             clients: DashMap::new(),
             idle: DashMap::new(),
             origin: Instant::now(),
+            choosing: Mutex::default(),
             by_watch: DashMap::new(),
             by_fifo: DashMap::new(),
             slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
@@ -194,18 +197,19 @@ impl Registry {
     /// there is none. One pass over the clients without `pid=`: it runs
     /// only when the table is full.
     pub fn longest_idle(&self) -> Option<Arc<Activity>> {
-        loop {
-            let oldest = self
-                .idle
-                .iter()
-                .filter(|e| !e.claimed.load(Ordering::Relaxed))
-                .min_by_key(|e| (e.last.load(Ordering::Relaxed), e.key))
-                .map(|e| e.value().clone())?;
-            // Lost a race with another newcomer: look again.
-            if oldest.claim() {
-                return Some(oldest);
-            }
-        }
+        // One newcomer chooses at a time: under a flood of HELLOs on a full
+        // table, concurrent choosers would all find the same client and all
+        // but one look again, a pass each.
+        let _one = self.choosing.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = self
+            .idle
+            .iter()
+            .filter(|e| !e.claimed.load(Ordering::Relaxed))
+            .min_by_key(|e| (e.last.load(Ordering::Relaxed), e.key))
+            .map(|e| e.value().clone())?;
+        let claimed = oldest.claim();
+        debug_assert!(claimed, "only claimed while choosing");
+        Some(oldest)
     }
 
     /// The outbox of client `key`, if it is live.
