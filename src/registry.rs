@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use nix::sys::inotify::WatchDescriptor;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::counters::{Counters, ALL, OTHER};
@@ -65,15 +65,61 @@ pub struct Activity {
     /// Bytes `recv` would hold had the client read nothing since the broker
     /// last looked.
     pub unread: AtomicU64,
-    /// The broker's descriptor of `recv`, while it is open: `-1` once the
-    /// session lets go of it. Looking at `recv` holds this lock, so the
-    /// descriptor cannot be closed (and its number reused) meanwhile.
-    pub recv: Mutex<RawFd>,
+    /// The broker's descriptor of `recv` while it is open, and who gets the
+    /// client's place when it ends. Looking at `recv` holds this lock, so
+    /// the descriptor cannot be closed (and its number reused) meanwhile.
+    recv: Mutex<Recv>,
     /// Chosen to be ended to make room: no second newcomer picks it.
     claimed: AtomicBool,
 }
 
+#[derive(Debug)]
+struct Recv {
+    /// `-1` once the session lets go of it.
+    fd: RawFd,
+    /// The newcomer this client is being ended for: its place goes there.
+    heir: Option<oneshot::Sender<OwnedSemaphorePermit>>,
+}
+
 impl Activity {
+    /// Runs `f` on the broker's descriptor of `recv`, if it is still open,
+    /// and keeps it open meanwhile.
+    pub fn look<R>(&self, f: impl FnOnce(RawFd) -> R) -> Option<R> {
+        let recv = self.lock();
+        (recv.fd >= 0).then(|| f(recv.fd))
+    }
+
+    /// Names the newcomer this client is being ended for: the place it
+    /// gives back goes to the returned receiver, not to whoever asks first.
+    /// `None` if the client is already gone (its place went back as usual).
+    pub fn bequeath(&self) -> Option<oneshot::Receiver<OwnedSemaphorePermit>> {
+        let mut recv = self.lock();
+        if recv.fd < 0 {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        recv.heir = Some(tx);
+        Some(rx)
+    }
+
+    /// The session is closing `recv` and giving back its place: nobody may
+    /// look at `recv` any more, and the place goes to the heir, if named.
+    pub fn release(&self, place: Option<OwnedSemaphorePermit>) {
+        let heir = {
+            let mut recv = self.lock();
+            recv.fd = -1;
+            recv.heir.take()
+        };
+        if let (Some(heir), Some(place)) = (heir, place) {
+            // A heir that gave up waiting drops it: back to everyone.
+            let _ = heir.send(place);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recv> {
+        self.recv.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A sign of life now.
     pub fn touch(&self) {
         let ns = Instant::now()
@@ -90,11 +136,6 @@ impl Activity {
     /// The writer put `n` more bytes into `recv`.
     pub fn wrote(&self, n: usize) {
         self.unread.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// The session is closing `recv`: nobody may look at it any more.
-    pub fn forget_recv(&self) {
-        *self.recv.lock().unwrap_or_else(|p| p.into_inner()) = -1;
     }
 
     /// Takes this client as the one to end; `false` if another newcomer did.
@@ -166,16 +207,6 @@ impl Registry {
         self.slots.clone().try_acquire_owned().ok()
     }
 
-    /// A place, waiting up to `wait` for one to be given back: after a
-    /// client was ended to make room. Places given back go to those who wait
-    /// first, in order, so a newcomer that did not wait cannot take it.
-    pub async fn admit_within(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
-        tokio::time::timeout(wait, self.slots.clone().acquire_owned())
-            .await
-            .ok()?
-            .ok()
-    }
-
     /// Starts tracking the activity of client `key` (one without `pid=`),
     /// whose `recv` the broker holds as `recv`. Active from now.
     pub fn track_activity(&self, key: ClientKey, recv: RawFd) -> Arc<Activity> {
@@ -184,7 +215,10 @@ impl Registry {
             origin: self.origin,
             last: AtomicU64::new(0),
             unread: AtomicU64::new(0),
-            recv: Mutex::new(recv),
+            recv: Mutex::new(Recv {
+                fd: recv,
+                heir: None,
+            }),
             claimed: AtomicBool::new(false),
         });
         a.touch();
@@ -210,6 +244,13 @@ impl Registry {
         let claimed = oldest.claim();
         debug_assert!(claimed, "only claimed while choosing");
         Some(oldest)
+    }
+
+    /// Whether a client without `pid=` could be ended to make room. Cheap
+    /// when every client has `pid=`: a full table of those refuses a
+    /// newcomer before it costs anything.
+    pub fn may_make_room(&self) -> bool {
+        self.idle.iter().any(|e| !e.claimed.load(Ordering::Relaxed))
     }
 
     /// The outbox of client `key`, if it is live.
@@ -419,6 +460,23 @@ mod tests {
         b.unclaim();
         r.remove(2);
         assert!(r.longest_idle().is_none(), "removed: not a candidate");
+    }
+
+    #[test]
+    fn an_ended_clients_place_goes_to_its_heir_not_to_the_first_comer() {
+        let r = Registry::new(1, 10, Counters::new(1));
+        let place = r.admit().expect("one place");
+        // The descriptor is only stored here, never used.
+        let a = r.track_activity(1, 7);
+        assert_eq!(a.look(|fd| fd), Some(7));
+        let mut heir = a.bequeath().expect("still open");
+        a.release(Some(place));
+        assert!(r.admit().is_none(), "the place was not given to everyone");
+        let place = heir.try_recv().expect("handed over");
+        assert_eq!(a.look(|fd| fd), None, "closed: nobody may look");
+        assert!(a.bequeath().is_none(), "gone: no heir can be named");
+        drop(place);
+        assert!(r.admit().is_some());
     }
 
     #[test]

@@ -414,3 +414,29 @@ fn a_bad_file_at_start_is_refused_with_its_line() {
     );
     assert!(!bus.dir.join("hello").exists());
 }
+
+/// A newcomer that its user's ACL client limit refuses ends nobody, even
+/// when the table is full and a client without `pid=` could make room.
+#[test]
+#[ignore = "needs root: creates throwaway users"]
+fn a_newcomer_over_its_user_limit_ends_nobody() {
+    let (alice, bob) = (User::create("alice"), User::create("bob"));
+    let acl = format!("default allow\nlimit user={} clients=1\n", bob.name);
+    let (bus, _file) = broker(&acl, &["--max-clients", "2"]);
+    let mut a = connect(&bus, &alice, "alice", &[]);
+    let mut b = connect(&bus, &bob, "bob", &[]);
+    // Full, and both are pid-less: bob's second client is refused by his
+    // limit before anyone is chosen to make room.
+    let e = hello(&bus, &bob, "bob2", &[])
+        .err()
+        .expect("over bob's limit");
+    assert_eq!(e.code, "too-many-clients");
+    assert!(e.text.contains("may have at most 1 clients"), "{}", e.text);
+    assert_eq!(a.barrier(), Vec::<String>::new());
+    assert_eq!(b.barrier(), Vec::<String>::new());
+    assert_eq!(bus.client_dirs().len(), 2);
+    assert!(!bus.log_text().contains("table was full"));
+    // Within her limits, alice's newcomer does make room.
+    let _a2 = connect(&bus, &alice, "alice2", &[]);
+    assert!(bus.wait_log("ended: the table was full"));
+}

@@ -16,8 +16,10 @@
 //! A session is one task. Inside it, the reader (`send` → parsed batches →
 //! router, `reader.rs`) and the writer (outbox → `recv`, `writer.rs`) run side
 //! by side, and the first of these ends it: the writer finishing because the
-//! outbox was closed (by `BYE`, an overflow, a deleted directory), the
-//! `pid=` process exiting, or the broker stopping. Whatever ends it, the
+//! outbox was closed (by `BYE`, an overflow, a deleted directory, a full
+//! table needing its place), the `pid=` process exiting, a client without
+//! `pid=` staying idle for `--orphan-timeout` (`orphan.rs`), or the broker
+//! stopping. Whatever ends it, the
 //! teardown is the same: flush if the reason allows, then undo the table.
 //!
 //! [`Registry::admit`]: crate::registry::Registry::admit
@@ -85,15 +87,12 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
     if ctx.cancel.is_cancelled() {
         return Err(shutting_down());
     }
-    // Full: a client without pid= may have vanished unseen; the one idle
-    // longest makes room (docs/protocol.md, "Lifecycle").
-    let permit = match ctx.clients.admit() {
-        Some(p) => p,
-        None => match orphan::make_room(ctx).await {
-            Some(p) => p,
-            None => return Err(too_many(ctx.clients.max())),
-        },
-    };
+    // When full, a place is made below, once the ACL has let this client in;
+    // if every client has pid=, none can be: refuse before it costs more.
+    let permit = ctx.clients.admit();
+    if permit.is_none() && !ctx.clients.may_make_room() {
+        return Err(too_many(ctx.clients.max()));
+    }
     let pid = match hello.pid {
         Some(p) => Some(watch_pid(p, uid, ctx)?),
         None => None,
@@ -119,6 +118,19 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         Err(AttachError::Refused(e)) => return Err(e),
         Err(AttachError::Stopped) => return Err(shutting_down()),
     }
+    // Full: a client without pid= may have vanished unseen; the one idle
+    // longest makes room (docs/protocol.md, "Lifecycle"). Only now, so that
+    // a newcomer the ACL refuses (its user's client limit) ends nobody.
+    let permit = match permit {
+        Some(p) => p,
+        None => match orphan::make_room(ctx).await {
+            Some(p) => p,
+            None => {
+                ctx.router.detach(key).await;
+                return Err(too_many(ctx.clients.max()));
+            }
+        },
+    };
     let owner = ctx.fs.shared().then_some(uid);
     let mut clients = ctx.fs.clients();
     let made = match ClientFifos::create(&clients, &id, owner, ctx) {
@@ -173,7 +185,7 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         outbox: outbox.clone(),
         pid,
         activity,
-        _permit: permit,
+        permit: Some(permit),
     };
     ctx.tracker.spawn(session.run(ctx.clone()));
     Ok(Welcome { id, dir, outbox })
@@ -314,15 +326,16 @@ pub struct Session {
     pid: Option<PidWatch>,
     /// Signs of life of a client without `pid=` (see `orphan.rs`).
     activity: Option<Arc<Activity>>,
-    /// The client's place under the connection limit, given back on drop.
-    _permit: OwnedSemaphorePermit,
+    /// The client's place under the connection limit, given back on drop
+    /// (to the newcomer it was ended for, if it was).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         // `recv` is closed right after this: nobody may look at it any more.
         if let Some(a) = &self.activity {
-            a.forget_recv();
+            a.release(self.permit.take());
         }
     }
 }

@@ -23,11 +23,7 @@ use crate::{fifo, warn_throttled};
 /// Whether the client read from its `recv` since the broker last looked;
 /// if so, that counts as a sign of life now. One `FIONREAD`.
 pub(super) fn read_since_last_look(a: &Activity) -> bool {
-    let fd = a.recv.lock().unwrap_or_else(|p| p.into_inner());
-    if *fd < 0 {
-        return false;
-    }
-    let Ok(now) = fifo::unread_bytes(*fd) else {
+    let Some(Ok(now)) = a.look(fifo::unread_bytes) else {
         return false;
     };
     let now = now as u64;
@@ -44,26 +40,26 @@ pub(super) fn read_since_last_look(a: &Activity) -> bool {
 }
 
 /// The table is full: ends the client without `pid=` idle longest and
-/// takes its place. `None` when every client has `pid=` (or every one
-/// without is already being ended), or when no place came back in time.
+/// takes its place, handed over by its session (so no other newcomer can
+/// take it first). `None` when no client without `pid=` is left to end,
+/// when [`TRIES`] candidates in a row turned out active, or when no place
+/// came back within the handshake timeout.
 pub(super) async fn make_room(ctx: &Context) -> Option<OwnedSemaphorePermit> {
-    // Candidates found active are skipped; this many in a row means the
-    // table is full of clients in use, and the newcomer is refused.
-    const TRIES: usize = 64;
-    for tried in 1.. {
+    for tried in 1..=TRIES {
         let victim = ctx.clients.longest_idle()?;
         if read_since_last_look(&victim) {
             // Active after all (it read its recv): now the youngest.
             victim.unclaim();
-            if tried == TRIES {
-                return None;
-            }
             continue;
         }
         let idle = Instant::now().saturating_duration_since(victim.last());
-        let Some(outbox) = ctx.clients.outbox(victim.key) else {
-            // Ending anyway: its place is coming back.
-            break;
+        let (Some(place), Some(outbox)) = (victim.bequeath(), ctx.clients.outbox(victim.key))
+        else {
+            // Gone meanwhile: its place went back to everyone.
+            match ctx.clients.admit() {
+                Some(p) => return Some(p),
+                None => continue,
+            }
         };
         if outbox.close(CloseReason::Evicted, None).is_some() {
             warn_throttled!(
@@ -74,12 +70,20 @@ pub(super) async fn make_room(ctx: &Context) -> Option<OwnedSemaphorePermit> {
                 idle.as_secs()
             );
         }
-        break;
+        tracing::trace!(tried, "made room");
+        // Its session hands its place over once torn down, which takes no
+        // waiting for a reason that does not flush.
+        return tokio::time::timeout(ctx.config.handshake_timeout, place)
+            .await
+            .ok()?
+            .ok();
     }
-    // Its session gives the place back once torn down, which takes no
-    // waiting for a reason that does not flush.
-    ctx.clients.admit_within(ctx.config.handshake_timeout).await
+    None
 }
+
+/// Candidates found active in a row before a newcomer is refused: the
+/// table is then full of clients in use.
+const TRIES: usize = 64;
 
 /// Resolves once the client has been idle for `--orphan-timeout`; never for
 /// clients with `pid=` or with the timeout off.
