@@ -15,7 +15,7 @@ Examples:
   fifobus sub 'chat.>' -v                       # print every chat message with its topic
   fifobus pub chat.room 'hello, world'          # publish one message
   tail -f app.log | fifobus pub logs.app        # publish one message per line
-  cdir=$(fifobus connect --sub 'chat.>' --pid $$)   # a raw client: then use $cdir/send and $cdir/recv
+  cdir=$(fifobus connect --sub 'chat.>')        # a raw client, ended with this script: use $cdir/send and $cdir/recv
 
 The bus directory is --dir, else $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /run/fifobus for root, else /tmp/fifobus-<uid>.
 Protocol: docs/protocol.md";
@@ -40,7 +40,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Connect a client and print its directory (holding the send and recv FIFOs)
     #[command(
-        after_help = "Example:\n  cdir=$(fifobus connect --name logger --sub 'logs.>' --pid $$)\n  echo 'PUB logs.app started' > \"$cdir/send\"\n  read -r line < \"$cdir/recv\""
+        after_help = "Example:\n  cdir=$(fifobus connect --name logger --sub 'logs.>')\n  echo 'PUB logs.app started' > \"$cdir/send\"\n  read -r line < \"$cdir/recv\"\n\nWhat keeps the client alive:\n  By default the client ends when the process that ran fifobus connect exits (in\n  cdir=$(fifobus connect) that is the script, not the subshell of $(...): a parent\n  that is a forked copy of its own parent, same program and arguments, is skipped).\n  --pid N ties it to process N instead. With --no-pid nothing does: say BYE when\n  done; the broker ends the client after --orphan-timeout (default 1h) without a\n  command on send or a read from recv, or sooner if the broker is full and it is\n  the idle-longest such client. See docs/protocol.md, \"Lifecycle\"."
     )]
     Connect(ConnectArgs),
     /// Publish one message, or one message per line of stdin
@@ -101,9 +101,13 @@ pub struct ServeArgs {
     /// How long a grown client FIFO must go without filling up before it shrinks back to one page (e.g. 1s, 200ms)
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub pipe_idle: Duration,
-    /// Most clients at once [default: what the open-file limit allows]
+    /// Most clients at once [default: what the open-file limit allows]. When full, the client without pid= idle longest is ended to admit a new one
     #[arg(long)]
     pub max_clients: Option<usize>,
+    /// End a client without pid= after this long with no command on its send and nothing read from its recv (e.g. 1h, 10m), or 'off'
+    #[arg(long, default_value = "1h", value_name = "DURATION|off", value_parser = parse_timeout)]
+    // Spelt out so clap takes the whole Option from the parser (`off`: None).
+    pub orphan_timeout: ::std::option::Option<Duration>,
     /// Serve Prometheus /metrics and /healthz here (HOST:PORT), or 'off' [default: 127.0.0.1:9478, or a free loopback port if that is taken]
     #[arg(long, default_value = "default", hide_default_value = true)]
     pub metrics_addr: MetricsEndpoint,
@@ -162,9 +166,12 @@ pub struct ConnectArgs {
     /// Subscribe to this pattern before the client starts (repeatable)
     #[arg(long = "sub", value_name = "PATTERN")]
     pub subs: Vec<String>,
-    /// End the client when this process exits (e.g. --pid $$)
-    #[arg(long)]
+    /// End the client when process N exits [default: the process that ran fifobus connect, i.e. your script]
+    #[arg(long, value_name = "N", conflicts_with = "no_pid")]
     pub pid: Option<i32>,
+    /// Tie the client to no process: it lives until BYE, or until idle for the broker's --orphan-timeout (or idle longest when the broker is full)
+    #[arg(long)]
+    pub no_pid: bool,
     /// How long to wait for the broker's answer
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -212,6 +219,23 @@ pub struct SubArgs {
 fn on_off() -> impl clap::builder::TypedValueParser<Value = bool> {
     use clap::builder::{PossibleValuesParser, TypedValueParser};
     PossibleValuesParser::new(["on", "off"]).map(|s| s == "on")
+}
+
+/// A duration such as `1h` or `90s`, or `off` (`None`).
+fn parse_timeout(s: &str) -> Result<Option<Duration>, String> {
+    if s == "off" || s == "none" {
+        return Ok(None);
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(Some(d)),
+        Ok(_) => Err(
+            "a zero timeout would end every client at once; give a duration such as 1h, or 'off'"
+                .into(),
+        ),
+        Err(e) => Err(format!(
+            "'{s}': {e} (give a duration such as 1h or 10m, or 'off')"
+        )),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

@@ -52,15 +52,69 @@ fn handshake(bus_owner: Option<u32>) -> Handshake {
 }
 
 pub fn connect(dir: &Path, args: &ConnectArgs) -> Result<ExitCode, CommandError> {
+    let pid = match (args.pid, args.no_pid) {
+        (_, true) => None,
+        (Some(p), false) => Some(p),
+        (None, false) => Some(calling_process()),
+    };
     let opts = ConnectOptions {
         name: args.name.clone(),
-        pid: args.pid,
+        pid,
         subs: patterns(&args.subs)?,
     };
     let client = Client::connect_with(dir, &opts, args.timeout, &handshake(args.bus_owner))?;
     let (_, cdir) = client.into_parts();
     println!("{}", cdir.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// How many forked copies of a shell [`calling_process`] looks past.
+const MAX_SUBSHELLS: usize = 8;
+
+/// The process `fifobus connect` ties its client to by default: the one
+/// that ran it, as the user means it: the script.
+///
+/// That is our parent, except when the parent is a subshell: in
+/// `cdir=$(fifobus connect; ...)`, `$(a | b)`, or a dash function called in
+/// `$(...)`, the shell forks a copy of itself to run the substitution, and
+/// that copy exits as soon as we print the directory, which would end the
+/// client at once. (For a plain `cdir=$(fifobus connect ...)` bash and dash
+/// exec us from that fork, so our parent is the script itself.) A subshell
+/// is a fork that did not exec: the same program with the same arguments as
+/// its own parent. So while the parent and its parent are the same
+/// executable with the same command line, look one level up.
+///
+/// The cost of a wrong guess is bounded and one-sided: the only other
+/// processes that look like that are a shell started with no arguments from
+/// the same shell (`bash` typed in `bash`), and then the client is tied to
+/// the outer one and lives longer than the inner, as a pid-less client would.
+fn calling_process() -> i32 {
+    let mut pid = std::os::unix::process::parent_id() as i32;
+    for _ in 0..MAX_SUBSHELLS {
+        match parent_of(pid) {
+            Some(up) if up > 1 && same_image(pid, up) => pid = up,
+            _ => break,
+        }
+    }
+    pid
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat` (the field after the
+/// command name, which may itself hold spaces and parentheses).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether two processes run the same executable with the same command
+/// line: one is a fork of the other that did not exec. `false` when either
+/// cannot be read (another user's process, or gone).
+fn same_image(a: i32, b: i32) -> bool {
+    let exe = |p: i32| std::fs::read_link(format!("/proc/{p}/exe")).ok();
+    let cmdline = |p: i32| std::fs::read(format!("/proc/{p}/cmdline")).ok();
+    matches!((exe(a), exe(b)), (Some(x), Some(y)) if x == y)
+        && matches!((cmdline(a), cmdline(b)), (Some(x), Some(y)) if x == y)
 }
 
 pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {

@@ -11,6 +11,17 @@ use crate::router::BacklogLimits;
 /// name topics and clients, which is nobody else's business.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9478";
 
+/// How long a client without `pid=` may stay idle before the broker ends it.
+///
+/// An hour, because this timeout is a janitor, not the defence: a full
+/// table is handled at once by ending the pid-less client idle longest, so
+/// vanished clients never lock anyone out, whatever this is. What is left
+/// for the timeout is giving back the memory and descriptors of clients
+/// that vanished while the table had room; an hour does that within the
+/// hour while never cutting a person who leaves a hand-made client alone
+/// through a meeting, or a script that polls every few minutes.
+pub const DEFAULT_ORPHAN_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// The `--metrics-addr` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricsEndpoint {
@@ -106,6 +117,10 @@ pub struct BrokerConfig {
     pub flush_grace: Duration,
     /// Upper bound on clients; `None` derives it from the open-file limit.
     pub max_clients: Option<usize>,
+    /// A client without `pid=` that shows no sign of life (no command read,
+    /// nothing read from its `recv`) for this long is ended; `None`: never.
+    /// See [`DEFAULT_ORPHAN_TIMEOUT`] for the default.
+    pub orphan_timeout: Option<Duration>,
     /// Largest pipe buffer a client FIFO grows to (F_SETPIPE_SZ); a quiet
     /// client's FIFOs have one page.
     pub pipe_size: usize,
@@ -175,6 +190,7 @@ impl BrokerConfig {
             handshake_timeout: Duration::from_secs(5),
             flush_grace: Duration::from_millis(500),
             max_clients: None,
+            orphan_timeout: Some(DEFAULT_ORPHAN_TIMEOUT),
             pipe_size: 64 * 1024,
             pipe_idle: Duration::from_secs(1),
             metrics: MetricsEndpoint::Default,

@@ -72,6 +72,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         },
         handshake_timeout: args.handshake_timeout,
         max_clients: args.max_clients,
+        orphan_timeout: args.orphan_timeout,
         pipe_size: args.pipe_size,
         pipe_idle: args.pipe_idle,
         metrics: args.metrics_addr,

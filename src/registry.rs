@@ -8,15 +8,23 @@
 //! session is dropped, however it ends (mini-redis's `Listener`).
 //!
 //! Off the message path: the router keeps its own map of outboxes.
+//!
+//! Clients without `pid=` also get an [`Activity`] here: the broker cannot
+//! see them leave (it holds both ends of their FIFOs), so when the table is
+//! full it ends the one idle longest ([`Registry::longest_idle`]), and each
+//! session ends its client after `--orphan-timeout` of idleness.
 
 use std::collections::HashMap;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use nix::sys::inotify::WatchDescriptor;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::counters::{Counters, ALL, OTHER};
 use crate::fifo::FileId;
@@ -39,8 +47,116 @@ pub struct ClientEntry {
     pub fifos: [FileId; 2],
 }
 
+/// What shows that a client without `pid=` is still there: a command read
+/// from its `send`, or bytes read by it from its `recv`. Updated at most
+/// once per batch by its reader and writer (relaxed atomics); read when the
+/// table is full and when its idle timer fires.
+///
+/// Reads from `recv` are not seen as they happen (that would cost a wake-up
+/// per read): the writer adds what it writes to `unread`, the bytes `recv`
+/// would hold had the client read nothing since the broker last looked, and
+/// whoever looks compares that with `FIONREAD` (see `session::orphan`).
+#[derive(Debug)]
+pub struct Activity {
+    pub key: ClientKey,
+    origin: Instant,
+    /// Nanoseconds from `origin` to the last sign of life.
+    last: AtomicU64,
+    /// Bytes `recv` would hold had the client read nothing since the broker
+    /// last looked.
+    pub unread: AtomicU64,
+    /// The broker's descriptor of `recv` while it is open, and who gets the
+    /// client's place when it ends. Looking at `recv` holds this lock, so
+    /// the descriptor cannot be closed (and its number reused) meanwhile.
+    recv: Mutex<Recv>,
+    /// Chosen to be ended to make room: no second newcomer picks it.
+    claimed: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Recv {
+    /// `-1` once the session lets go of it.
+    fd: RawFd,
+    /// The newcomer this client is being ended for: its place goes there.
+    heir: Option<oneshot::Sender<OwnedSemaphorePermit>>,
+}
+
+impl Activity {
+    /// Runs `f` on the broker's descriptor of `recv`, if it is still open,
+    /// and keeps it open meanwhile.
+    pub fn look<R>(&self, f: impl FnOnce(RawFd) -> R) -> Option<R> {
+        let recv = self.lock();
+        (recv.fd >= 0).then(|| f(recv.fd))
+    }
+
+    /// Names the newcomer this client is being ended for: the place it
+    /// gives back goes to the returned receiver, not to whoever asks first.
+    /// `None` if the client is already gone (its place went back as usual).
+    pub fn bequeath(&self) -> Option<oneshot::Receiver<OwnedSemaphorePermit>> {
+        let mut recv = self.lock();
+        if recv.fd < 0 {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        recv.heir = Some(tx);
+        Some(rx)
+    }
+
+    /// The session is closing `recv` and giving back its place: nobody may
+    /// look at `recv` any more, and the place goes to the heir, if named.
+    pub fn release(&self, place: Option<OwnedSemaphorePermit>) {
+        let heir = {
+            let mut recv = self.lock();
+            recv.fd = -1;
+            recv.heir.take()
+        };
+        if let (Some(heir), Some(place)) = (heir, place) {
+            // A heir that gave up waiting drops it: back to everyone.
+            let _ = heir.send(place);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recv> {
+        self.recv.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A sign of life now.
+    pub fn touch(&self) {
+        let ns = Instant::now()
+            .saturating_duration_since(self.origin)
+            .as_nanos() as u64;
+        self.last.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    /// When the client last showed it is there (as far as the broker knows).
+    pub fn last(&self) -> Instant {
+        self.origin + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+
+    /// The writer put `n` more bytes into `recv`.
+    pub fn wrote(&self, n: usize) {
+        self.unread.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Takes this client as the one to end; `false` if another newcomer did.
+    pub fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::Relaxed)
+    }
+
+    /// It turned out to be active: another may choose it later.
+    pub fn unclaim(&self) {
+        self.claimed.store(false, Ordering::Relaxed);
+    }
+}
+
 pub struct Registry {
     clients: DashMap<ClientKey, Arc<ClientEntry>>,
+    /// The clients without `pid=`, which may be ended for idleness.
+    idle: DashMap<ClientKey, Arc<Activity>>,
+    /// Common origin of every [`Activity`] time, so they compare.
+    origin: Instant,
+    /// Held while choosing a client to end (see [`Registry::longest_idle`]).
+    choosing: Mutex<()>,
     by_watch: DashMap<WatchDescriptor, ClientKey>,
     /// Every live client's FIFOs, so a `reply=` naming one (even by a hard
     /// link outside the bus directory) is refused in one lookup.
@@ -62,6 +178,9 @@ impl Registry {
     pub fn new(max: usize, series_limit: usize, counters: Arc<Counters>) -> Arc<Registry> {
         Arc::new(Registry {
             clients: DashMap::new(),
+            idle: DashMap::new(),
+            origin: Instant::now(),
+            choosing: Mutex::default(),
             by_watch: DashMap::new(),
             by_fifo: DashMap::new(),
             slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
@@ -86,6 +205,57 @@ impl Registry {
     /// The place is given back when the permit is dropped.
     pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
         self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Starts tracking the activity of client `key` (one without `pid=`),
+    /// whose `recv` the broker holds as `recv`. Active from now.
+    pub fn track_activity(&self, key: ClientKey, recv: RawFd) -> Arc<Activity> {
+        let a = Arc::new(Activity {
+            key,
+            origin: self.origin,
+            last: AtomicU64::new(0),
+            unread: AtomicU64::new(0),
+            recv: Mutex::new(Recv {
+                fd: recv,
+                heir: None,
+            }),
+            claimed: AtomicBool::new(false),
+        });
+        a.touch();
+        self.idle.insert(key, a.clone());
+        a
+    }
+
+    /// The unclaimed client without `pid=` idle longest (the earlier
+    /// connected first among equals), claimed for the caller; `None` if
+    /// there is none. One pass over the clients without `pid=`: it runs
+    /// only when the table is full.
+    pub fn longest_idle(&self) -> Option<Arc<Activity>> {
+        // One newcomer chooses at a time: under a flood of HELLOs on a full
+        // table, concurrent choosers would all find the same client and all
+        // but one look again, a pass each.
+        let _one = self.choosing.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = self
+            .idle
+            .iter()
+            .filter(|e| !e.claimed.load(Ordering::Relaxed))
+            .min_by_key(|e| (e.last.load(Ordering::Relaxed), e.key))
+            .map(|e| e.value().clone())?;
+        let claimed = oldest.claim();
+        debug_assert!(claimed, "only claimed while choosing");
+        Some(oldest)
+    }
+
+    /// Whether a client without `pid=` could be ended to make room. Cheap
+    /// when every client has `pid=`: a full table of those refuses a
+    /// newcomer before it costs anything.
+    pub fn may_make_room(&self) -> bool {
+        self.idle.iter().any(|e| !e.claimed.load(Ordering::Relaxed))
+    }
+
+    /// The outbox of client `key`, if it is live.
+    pub fn outbox(&self, key: ClientKey) -> Option<Arc<Outbox>> {
+        self.clients.get(&key).map(|e| e.outbox.clone())
     }
 
     pub fn max(&self) -> usize {
@@ -131,6 +301,7 @@ impl Registry {
     /// client's (the kernel reuses descriptors once a watch is gone), so the
     /// caller removes the right inotify watch.
     pub fn remove(&self, key: ClientKey) -> Option<WatchDescriptor> {
+        self.idle.remove(&key);
         let (_, entry) = self.clients.remove(&key)?;
         for id in entry.fifos {
             self.by_fifo.remove_if(&id, |_, k| *k == key);
@@ -265,6 +436,47 @@ mod tests {
         assert_eq!(alice.label, "alice", "logs still know the name");
         r.remove(1);
         assert_eq!(c.folded_clients.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_longest_idle_is_claimed_once_and_removed_clients_are_not_candidates() {
+        let r = Registry::new(10, 10, Counters::new(1));
+        let a = r.track_activity(1, -1);
+        let b = r.track_activity(2, -1);
+        let _c = r.track_activity(3, -1);
+        // Tracked in this order; a is then active again.
+        a.touch();
+        let first = r.longest_idle().expect("three candidates");
+        assert_eq!(first.key, 2, "b: idle longest");
+        assert_eq!(r.longest_idle().unwrap().key, 3, "b is claimed; c next");
+        assert_eq!(r.longest_idle().unwrap().key, 1);
+        assert!(r.longest_idle().is_none(), "all claimed");
+        b.unclaim();
+        assert_eq!(
+            r.longest_idle().unwrap().key,
+            2,
+            "unclaimed: a candidate again"
+        );
+        b.unclaim();
+        r.remove(2);
+        assert!(r.longest_idle().is_none(), "removed: not a candidate");
+    }
+
+    #[test]
+    fn an_ended_clients_place_goes_to_its_heir_not_to_the_first_comer() {
+        let r = Registry::new(1, 10, Counters::new(1));
+        let place = r.admit().expect("one place");
+        // The descriptor is only stored here, never used.
+        let a = r.track_activity(1, 7);
+        assert_eq!(a.look(|fd| fd), Some(7));
+        let mut heir = a.bequeath().expect("still open");
+        a.release(Some(place));
+        assert!(r.admit().is_none(), "the place was not given to everyone");
+        let place = heir.try_recv().expect("handed over");
+        assert_eq!(a.look(|fd| fd), None, "closed: nobody may look");
+        assert!(a.bequeath().is_none(), "gone: no heir can be named");
+        drop(place);
+        assert!(r.admit().is_some());
     }
 
     #[test]

@@ -156,6 +156,9 @@ impl Sub {
 enum Via<'a> {
     /// `fifobus connect --name NAME --sub P... --pid $$`.
     Connect(&'a str, &'a [&'a str]),
+    /// `fifobus connect --name NAME --no-pid`: a client nothing ties to a
+    /// process, which a full table may end to make room.
+    ConnectNoPid(&'a str),
     /// The safe plain-shell handshake of docs/protocol.md, as written there,
     /// with its `name=` and `sub=` replaced.
     Recipe(&'a str, &'a [&'a str]),
@@ -205,6 +208,9 @@ impl Conn {
                     r#"cdir=$("$FIFOBUS" connect --dir "$FIFOBUS_DIR" --name {name}{subs} --pid $$) || exit 1"#
                 )
             }
+            Via::ConnectNoPid(name) => format!(
+                r#"cdir=$("$FIFOBUS" connect --dir "$FIFOBUS_DIR" --name {name} --no-pid) || exit 1"#
+            ),
             Via::Recipe(name, subs) => {
                 let recipe = doc_block("docs/protocol.md", "timeout 2 bash");
                 let sub = if subs.is_empty() {
@@ -850,4 +856,30 @@ fn an_acl_file_others_could_write_is_refused() {
     hup();
     assert!(bus.wait_log(&format!("acl reloaded from {}", file.display())));
     assert_eq!(publish(&mallory, &bus, "chat.x", "ok"), Ok(()));
+}
+
+/// A newcomer that its user's ACL client limit refuses ends nobody, even
+/// when the table is full and a client without `pid=` could make room.
+#[test]
+#[ignore = "needs root: creates throwaway users"]
+fn a_newcomer_over_its_user_limit_ends_nobody() {
+    let (alice, bob) = (User::create("alice"), User::create("bob"));
+    let acl = format!("default allow\nlimit user={} clients=1\n", bob.name);
+    let (bus, _file) = broker(&acl, &["--max-clients", "2"]);
+    let mut a = connect(&bus, &alice, Via::ConnectNoPid("alice"));
+    let mut b = connect(&bus, &bob, Via::ConnectNoPid("bob"));
+    // Full, and both are pid-less: bob's second client is refused by his
+    // limit before anyone is chosen to make room.
+    let e = Conn::open(&bus, &bob, Via::ConnectNoPid("bob2"))
+        .err()
+        .expect("over bob's limit");
+    assert_eq!(e.code, "too-many-clients");
+    assert!(e.text.contains("may have at most 1 clients"), "{}", e.text);
+    assert_eq!(a.barrier(), Vec::<String>::new());
+    assert_eq!(b.barrier(), Vec::<String>::new());
+    assert_eq!(bus.client_dirs().len(), 2);
+    assert!(!bus.log_text().contains("table was full"));
+    // Within her limits, alice's newcomer does make room.
+    let _a2 = connect(&bus, &alice, Via::ConnectNoPid("alice2"));
+    assert!(bus.wait_log("ended: the table was full"));
 }

@@ -137,6 +137,11 @@ struct Bus {
 
 impl Bus {
     async fn start(handshake_timeout: Duration) -> Bus {
+        Self::start_configured(|c| c.handshake_timeout = handshake_timeout).await
+    }
+
+    /// A broker with the test's defaults, changed by `configure`.
+    async fn start_configured(configure: impl FnOnce(&mut BrokerConfig)) -> Bus {
         let log = Log::default();
         let writer = log.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -152,7 +157,8 @@ impl Bus {
         let dir = tmp.path().join("bus");
         let mut config = BrokerConfig::new(dir.clone());
         config.metrics = MetricsEndpoint::Off;
-        config.handshake_timeout = handshake_timeout;
+        config.handshake_timeout = HANDSHAKE_TIMEOUT;
+        configure(&mut config);
         assert_eq!(config.flush_grace, GRACE, "the default flush grace changed");
         let (stop, stopped) = oneshot::channel::<()>();
         let broker = tokio::spawn(broker::run(config, async {
@@ -554,6 +560,105 @@ async fn pid_death_drains_send_then_removes_the_client() {
     sub.send(&[Command::Ping(Some("after".into()))]);
     recv.expect(Reply::Pong(Some(&b"after"[..]))).await;
     assert_eq!(bus.client_dirs(), vec![sub.dir.clone()]);
+    bus.stop().await;
+}
+
+/// `--orphan-timeout`: a client without `pid=` that neither sends a command
+/// nor reads its `recv` for the timeout is ended at the timeout (BYE, EOF,
+/// directory gone); a command or a read keeps it; a client with `pid=` is
+/// never ended for idleness.
+#[tokio::test(start_paused = true)]
+async fn pidless_clients_idle_for_the_orphan_timeout_are_ended() {
+    const TIMEOUT: Duration = Duration::from_secs(600);
+    let mut bus = Bus::start_configured(|c| c.orphan_timeout = Some(TIMEOUT)).await;
+    let process = Doomed::spawn();
+    let before = Instant::now();
+    let idle = bus.connect("idle", None, &[]).await;
+    let mut pinger = bus.connect("pinger", None, &[]).await;
+    let reader = bus.connect("reader", None, &["t"]).await;
+    let tied = bus.connect("tied", Some(process.pid()), &[]).await;
+    let connected = Instant::now();
+    let mut idle_recv = idle.recv();
+    let mut pinger_recv = pinger.recv();
+    let mut reader_recv = reader.recv();
+
+    // Half way: one client sends a command (and publishes), the other only
+    // reads what it is sent.
+    sleep_until(connected + TIMEOUT / 2).await;
+    pinger.send(&[
+        Command::Ping(Some("alive".into())),
+        Command::Pub {
+            topic: topic("t"),
+            payload: "news".into(),
+        },
+    ]);
+    // Read by the broker: the PING is its sign of life. Its PONG stays
+    // unread for now, or that read would count too.
+    pinger.sent().await;
+    let pinged = Instant::now();
+    reader_recv
+        .expect(Reply::Msg {
+            topic: "t",
+            payload: b"news",
+        })
+        .await;
+
+    sleep_until(before + TIMEOUT - MS).await;
+    settle().await;
+    assert_eq!(
+        bus.client_dirs().len(),
+        4,
+        "a client ended before the timeout"
+    );
+
+    idle_recv.expect(Reply::Bye).await;
+    idle_recv.expect_eof().await;
+    let ended = Instant::now();
+    assert!(!idle.dir.exists(), "EOF before the directory was removed");
+    assert!(
+        ended - before >= TIMEOUT && ended - connected <= TIMEOUT + POLL_SLACK,
+        "the idle client was ended {:?} after it connected, expected {TIMEOUT:?}",
+        ended - connected
+    );
+    settle().await;
+    assert!(pinger.dir.exists() && reader.dir.exists() && tied.dir.exists());
+
+    // The pinger's last sign of life was its PING: it goes one timeout later.
+    sleep_until(pinged + TIMEOUT - MS).await;
+    settle().await;
+    assert!(pinger.dir.exists(), "the pinger ended before its timeout");
+    let ended = until("the pinger to be ended", || {
+        (!pinger.dir.exists()).then(Instant::now)
+    })
+    .await;
+    // Read only now: a read before would have been a sign of life.
+    pinger_recv.expect(Reply::Pong(Some(&b"alive"[..]))).await;
+    pinger_recv.expect(Reply::Bye).await;
+    pinger_recv.expect_eof().await;
+    assert!(
+        ended - pinged >= TIMEOUT && ended - pinged <= TIMEOUT + POLL_SLACK,
+        "the pinger was ended {:?} after its PING, expected {TIMEOUT:?}",
+        ended - pinged
+    );
+    // The reader read at half time; the broker notices when it looks (at
+    // its first deadline), so it goes one timeout after that: late rather
+    // than early.
+    sleep_until(before + 2 * TIMEOUT - MS).await;
+    settle().await;
+    assert!(reader.dir.exists(), "the reader ended before its timeout");
+    reader_recv.expect(Reply::Bye).await;
+    reader_recv.expect_eof().await;
+    let ended = Instant::now();
+    assert!(
+        ended - connected <= 2 * TIMEOUT + POLL_SLACK,
+        "the reader was ended {:?} after it connected, expected twice {TIMEOUT:?}",
+        ended - connected
+    );
+    // The client with pid= stays, however idle.
+    sleep_until(Instant::now() + 3 * TIMEOUT).await;
+    settle().await;
+    assert_eq!(bus.client_dirs(), vec![tied.dir.clone()]);
+    assert!(bus.log.text().contains("idle for --orphan-timeout"));
     bus.stop().await;
 }
 

@@ -123,6 +123,10 @@ pub enum CloseReason {
     Removed,
     /// An unexpected I/O error on the client's FIFOs.
     Io(String),
+    /// No `pid=`, the table was full, and it was the client idle longest.
+    Evicted,
+    /// No `pid=`, and idle for `--orphan-timeout`.
+    IdleTimeout,
 }
 
 impl CloseReason {
@@ -139,6 +143,8 @@ impl CloseReason {
             CloseReason::PidExited => "pid-exited",
             CloseReason::Removed => "removed",
             CloseReason::Io(_) => "io-error",
+            CloseReason::Evicted => "evicted",
+            CloseReason::IdleTimeout => "idle-timeout",
         }
     }
 }

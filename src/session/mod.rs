@@ -16,8 +16,10 @@
 //! A session is one task. Inside it, the reader (`send` → parsed batches →
 //! router, `reader.rs`) and the writer (outbox → `recv`, `writer.rs`) run side
 //! by side, and the first of these ends it: the writer finishing because the
-//! outbox was closed (by `BYE`, an overflow, a deleted directory), the
-//! `pid=` process exiting, or the broker stopping. Whatever ends it, the
+//! outbox was closed (by `BYE`, an overflow, a deleted directory, a full
+//! table needing its place), the `pid=` process exiting, a client without
+//! `pid=` staying idle for `--orphan-timeout` (`orphan.rs`), or the broker
+//! stopping. Whatever ends it, the
 //! teardown is the same: flush if the reason allows, then undo the table.
 //!
 //! [`Registry::admit`]: crate::registry::Registry::admit
@@ -26,6 +28,7 @@
 //! [`FsWatcher::watch_client`]: crate::watch::FsWatcher::watch_client
 //! [`FsWatcher::unwatch_client`]: crate::watch::FsWatcher::unwatch_client
 
+mod orphan;
 mod pipe_size;
 mod reader;
 mod writer;
@@ -45,6 +48,7 @@ use crate::context::Context;
 use crate::counters::DropReason;
 use crate::fifo::FileId;
 use crate::protocol::{encode, ErrorCode, Hello, ProtocolError};
+use crate::registry::Activity;
 use crate::router::{AttachError, ClientKey, CloseReason, Outbox};
 use crate::watch::PidWatch;
 use crate::{busdir, fifo, warn_throttled};
@@ -84,9 +88,12 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
     if ctx.cancel.is_cancelled() {
         return Err(shutting_down());
     }
-    let Some(permit) = ctx.clients.admit() else {
+    // When full, a place is made below, once the ACL has let this client in;
+    // if every client has pid=, none can be: refuse before it costs more.
+    let permit = ctx.clients.admit();
+    if permit.is_none() && !ctx.clients.may_make_room() {
         return Err(too_many(ctx.clients.max()));
-    };
+    }
     let pid = match hello.pid {
         Some(p) => Some(watch_pid(p, uid, ctx)?),
         None => None,
@@ -112,6 +119,19 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         Err(AttachError::Refused(e)) => return Err(e),
         Err(AttachError::Stopped) => return Err(shutting_down()),
     }
+    // Full: a client without pid= may have vanished unseen; the one idle
+    // longest makes room (docs/protocol.md, "Lifecycle"). Only now, so that
+    // a newcomer the ACL refuses (its user's client limit) ends nobody.
+    let permit = match permit {
+        Some(p) => p,
+        None => match orphan::make_room(ctx).await {
+            Some(p) => p,
+            None => {
+                ctx.router.detach(key).await;
+                return Err(too_many(ctx.clients.max()));
+            }
+        },
+    };
     let owner = ctx.fs.shared().then_some(uid);
     let mut clients = ctx.fs.clients();
     let made = match ClientFifos::create(&clients, &id, owner) {
@@ -150,6 +170,10 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         watch,
         fifos.ids,
     );
+    // Without pid=, idleness is what ends it.
+    let activity = pid
+        .is_none()
+        .then(|| ctx.clients.track_activity(key, fifos.recv.as_raw_fd()));
     tracing::debug!(client = %label, id = %id, uid, pid = ?hello.pid, "client joined");
     let session = Session {
         key,
@@ -163,7 +187,8 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         recv_size: fifos.sizes[1],
         outbox: outbox.clone(),
         pid,
-        _permit: permit,
+        activity,
+        permit: Some(permit),
     };
     ctx.tracker.spawn(session.run(ctx.clone()));
     Ok(Welcome { id, dir, outbox })
@@ -272,7 +297,7 @@ fn shutting_down() -> ProtocolError {
 fn too_many(max: usize) -> ProtocolError {
     ProtocolError::new(
         ErrorCode::TooManyClients,
-        format!("the broker serves at most {max} clients (open-file limit); try again later"),
+        format!("the broker serves at most {max} clients (--max-clients, or the open-file limit) and none of them can be ended for idleness (those with pid= never are); try again later"),
     )
 }
 
@@ -303,8 +328,20 @@ pub struct Session {
     recv_size: usize,
     outbox: Arc<Outbox>,
     pid: Option<PidWatch>,
-    /// The client's place under the connection limit, given back on drop.
-    _permit: OwnedSemaphorePermit,
+    /// Signs of life of a client without `pid=` (see `orphan.rs`).
+    activity: Option<Arc<Activity>>,
+    /// The client's place under the connection limit, given back on drop
+    /// (to the newcomer it was ended for, if it was).
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // `recv` is closed right after this: nobody may look at it any more.
+        if let Some(a) = &self.activity {
+            a.release(self.permit.take());
+        }
+    }
 }
 
 impl Session {
@@ -339,6 +376,7 @@ impl Session {
             ctx.counters.local_latency(),
             &mut recv_size,
             &ctx.throttle,
+            self.activity.as_deref(),
         );
         tokio::pin!(writer);
         let stop = CancellationToken::new();
@@ -357,6 +395,7 @@ impl Session {
             }
             reason = &mut reader => reason.unwrap_or(CloseReason::Shutdown),
             () = ctx.cancel.cancelled() => CloseReason::Shutdown,
+            () = orphan::idle_too_long(self.activity.as_deref(), ctx) => CloseReason::IdleTimeout,
             () = self.outbox.closed() => {
                 // Closed by the router (BYE, overflow) or the watcher (deleted).
                 // A flush gets the grace period, no more: a client that says
@@ -391,6 +430,12 @@ impl Session {
                 () = self.pid_exited() => {}
             }
         }
+        if matches!(reason, CloseReason::Evicted | CloseReason::IdleTimeout) {
+            // Ended for idleness: its queue is discarded (it was not reading),
+            // but a client still there learns why it sees EOF, if its pipe
+            // has room. Under PIPE_BUF: written whole or not at all.
+            let _ = self.recv.try_write(&encode::bye());
+        }
         if let Some(wd) = ctx.clients.remove(self.key) {
             ctx.watcher.unwatch_client(wd);
         }
@@ -422,5 +467,13 @@ fn log_end(label: &str, reason: &CloseReason) {
         CloseReason::Io(e) => {
             tracing::warn!(client = %label, "client ended by an I/O error: {e}")
         }
+        CloseReason::Evicted => tracing::info!(
+            client = %label,
+            "client without pid= ended: the table was full and it was idle longest"
+        ),
+        CloseReason::IdleTimeout => tracing::info!(
+            client = %label,
+            "client without pid= ended: idle for --orphan-timeout"
+        ),
     }
 }

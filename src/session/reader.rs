@@ -124,6 +124,9 @@ pub(super) async fn read_commands(
                 Ok(b) => b,
                 Err(e) => return Some(CloseReason::Io(format!("reading send: {e}"))),
             };
+            if let (Some(a), false) = (&s.activity, batch.items.is_empty()) {
+                a.touch(); // a command read: a sign of life (orphan.rs)
+            }
             if !batch.items.is_empty() && !ctx.router.batch(s.key, batch.items, batch.read_at).await
             {
                 return Some(CloseReason::Shutdown);

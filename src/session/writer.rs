@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use super::pipe_size::{self, PipeSize};
 use crate::counters::LocalLatency;
 use crate::fifo;
+use crate::registry::Activity;
 use crate::router::{CloseReason, Entry, Outbox};
 use crate::throttle::LogThrottle;
 
@@ -32,13 +33,15 @@ const MAX_IOVECS: usize = 1024;
 
 /// Writes the outbox to `recv` until the outbox ends; returns why.
 /// `latency` gets publish-to-write time per `MSG`, counted locally and
-/// flushed once per batch.
+/// flushed once per batch. `activity` (clients without `pid=`) counts the
+/// bytes written, so that a later look at `recv` can tell they were read.
 pub(super) async fn write_lines(
     recv: &pipe::Sender,
     outbox: &Outbox,
     mut latency: LocalLatency,
     pipe: &mut PipeSize,
     throttle: &LogThrottle,
+    activity: Option<&Activity>,
 ) -> CloseReason {
     let mut hand = InHand {
         outbox,
@@ -67,7 +70,12 @@ pub(super) async fn write_lines(
         let mut full = false;
         while !batch.is_empty() {
             match write_some(recv, batch, &mut latency) {
-                Ok((bytes, lines)) => outbox.written(bytes, lines),
+                Ok((bytes, lines)) => {
+                    outbox.written(bytes, lines);
+                    if let Some(a) = activity {
+                        a.wrote(bytes);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     latency.flush();
                     full = true;

@@ -506,10 +506,15 @@ pub fn pub_lines<T: AsRef<str>, P: AsRef<[u8]>>(
 /// A `HELLO` line (with its newline) naming `reply` and, if given, `name`:
 /// for tests that write to `hello` themselves rather than through the client.
 pub fn hello_line(reply: &Path, name: Option<&str>) -> String {
+    hello_line_with(reply, name, None)
+}
+
+/// [`hello_line`] with a `pid=`.
+pub fn hello_line_with(reply: &Path, name: Option<&str>, pid: Option<u32>) -> String {
     let line = fifobus::protocol::Hello {
         reply: reply.to_owned(),
         name: name.map(str::to_owned),
-        pid: None,
+        pid: pid.map(|p| p as i32),
         subs: Vec::new(),
     }
     .encode()
