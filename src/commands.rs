@@ -55,7 +55,7 @@ pub fn connect(dir: &Path, args: &ConnectArgs) -> Result<ExitCode, CommandError>
     let pid = match (args.pid, args.no_pid) {
         (_, true) => None,
         (Some(p), false) => Some(p),
-        (None, false) => Some(calling_process()),
+        (None, false) => Some(calling_process()).filter(|&p| runs_as_us(p)),
     };
     let opts = ConnectOptions {
         name: args.name.clone(),
@@ -97,6 +97,24 @@ fn calling_process() -> i32 {
         }
     }
     pid
+}
+
+/// Whether `pid` runs as our own (effective) user, or we are root. The
+/// broker accepts `pid=` only for a process of the client's user, so a
+/// calling process of another user (`sudo -u alice fifobus connect`, a
+/// root test harness) cannot be the default: the client is then tied to
+/// nothing and lives by the orphan rules, as with `--no-pid`.
+fn runs_as_us(pid: i32) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    me == 0
+        || std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
+            })
+            .is_some_and(|uid| uid == me)
 }
 
 /// The parent of `pid`, from `/proc/<pid>/stat` (the field after the
