@@ -301,8 +301,14 @@ impl Outbox {
         if s.end.is_some() {
             return Push::Closed;
         }
+        // A control line (PONG, ERR) on an empty queue is taken even when
+        // the writer's hand alone fills the caps: dropping it there would
+        // lose a PONG with nothing else to drop, and break the PING barrier
+        // of a client that reads. (One such line at a time: bounded.)
+        let control_on_empty = entry.published.is_none();
         let over = |s: &State| {
             s.bytes > 0
+                && !(control_on_empty && s.queue.is_empty())
                 && (s.queue.len() >= self.limits.messages || s.bytes + line_len > self.limits.bytes)
         };
         let mut outcome = Push::Queued;
@@ -746,14 +752,30 @@ mod tests {
     #[test]
     fn with_the_cap_in_the_writers_hand_a_new_line_is_the_one_dropped() {
         let o = outbox(100, 4, OverflowPolicy::DropOldest);
-        o.push(line("a"));
-        o.push(line("b"));
+        o.push_entry(msg("a"));
+        o.push_entry(msg("b"));
         let mut hand = VecDeque::new();
         o.take(&mut hand);
-        assert_eq!(o.push(line("c")), Push::Skipped(1));
+        assert_eq!(o.push_entry(msg("c")), Push::Skipped(1));
         o.written(4, 2);
-        o.push(line("d"));
+        o.push_entry(msg("d"));
         assert_eq!(taken(&o), ["DROPPED 1", "d"], "the gap where it is");
+    }
+
+    #[test]
+    fn a_pong_is_kept_when_the_writers_hand_alone_fills_the_cap() {
+        // The client reads, slowly: its PING barrier must still complete.
+        let o = outbox(100, 4, OverflowPolicy::DropOldest);
+        o.push_entry(msg("a"));
+        o.push_entry(msg("b"));
+        let mut hand = VecDeque::new();
+        o.take(&mut hand);
+        assert_eq!(o.push(line("PONG x")), Push::Queued);
+        // Only on an empty queue: a second one is under the policy again
+        // (a client that pings without reading holds one line past the cap).
+        assert_eq!(o.push(line("PONG y")), Push::QueuedDropping(1));
+        o.written(4, 2);
+        assert_eq!(taken(&o), ["DROPPED 1", "PONG y"]);
     }
 
     #[test]
