@@ -446,7 +446,8 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
         }
         bar.inc(1);
     }
-    if wanted("floods") {
+    // The floods take minutes (each runs up to 40 s, twice): only on request.
+    if opts.only.is_some() && wanted("floods") {
         step("the floods of issue 9");
         for (label, extra) in [
             ("default settings", &[][..]),
