@@ -33,6 +33,8 @@ use fifobus::topic::Topic;
 
 use crate::wire::{encode_pub, parse_msg, pub_line_len};
 
+mod floods;
+
 /// A topic the bench names itself.
 fn topic(name: &str) -> Topic {
     name.parse().expect("the bench's topics are valid")
@@ -216,7 +218,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
     };
     // --only NAME runs the scenarios whose group name contains NAME
     // ("1 -> 1", "1 -> 10", "10 -> 1", "100 topics", "latency",
-    // "saturation", "clients", "handshake flood"), e.g. to profile one of them.
+    // "saturation", "clients", "handshake flood", "floods"), e.g. to profile one of them.
     let wanted = |group: &str| opts.only.as_deref().is_none_or(|o| group.contains(o));
 
     if wanted("1 -> 1") {
@@ -440,6 +442,51 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
                     "{n} Client::connect one after another; without the flood {:.2} ms; flood: one thread writing HELLOs naming {FLOOD_FIFOS} FIFOs nobody opens and {FLOOD_SHARED} naming one, round after round",
                     ms(&quiet)
                 )),
+            );
+        }
+        bar.inc(1);
+    }
+    // The floods take minutes (each runs up to 40 s, twice): only on request.
+    if opts.only.is_some() && wanted("floods") {
+        step("the floods of issue 9");
+        for (label, extra) in [
+            ("default settings", &[][..]),
+            ("--max-memory 64MiB", &["--max-memory", "64MiB"][..]),
+        ] {
+            for (kind, name) in [
+                ("vanishing", "vanishing pid-less clients, --max-clients 200"),
+                ("fragments", "HELLO fragments without a newline"),
+                ("subscriptions", "20 clients x 10,000 SUB"),
+            ] {
+                let f = floods::flood(extra, kind)?;
+                let ms = |q| percentile(&f.connects, q) as f64 / 1e6;
+                let (p50, p99) = if f.connects.is_empty() {
+                    (f64::NAN, f64::NAN)
+                } else {
+                    (ms(0.5), ms(0.99))
+                };
+                rows.push(
+                    Measurement::new(
+                        format!("flood: {name}, {label}: peak RSS, MiB"),
+                        "MiB",
+                        f.peak_rss as f64 / (1 << 20) as f64,
+                    )
+                    .note(format!(
+                        "handshake p50 {p50:.2} ms, p99 {p99:.2} ms, {} of 50 completed within 2 s, {} failed; flood: {}",
+                        f.connects.len(),
+                        f.failed,
+                        f.what
+                    )),
+                );
+            }
+            let f = floods::burst(extra, 20_000)?;
+            rows.push(
+                Measurement::new(
+                    format!("flood: 10 -> 1 burst of 64-byte messages, {label}: peak RSS, MiB"),
+                    "MiB",
+                    f.peak_rss as f64 / (1 << 20) as f64,
+                )
+                .note(f.what),
             );
         }
         bar.inc(1);

@@ -39,7 +39,7 @@ struct BenchArgs {
     /// Offered rate for the fixed-rate latency figures, messages per second
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
-    /// Run only the scenario groups whose name contains this ("1 -> 1", "1 -> 10", "10 -> 1", "100 topics", "latency", "saturation", "clients", "memory", "handshake flood")
+    /// Run only the scenario groups whose name contains this ("1 -> 1", "1 -> 10", "10 -> 1", "100 topics", "latency", "saturation", "clients", "memory", "handshake flood"; "floods" runs only when named here)
     #[arg(long)]
     only: Option<String>,
 }
