@@ -55,8 +55,8 @@ use crate::busdir::{BusDir, HelloCheck};
 use crate::context::Context;
 use crate::counters::Rejection;
 use crate::fifo::{CheckedReply, FileId, ReplyError, ReplyGuard};
-use crate::protocol::hello::{HelloRejected, MAX_HELLO_LINE};
-use crate::protocol::{encode, ErrorCode, Hello, Line, LineSplitter, ProtocolError};
+use crate::protocol::hello::{self, HelloRejected};
+use crate::protocol::{encode, ErrorCode, Hello, ProtocolError};
 use crate::{busdir, fifo, session, warn_throttled};
 
 /// Handshakes in progress at once; each holds a reply FIFO descriptor.
@@ -190,8 +190,9 @@ impl Drop for Seat {
 /// Serves `hello` until shutdown, then removes it first of all.
 pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
     let pending = Pending::new();
-    let mut splitter = LineSplitter::new(MAX_HELLO_LINE - 1);
     let mut buf = BytesMut::new();
+    // Whether the last read left `hello` empty (see `discard_fragment`).
+    let mut emptied = false;
     loop {
         tokio::select! {
             () = ctx.cancel.cancelled() => break,
@@ -209,7 +210,10 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
                 match bus.replace_hello() {
                     Ok(old) => {
                         // Lines written to our FIFO before it lost its name are still in it.
-                        if drain(&old, &mut buf).is_err() { buf.clear(); }
+                        match drain(&old, &mut buf) {
+                            Ok(e) => emptied = e,
+                            Err(_) => buf.clear(),
+                        }
                     }
                     Err(e) => tracing::error!("cannot put {} back: {e}; new clients cannot connect until the broker restarts", path.display()),
                 }
@@ -219,26 +223,22 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
                     tracing::error!("waiting on hello failed: {e}");
                     break;
                 }
-                if let Err(e) = drain(bus.hello(), &mut buf) {
-                    tracing::error!("reading hello failed: {e}");
-                    break;
+                match drain(bus.hello(), &mut buf) {
+                    Ok(e) => emptied = e,
+                    Err(e) => {
+                        tracing::error!("reading hello failed: {e}");
+                        break;
+                    }
                 }
             }
         }
-        while let Some(line) = splitter.next_line(&mut buf) {
-            let line = match line {
-                Line::Complete(l) if l.iter().all(|&b| b == b' ') => continue,
-                Line::Complete(l) => l,
-                Line::TooLong => {
-                    warn_throttled!(
-                        ctx.throttle,
-                        "bad-hello",
-                        "refused a HELLO longer than {} bytes (PIPE_BUF)",
-                        MAX_HELLO_LINE
-                    );
-                    continue;
-                }
-            };
+        while let Some((line, skipped)) = hello::take_line(&mut buf) {
+            if skipped > 0 {
+                fragments_skipped(skipped, &ctx);
+            }
+            if line.iter().all(|&b| b == b' ') {
+                continue;
+            }
             let permit = tokio::select! {
                 p = pending.tasks.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 () = ctx.cancel.cancelled() => break,
@@ -250,24 +250,26 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
             });
         }
         // (Unless stopping: then `buf` may still hold lines to refuse below.)
-        if !ctx.cancel.is_cancelled() {
-            discard_fragment(&mut buf, &mut splitter, &ctx);
+        if emptied && !ctx.cancel.is_cancelled() {
+            discard_fragment(&mut buf, &ctx);
+        }
+        let dropped = hello::trim_partial(&mut buf);
+        if dropped > 0 {
+            fragments_skipped(dropped, &ctx);
         }
     }
     // First thing at shutdown: no new client may start writing HELLO.
     bus.unpublish_hello();
     // Those that already did get a prompt answer rather than a timeout.
     if drain(bus.hello(), &mut buf).is_ok() {
-        while let Some(line) = splitter.next_line(&mut buf) {
-            if let Line::Complete(l) = line {
-                if let Some(reply) = Hello::parse(&l)
-                    .map(|h| Some(h.reply))
-                    .unwrap_or_else(|r| r.reply)
-                {
-                    let ctx2 = ctx.clone();
-                    ctx.tracker
-                        .spawn(async move { refuse_for_shutdown(&reply, &ctx2).await });
-                }
+        while let Some((l, _)) = hello::take_line(&mut buf) {
+            if let Some(reply) = Hello::parse(&l)
+                .map(|h| Some(h.reply))
+                .unwrap_or_else(|r| r.reply)
+            {
+                let ctx2 = ctx.clone();
+                ctx.tracker
+                    .spawn(async move { refuse_for_shutdown(&reply, &ctx2).await });
             }
         }
     }
@@ -292,7 +294,7 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
 /// does not touch them. What this cannot undo is a fragment and another
 /// HELLO landing between the same two reads: they are one line, refused
 /// (its client times out), and the next HELLO is unaffected.
-fn discard_fragment(buf: &mut BytesMut, splitter: &mut LineSplitter, ctx: &Context) {
+fn discard_fragment(buf: &mut BytesMut, ctx: &Context) {
     if buf.is_empty() {
         return;
     }
@@ -305,8 +307,18 @@ fn discard_fragment(buf: &mut BytesMut, splitter: &mut LineSplitter, ctx: &Conte
         String::from_utf8_lossy(&buf[..buf.len().min(80)])
     );
     buf.clear();
-    // The splitter remembers how far it searched `buf`; start afresh.
-    *splitter = LineSplitter::new(splitter.max_line());
+}
+
+/// Fragments skipped in front of a HELLO, or dropped from a partial line
+/// that grew past one HELLO's length (see [`hello::take_line`]): counted
+/// with the other fragments, logged at most once a second.
+fn fragments_skipped(bytes: usize, ctx: &Context) {
+    ctx.counters.handshake_rejected(Rejection::Fragment);
+    warn_throttled!(
+        ctx.throttle,
+        "hello-fragment",
+        "skipped {bytes} bytes of fragments in hello (writes without a newline): a HELLO must be one write ending in a newline"
+    );
 }
 
 /// Checks a reply FIFO, refusing anything under the bus directory and any
@@ -336,13 +348,22 @@ async fn refuse_for_shutdown(reply: &Path, ctx: &Context) {
     }
 }
 
-fn drain(rx: &pipe::Receiver, buf: &mut BytesMut) -> io::Result<()> {
+/// Reads what `hello` holds, at most `DRAIN_MAX` bytes a turn so that a
+/// writer that never stops cannot grow `buf` without bound (the readiness
+/// stays set, and the loop comes back for the rest). Returns whether the
+/// pipe was left empty.
+fn drain(rx: &pipe::Receiver, buf: &mut BytesMut) -> io::Result<bool> {
+    const DRAIN_MAX: usize = 256 * 1024;
+    let mut read = 0;
     loop {
+        if read >= DRAIN_MAX {
+            return Ok(false);
+        }
         buf.reserve(16 * 1024);
         match rx.try_read_buf(buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Ok(0) => return Ok(true),
+            Ok(n) => read += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

@@ -189,3 +189,56 @@ fn a_flood_of_unanswered_hellos_does_not_keep_real_clients_out() {
     );
     assert_eq!(scrape(&bus).handshakes_accepted, REAL as f64);
 }
+
+/// A writer that never stops sending fragments without a newline keeps
+/// `hello` from ever being read empty, so dropping fragments on an empty
+/// pipe cannot help; each real HELLO is still recovered from behind the
+/// fragments (from its own `HELLO ` keyword: `hello::take_line`).
+#[test]
+fn a_nonstop_fragment_writer_does_not_keep_real_clients_out() {
+    let bus = TempBus::start();
+    let hello = bus.dir.join("hello");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (stop, flooding) = (stop.clone(), flooding.clone());
+        std::thread::spawn(move || {
+            let mut f = fs::OpenOptions::new().write(true).open(hello).unwrap();
+            let mut writes = 0u64;
+            // Bounded: until the real clients are done, or 2 million writes.
+            while !stop.load(Ordering::Relaxed) && writes < 2_000_000 {
+                f.write_all(b"HELLO reply=/x name=frag").unwrap();
+                writes += 1;
+                flooding.store(true, Ordering::Relaxed);
+            }
+            writes
+        })
+    };
+    while !flooding.load(Ordering::Relaxed) {
+        std::thread::yield_now();
+    }
+    let mut welcomed = 0;
+    for i in 0..10 {
+        let opts = ConnectOptions {
+            name: Some(format!("real{i}")),
+            ..ConnectOptions::default()
+        };
+        let during = !stop.load(Ordering::Relaxed) && !flood.is_finished();
+        let mut c = Client::connect(&bus.dir, &opts, T)
+            .unwrap_or_else(|e| panic!("client {i}: {e}\nlog:\n{}", bus.log_text()));
+        barrier(&mut c);
+        if during {
+            welcomed += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = flood.join().unwrap();
+    assert!(
+        welcomed >= 1 && writes > 0,
+        "at least one client connected while the flood ran ({welcomed}, {writes} writes)"
+    );
+    assert!(
+        rejected(&bus, "hello-fragment") > 0,
+        "fragments are counted"
+    );
+}

@@ -224,6 +224,53 @@ fn parse_pid(v: &[u8]) -> Result<i32, String> {
         })
 }
 
+/// Takes the next HELLO line (without its newline) out of `buf`, bytes read
+/// from `hello`; `None` until a newline has arrived.
+///
+/// Written to survive writers that leave fragments behind (`echo -n`, or a
+/// hostile loop writing pieces without a newline): every valid HELLO is one
+/// `write()` of at most `PIPE_BUF` bytes that starts with `HELLO ` and ends
+/// in `\n`, and the kernel never interleaves such a write with another. So
+/// the bytes up to a newline end with one whole write, and that write began
+/// at the *last* `HELLO ` within the last [`MAX_HELLO_LINE`] bytes: whatever
+/// stands before it is other writers' fragments, and is skipped. Nothing a
+/// fragment writer sends can end up inside the line taken, since everything
+/// from that keyword to the newline belongs to one write. (If a client's own
+/// line holds `HELLO ` further in, a suffix of it is taken and refused as a
+/// bad HELLO: harmless.) Returns the line and how many fragment bytes were
+/// skipped before it.
+pub fn take_line(buf: &mut bytes::BytesMut) -> Option<(bytes::Bytes, usize)> {
+    let nl = memchr::memchr(b'\n', buf)?;
+    let line = buf.split_to(nl + 1).freeze();
+    let mut end = nl;
+    if end > 0 && line[end - 1] == b'\r' {
+        end -= 1;
+    }
+    let window = end.saturating_sub(MAX_HELLO_LINE - 1);
+    let start = last_keyword(&line[window..end]).map_or(window, |i| window + i);
+    Some((line.slice(start..end), start))
+}
+
+/// Bytes kept of a line that has no newline yet: a valid HELLO is at most
+/// [`MAX_HELLO_LINE`] bytes, so older bytes are fragments. Drops them from
+/// the front of `buf` when it holds no newline, and returns how many.
+pub fn trim_partial(buf: &mut bytes::BytesMut) -> usize {
+    if buf.len() <= MAX_HELLO_LINE || memchr::memchr(b'\n', buf).is_some() {
+        return 0;
+    }
+    let drop = buf.len() - MAX_HELLO_LINE;
+    let _ = buf.split_to(drop);
+    drop
+}
+
+/// Where the last `HELLO ` (any case) starts in `b`.
+fn last_keyword(b: &[u8]) -> Option<usize> {
+    const KW: &[u8] = b"HELLO ";
+    (0..=b.len().checked_sub(KW.len())?)
+        .rev()
+        .find(|&i| b[i..i + KW.len()].eq_ignore_ascii_case(KW))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +338,40 @@ mod tests {
             assert_eq!(r.reply.as_deref(), Some(std::path::Path::new("/r")));
             assert_eq!(r.error.code, code);
         }
+    }
+
+    #[test]
+    fn a_line_is_taken_from_its_last_hello_keyword() {
+        use bytes::BytesMut;
+        let mut buf = BytesMut::from(
+            &b"HELLO reply=/evil name=fragHELLO reply=/tmp/r name=real\nHELLO reply=/b\r\n"[..],
+        );
+        let (line, skipped) = take_line(&mut buf).unwrap();
+        assert_eq!(&line[..], b"HELLO reply=/tmp/r name=real");
+        assert_eq!(skipped, 27, "the fragment before it");
+        let (line, skipped) = take_line(&mut buf).unwrap();
+        assert_eq!((&line[..], skipped), (&b"HELLO reply=/b"[..], 0));
+        assert!(take_line(&mut buf).is_none());
+        // Megabytes of fragments before a real line: only its write is taken.
+        let mut flood = BytesMut::from(&b"HELLO reply=/x name=frag".repeat(100_000)[..]);
+        flood.extend_from_slice(b"HELLO reply=/tmp/r\n");
+        let (line, _) = take_line(&mut flood).unwrap();
+        assert_eq!(&line[..], b"HELLO reply=/tmp/r");
+        assert!(Hello::parse(&line).is_ok());
+    }
+
+    #[test]
+    fn a_partial_line_keeps_at_most_one_hello_worth_of_bytes() {
+        use bytes::BytesMut;
+        let mut buf = BytesMut::from(&vec![b'x'; 3 * MAX_HELLO_LINE][..]);
+        assert_eq!(trim_partial(&mut buf), 2 * MAX_HELLO_LINE);
+        assert_eq!(buf.len(), MAX_HELLO_LINE);
+        buf.extend_from_slice(b"\n");
+        assert_eq!(
+            trim_partial(&mut buf),
+            0,
+            "a newline: lines are taken first"
+        );
     }
 
     #[test]
