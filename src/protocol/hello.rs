@@ -231,14 +231,14 @@ fn parse_pid(v: &[u8]) -> Result<i32, String> {
 /// hostile loop writing pieces without a newline): every valid HELLO is one
 /// `write()` of at most `PIPE_BUF` bytes that starts with `HELLO ` and ends
 /// in `\n`, and the kernel never interleaves such a write with another. So
-/// the bytes up to a newline end with one whole write, and that write began
-/// at the *last* `HELLO ` within the last [`MAX_HELLO_LINE`] bytes: whatever
-/// stands before it is other writers' fragments, and is skipped. Nothing a
-/// fragment writer sends can end up inside the line taken, since everything
-/// from that keyword to the newline belongs to one write. (If a client's own
-/// line holds `HELLO ` further in, a suffix of it is taken and refused as a
-/// bad HELLO: harmless.) Returns the line and how many fragment bytes were
-/// skipped before it.
+/// the bytes up to a newline end with one whole write, which began at one of
+/// the `HELLO ` keywords (any case) within the last [`MAX_HELLO_LINE`] bytes.
+/// The keywords are tried from the right, and the first from which the rest
+/// reads as a HELLO with a usable `reply=` is taken. A valid write parses
+/// from its own start, and any keyword further right lies inside that same
+/// write, so the line taken never holds a byte of anyone else's fragments:
+/// a fragment writer can make itself refused, not steer a real client's
+/// line. Returns the line and how many bytes were skipped before it.
 pub fn take_line(buf: &mut bytes::BytesMut) -> Option<(bytes::Bytes, usize)> {
     let nl = memchr::memchr(b'\n', buf)?;
     let line = buf.split_to(nl + 1).freeze();
@@ -247,7 +247,14 @@ pub fn take_line(buf: &mut bytes::BytesMut) -> Option<(bytes::Bytes, usize)> {
         end -= 1;
     }
     let window = end.saturating_sub(MAX_HELLO_LINE - 1);
-    let start = last_keyword(&line[window..end]).map_or(window, |i| window + i);
+    let usable = |start: usize| match Hello::parse(&line[start..end]) {
+        Ok(_) => true,
+        Err(r) => r.reply.is_some(),
+    };
+    let start = keywords(&line[window..end])
+        .map(|i| window + i)
+        .find(|&i| usable(i))
+        .unwrap_or(window);
     Some((line.slice(start..end), start))
 }
 
@@ -263,12 +270,12 @@ pub fn trim_partial(buf: &mut bytes::BytesMut) -> usize {
     drop
 }
 
-/// Where the last `HELLO ` (any case) starts in `b`.
-fn last_keyword(b: &[u8]) -> Option<usize> {
+/// Where each `HELLO ` (any case) starts in `b`, from the right.
+fn keywords(b: &[u8]) -> impl Iterator<Item = usize> + '_ {
     const KW: &[u8] = b"HELLO ";
-    (0..=b.len().checked_sub(KW.len())?)
+    (0..=b.len().saturating_sub(KW.len()))
         .rev()
-        .find(|&i| b[i..i + KW.len()].eq_ignore_ascii_case(KW))
+        .filter(move |&i| b.len() >= KW.len() && b[i..i + KW.len()].eq_ignore_ascii_case(KW))
 }
 
 #[cfg(test)]
@@ -352,6 +359,12 @@ mod tests {
         let (line, skipped) = take_line(&mut buf).unwrap();
         assert_eq!((&line[..], skipped), (&b"HELLO reply=/b"[..], 0));
         assert!(take_line(&mut buf).is_none());
+        // A keyword inside the client's own line (a reply path ending in
+        // /hello) does not cut it short.
+        let mut own = BytesMut::from(&b"fragHELLO reply=/run/x/hello name=hello sub=a\n"[..]);
+        let (line, skipped) = take_line(&mut own).unwrap();
+        assert_eq!(&line[..], b"HELLO reply=/run/x/hello name=hello sub=a");
+        assert_eq!(skipped, 4);
         // Megabytes of fragments before a real line: only its write is taken.
         let mut flood = BytesMut::from(&b"HELLO reply=/x name=frag".repeat(100_000)[..]);
         flood.extend_from_slice(b"HELLO reply=/tmp/r\n");
