@@ -178,27 +178,6 @@ struct Conn {
     send: Option<ChildStdin>,
 }
 
-/// The fenced code block of docs/protocol.md holding `marker`.
-fn doc_block(file: &str, marker: &str) -> String {
-    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
-    let mut blocks = Vec::new();
-    let mut current: Option<String> = None;
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            match current.take() {
-                Some(b) => blocks.push(b),
-                None => current = Some(String::new()),
-            }
-        } else if let Some(b) = current.as_mut() {
-            b.push_str(line);
-            b.push('\n');
-        }
-    }
-    let found: Vec<_> = blocks.into_iter().filter(|b| b.contains(marker)).collect();
-    assert_eq!(found.len(), 1, "{file}: one code block with {marker:?}");
-    found.into_iter().next().unwrap()
-}
-
 impl Conn {
     fn open(bus: &TempBus, user: &User, via: Via) -> Result<Conn, Refused> {
         let handshake = match via {

@@ -256,28 +256,6 @@ fn builtin_clients_refuse_another_users_bus_at_once_and_send_nothing() {
     }
 }
 
-/// The fenced code block of `file` (relative to the repository) holding
-/// `marker`: the documentation is tested as written.
-fn doc_block(file: &str, marker: &str) -> String {
-    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
-    let mut blocks = Vec::new();
-    let mut current: Option<String> = None;
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            match current.take() {
-                Some(b) => blocks.push(b),
-                None => current = Some(String::new()),
-            }
-        } else if let Some(b) = current.as_mut() {
-            b.push_str(line);
-            b.push('\n');
-        }
-    }
-    let found: Vec<_> = blocks.into_iter().filter(|b| b.contains(marker)).collect();
-    assert_eq!(found.len(), 1, "{file}: one code block with {marker:?}");
-    found.into_iter().next().unwrap()
-}
-
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/clients")
 }

@@ -521,3 +521,29 @@ pub fn hello_line_with(reply: &Path, name: Option<&str>, pid: Option<u32>) -> St
     .expect("a test's HELLO encodes");
     String::from_utf8(line).expect("test paths are UTF-8")
 }
+
+/// The one fenced code block of `file` (a path relative to the repository)
+/// that holds `marker`: documented recipes are tested as written.
+///
+/// # Panics
+/// When the file cannot be read, or not exactly one block holds `marker`.
+pub fn doc_block(file: &str, marker: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = fs::read_to_string(root.join(file)).unwrap();
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            match current.take() {
+                Some(b) => blocks.push(b),
+                None => current = Some(String::new()),
+            }
+        } else if let Some(b) = current.as_mut() {
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    let found: Vec<_> = blocks.into_iter().filter(|b| b.contains(marker)).collect();
+    assert_eq!(found.len(), 1, "{file}: one code block with {marker:?}");
+    found.into_iter().next().unwrap()
+}
