@@ -83,7 +83,7 @@ pub struct ServeArgs {
     /// Bytes queued per client before the overflow policy applies, counting the batch its writer holds
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub backlog_bytes: usize,
-    /// What all clients together may hold in the broker: backlogs, batches being written, partial lines (e.g. 128MiB, 2GiB). When reached, the overflow policy applies to the largest backlogs first [default: a quarter of the machine's memory (MemTotal in /proc/meminfo, or the cgroup's memory.max when lower), at least 64MiB]
+    /// What all clients together may hold in the broker: backlogs, batches being written, partial lines, subscriptions (e.g. 128MiB, 2GiB). When reached, the overflow policy applies to the largest backlogs first; subscriptions may take at most half of it (then SUB gets ERR too-many-subscriptions) [default: a quarter of the machine's memory (MemTotal in /proc/meminfo, or the cgroup's memory.max when lower), at least 64MiB]
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_memory: Option<usize>,
     /// Subscriptions one client may hold; beyond it SUB gets ERR too-many-subscriptions and the client stays connected

@@ -88,7 +88,7 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("fifobus_backlog_messages", "Lines queued for all clients. Counts lines waiting in the broker; up to one pipe buffer more may sit in the recv FIFO itself.", MetricType::GAUGE, None),
     ("fifobus_backlog_bytes", "Bytes queued for all clients. Counts lines waiting in the broker; up to one pipe buffer more may sit in the recv FIFO itself.", MetricType::GAUGE, None),
     ("fifobus_clients", "Clients connected.", MetricType::GAUGE, None),
-    ("fifobus_memory_held_bytes", "Bytes all clients hold in the broker against --max-memory: backlogs (with a per-line overhead), batches being written, partial lines.", MetricType::GAUGE, None),
+    ("fifobus_memory_held_bytes", "Bytes all clients hold in the broker against --max-memory: backlogs (with a per-line overhead), batches being written, partial lines, subscriptions (about 400 bytes each).", MetricType::GAUGE, None),
     ("fifobus_memory_limit_bytes", "The broker-wide memory budget (--max-memory).", MetricType::GAUGE, None),
 ];
 

@@ -40,7 +40,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use crate::busdir::{BusDir, HelloCheck};
 use crate::context::Context;
 use crate::counters::Rejection;
-use crate::fifo::{CheckedReply, FileId, ReplyError, ReplyGuard};
+use crate::fifo::{CheckedReply, FileId, ReplyError, ReplyGuard, ReplyInfo};
 use crate::protocol::hello::{self, HelloRejected};
 use crate::protocol::{encode, ErrorCode, Hello, ProtocolError};
 use crate::{busdir, fifo, session, warn_throttled};
@@ -92,8 +92,17 @@ const MAX_HANDSHAKE_TASKS: usize = 2 * MAX_PENDING_HANDSHAKES;
 /// waiting for their reply FIFO to be opened, and which FIFOs those are.
 struct Pending {
     tasks: Arc<Semaphore>,
-    replies: Mutex<HashSet<FileId>>,
+    replies: Mutex<Claims>,
     waiting: Mutex<Waiting>,
+}
+
+/// The reply FIFOs handshakes are waiting on, by identity and by the path
+/// their HELLO gave: the path lets a repeated HELLO be dropped before any
+/// system call, the identity catches the same FIFO named another way.
+#[derive(Default)]
+struct Claims {
+    ids: HashSet<FileId>,
+    paths: HashSet<PathBuf>,
 }
 
 /// Handshakes waiting for a reader, oldest first, each with the token that
@@ -113,6 +122,17 @@ impl Pending {
         })
     }
 
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.replies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a handshake is waiting on a reply FIFO named exactly `path`:
+    /// a check without a system call, so that a flood repeating the same
+    /// HELLOs costs a hash lookup per line.
+    fn waited_on(&self, path: &Path) -> bool {
+        self.claims().paths.contains(path)
+    }
+
     fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -122,12 +142,19 @@ impl Pending {
         self.waiting().seats.len()
     }
 
-    /// Marks `id` as waited on, unless some handshake already waits on it.
-    fn claim(self: &Arc<Self>, id: FileId) -> Option<ReplyClaim> {
-        let mut r = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-        r.insert(id).then(|| ReplyClaim {
+    /// Marks `id`, named `path`, as waited on, unless some handshake
+    /// already waits on that FIFO or on that path.
+    fn claim(self: &Arc<Self>, id: FileId, path: &Path) -> Option<ReplyClaim> {
+        let mut c = self.claims();
+        if c.ids.contains(&id) || c.paths.contains(path) {
+            return None;
+        }
+        c.ids.insert(id);
+        c.paths.insert(path.to_owned());
+        Some(ReplyClaim {
             pending: self.clone(),
             id,
+            path: path.to_owned(),
         })
     }
 
@@ -160,16 +187,14 @@ impl Pending {
 struct ReplyClaim {
     pending: Arc<Pending>,
     id: FileId,
+    path: PathBuf,
 }
 
 impl Drop for ReplyClaim {
     fn drop(&mut self) {
-        let mut r = self
-            .pending
-            .replies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        r.remove(&self.id);
+        let mut c = self.pending.claims();
+        c.ids.remove(&self.id);
+        c.paths.remove(&self.path);
     }
 }
 
@@ -239,13 +264,16 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
             if line.iter().all(|&b| b == b' ') {
                 continue;
             }
+            let Some(attempt) = first_attempt(&line, &ctx, &pending) else {
+                continue;
+            };
             let permit = tokio::select! {
                 p = pending.tasks.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 () = ctx.cancel.cancelled() => break,
             };
             let (ctx2, pending2) = (ctx.clone(), pending.clone());
             ctx.tracker.spawn(async move {
-                handshake(&line, &ctx2, &pending2).await;
+                handshake(attempt, &ctx2, &pending2).await;
                 drop(permit);
             });
         }
@@ -383,22 +411,20 @@ impl From<ReplyError> for Busy {
     }
 }
 
-/// Opens a checked reply FIFO: at once if its reader is there (however many
-/// HELLOs name it), else from a seat in the waiting table, for as long as
-/// [`handshake_wait`] allows or until a newcomer takes the seat, provided
-/// no other handshake is already waiting on the same FIFO.
+/// Waits for a reader on a checked reply FIFO whose first try failed, from
+/// a seat in the waiting table, for as long as [`handshake_wait`] allows or
+/// until a newcomer takes the seat, provided no other handshake is already
+/// waiting on the same FIFO or path.
 async fn wait_for_reader(
     checked: CheckedReply,
+    path: &Path,
     timeout: Duration,
     pending: &Arc<Pending>,
-) -> Result<(pipe::Sender, crate::fifo::ReplyInfo), Busy> {
+) -> Result<(pipe::Sender, ReplyInfo), Busy> {
     let started = Instant::now();
-    if let Some(opened) = checked.try_open()? {
-        return Ok(opened);
-    }
     // Held while waiting only: once open, the FIFO may serve the client's
     // next HELLO (a script reusing its reply FIFO).
-    let Some(_claim) = pending.claim(checked.info().id()) else {
+    let Some(_claim) = pending.claim(checked.info().id(), path) else {
         return Err(Busy::Busy);
     };
     let Some(seat) = pending.seat() else {
@@ -412,13 +438,36 @@ async fn wait_for_reader(
     Ok(r?)
 }
 
-/// Reads one HELLO and answers it on its reply FIFO, except when that FIFO
-/// is the broker's own or lies in the bus directory (`reply=DIR/hello`,
-/// `reply=<another client>/recv`): then writing `ERR bad-reply` there would
-/// itself be the attack (a line injected into another client's stream, or
-/// into `hello`), so the HELLO is refused in silence, logged and counted
-/// as `bad-reply`, and no client is created.
-async fn handshake(line: &[u8], ctx: &Arc<Context>, pending: &Arc<Pending>) {
+/// A HELLO as far as the `hello` loop takes it: parsed, its reply FIFO
+/// checked and tried once.
+struct Attempt {
+    hello: Hello,
+    /// Why the HELLO is refused, to be said on its reply FIFO.
+    refusal: Option<ProtocolError>,
+    reply: FirstTry,
+}
+
+enum FirstTry {
+    /// The reply FIFO had a reader: it is open.
+    Open(pipe::Sender, ReplyInfo),
+    /// Nobody reads the reply FIFO yet.
+    NoReader(CheckedReply),
+}
+
+/// Everything about a HELLO that never waits, done by the `hello` loop
+/// itself rather than in a task of its own: a client that opened its reply
+/// FIFO first (the client library, `fifobus connect`) is then past its
+/// only system calls before the next line is read, instead of queued behind
+/// every task a flood has made, and a HELLO repeating one that is already
+/// waiting is dropped before any system call. `None`: refused or dropped,
+/// counted and logged; nothing is said to a reply FIFO that failed its
+/// checks.
+///
+/// Refused in silence: a reply FIFO that is the broker's own or lies in
+/// the bus directory (`reply=DIR/hello`, `reply=<another client>/recv`),
+/// since writing `ERR bad-reply` there would itself be the attack (a line
+/// injected into another client's stream, or into `hello`).
+fn first_attempt(line: &[u8], ctx: &Context, pending: &Pending) -> Option<Attempt> {
     let (hello, refusal) = match Hello::parse(line) {
         Ok(h) => (h, None),
         Err(HelloRejected { reply: None, error }) => {
@@ -429,7 +478,7 @@ async fn handshake(line: &[u8], ctx: &Arc<Context>, pending: &Arc<Pending>) {
                 "refused a HELLO with no usable reply=: {}",
                 error.text
             );
-            return;
+            return None;
         }
         Err(HelloRejected {
             reply: Some(r),
@@ -444,49 +493,81 @@ async fn handshake(line: &[u8], ctx: &Arc<Context>, pending: &Arc<Pending>) {
             (h, Some(error))
         }
     };
+    if pending.waited_on(&hello.reply) {
+        reply_busy(&hello.reply, ctx);
+        return None;
+    }
+    let tried = check_reply(&hello.reply, ctx).and_then(|checked| {
+        Ok(match checked.try_open()? {
+            Some((tx, info)) => FirstTry::Open(tx, info),
+            None => FirstTry::NoReader(checked),
+        })
+    });
+    match tried {
+        Ok(reply) => Some(Attempt {
+            hello,
+            refusal,
+            reply,
+        }),
+        Err(e) => {
+            reply_failed(&e, ctx);
+            None
+        }
+    }
+}
+
+/// A HELLO dropped because another handshake waits on its reply FIFO.
+fn reply_busy(reply: &Path, ctx: &Context) {
+    ctx.counters.handshake_rejected(Rejection::ReplyBusy);
+    warn_throttled!(
+        ctx.throttle,
+        "reply-busy",
+        "dropped a HELLO naming {}: another handshake is already waiting for that FIFO to be opened",
+        reply.display()
+    );
+}
+
+/// A HELLO given up because its reply FIFO failed a check or was not
+/// opened in time.
+fn reply_failed(e: &ReplyError, ctx: &Context) {
+    ctx.counters.handshake_rejected(match e {
+        ReplyError::NoReader(..) => Rejection::ReplyTimeout,
+        _ => Rejection::Code(ErrorCode::BadReply),
+    });
+    if e.is_injection() {
+        warn_throttled!(
+            ctx.throttle,
+            "bad-reply",
+            "refused a HELLO without answering it (bad-reply): {e}"
+        );
+    } else {
+        warn_throttled!(ctx.throttle, "bad-reply", "abandoned a handshake: {e}");
+    }
+}
+
+/// Finishes a handshake the `hello` loop started: waits for the reply
+/// FIFO's reader if need be, makes the client and answers.
+async fn handshake(attempt: Attempt, ctx: &Arc<Context>, pending: &Arc<Pending>) {
+    let Attempt {
+        hello,
+        refusal,
+        reply,
+    } = attempt;
     let timeout = ctx.config.handshake_timeout;
-    let reply = match check_reply(&hello.reply, ctx) {
-        Ok(checked) => tokio::select! {
-            r = wait_for_reader(checked, timeout, pending) => r,
+    let opened = match reply {
+        FirstTry::Open(tx, info) => Ok((tx, info)),
+        FirstTry::NoReader(checked) => tokio::select! {
+            r = wait_for_reader(checked, &hello.reply, timeout, pending) => r,
             () = ctx.cancel.cancelled() => {
                 refuse_for_shutdown(&hello.reply, ctx).await;
                 return;
             }
         },
-        Err(e) => Err(Busy::Reply(e)),
     };
-    let reply = match reply {
-        Err(Busy::Busy) => {
-            ctx.counters.handshake_rejected(Rejection::ReplyBusy);
-            warn_throttled!(
-                ctx.throttle,
-                "reply-busy",
-                "dropped a HELLO naming {}: another handshake is already waiting for that FIFO to be opened",
-                hello.reply.display()
-            );
-            return;
-        }
-        Err(Busy::Reply(e)) => Err(e),
-        Ok(r) => Ok(r),
-    };
-    let (reply, info) = match reply {
+    let (reply, info) = match opened {
         Ok(r) => r,
-        Err(e) => {
-            ctx.counters.handshake_rejected(match e {
-                ReplyError::NoReader(..) => Rejection::ReplyTimeout,
-                _ => Rejection::Code(ErrorCode::BadReply),
-            });
-            if e.is_injection() {
-                warn_throttled!(
-                    ctx.throttle,
-                    "bad-reply",
-                    "refused a HELLO without answering it (bad-reply): {e}"
-                );
-            } else {
-                warn_throttled!(ctx.throttle, "bad-reply", "abandoned a handshake: {e}");
-            }
-            return;
-        }
+        Err(Busy::Busy) => return reply_busy(&hello.reply, ctx),
+        Err(Busy::Reply(e)) => return reply_failed(&e, ctx),
     };
     // The client's identity is who owns its reply FIFO (`info.uid`).
     let answer = match refusal {

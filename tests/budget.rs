@@ -147,6 +147,44 @@ fn max_subscriptions_refuses_the_next_sub_and_the_client_carries_on() {
     assert_eq!(barrier(&mut c), ["MSG d now"]);
 }
 
+/// Subscriptions count in `--max-memory` and may take half of it: with a
+/// 1 MiB budget, about 1,300 short patterns fit in all. Past that, SUB is
+/// refused (the client carries on), for every client, and room comes back
+/// when a client leaves.
+#[test]
+fn subscriptions_are_bounded_by_half_the_memory_budget() {
+    let bus = TempBus::start_with(&["--max-memory", "1MiB"]);
+    let mut a = bus.connect("a", &[]);
+    let mut subs = String::new();
+    for i in 0..2000 {
+        subs.push_str(&format!("SUB s.{i}\n"));
+    }
+    a.send_raw(subs.as_bytes()).unwrap();
+    let got = barrier(&mut a);
+    assert!(
+        got.iter().all(|l| l.starts_with(
+            "ERR too-many-subscriptions the broker's subscriptions use half its memory budget"
+        )),
+        "{:?}",
+        &got[..got.len().min(3)]
+    );
+    let accepted = 2000 - got.len();
+    // 512 KiB at 400 bytes plus the pattern (3 to 6 bytes) each.
+    assert!((1280..=1310).contains(&accepted), "{accepted} accepted");
+    a.send_raw(b"PUB s.0 first\n").unwrap();
+    assert_eq!(barrier(&mut a), ["MSG s.0 first"]);
+    // The budget is the broker's: another client is refused too.
+    let mut b = bus.connect("b", &[]);
+    b.send_raw(b"SUB other\n").unwrap();
+    let got = barrier(&mut b);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].starts_with("ERR too-many-subscriptions "), "{got:?}");
+    // Once a leaves, its room is back.
+    a.bye(T).unwrap();
+    b.send_raw(b"SUB other\nPUB other back\n").unwrap();
+    assert_eq!(barrier(&mut b), ["MSG other back"]);
+}
+
 /// Ten publishers send 200,000 64-byte messages at once to one subscriber
 /// reading as fast as it can. The old default of 100,000 lines per backlog
 /// dropped about 2,000 of them; with bytes as the binding cap (64 MiB; the
