@@ -94,7 +94,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            warn(format_args!("error: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -108,7 +108,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         ) {
             (Ok(t), Ok(i), Ok(h)) => (t, i, h),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-                eprintln!("error: cannot install signal handlers: {e}");
+                warn(format_args!("error: cannot install signal handlers: {e}"));
                 return Ok(false);
             }
         };
@@ -136,10 +136,18 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e}");
+            warn(format_args!("error: {e}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// A line on stderr that may be lost: `eprintln!` panics when stderr is a
+/// pipe whose reader is gone (`fifobus serve 2>&1 | tee log`, then Ctrl-C),
+/// and the broker must still stop cleanly then.
+fn warn(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// `fifobus bench ARGS...`: runs `fifobus-bench ARGS...`, a crate of its own
@@ -224,5 +232,8 @@ fn init_logging(default: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
+        // Its default reports a failed write with `eprintln!`, which panics
+        // on the same broken stderr: a lost log line must cost only itself.
+        .log_internal_errors(false)
         .init();
 }
