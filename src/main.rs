@@ -200,9 +200,18 @@ fn stats(dir: &std::path::Path, args: &StatsArgs) -> ExitCode {
             .as_deref()
             .map(fifobus::metrics_token::BearerToken::load)
             .transpose()?;
-        let before = stats::scrape(&url, token.as_ref())?;
+        let scrape = || {
+            stats::scrape(&url, token.as_ref()).map_err(|e| match e {
+                e if args.url.is_none() && e.is_refused() => stats::StatsError::NoBroker {
+                    dir: dir.display().to_string(),
+                    url: url.clone(),
+                },
+                e => e,
+            })
+        };
+        let before = scrape()?;
         std::thread::sleep(args.interval);
-        let now = stats::scrape(&url, token.as_ref())?;
+        let now = scrape()?;
         let secs = args.interval.as_secs_f64().max(1e-3);
         Ok(format!(
             "fifobus on {} ({url}, rates over {:?})\n{}",
