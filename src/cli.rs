@@ -112,7 +112,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "1h", value_name = "DURATION|off", value_parser = parse_timeout)]
     // Spelt out so clap takes the whole Option from the parser (`off`: None).
     pub orphan_timeout: ::std::option::Option<Duration>,
-    /// Serve Prometheus /metrics and /healthz here (HOST:PORT), or 'off' [default: 127.0.0.1:9478, or a free loopback port if that is taken]
+    /// Serve Prometheus /metrics and /healthz here (HOST:PORT; taken: an error at start), or 'off' [default: 127.0.0.1:9478, or, if that is taken, a free loopback port, logged and written to DIR/metrics.addr]
     #[arg(long, default_value = "default", hide_default_value = true)]
     pub metrics_addr: MetricsEndpoint,
     /// Topics with their own metric series; the rest are summed under topic="_other"

@@ -681,3 +681,54 @@ fn bench_passes_through_to_fifobus_bench() {
     let (_, out, _) = sh(r#""$X" bench"#, &env, T);
     assert_eq!(out, "|/old/fifobus\n");
 }
+
+/// An explicit `--metrics-addr` that is taken is an error at start: a
+/// Prometheus configured for it must never scrape some other broker.
+#[test]
+fn an_explicit_metrics_addr_that_is_taken_is_an_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let bus = TempBus::new(BusOptions::default()).unwrap();
+    let mut child = bus.spawn_raw(&["--metrics-addr", &addr]);
+    let status = wait_child(&mut child, T).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the broker still runs with a taken --metrics-addr")
+    });
+    assert_eq!(status.code(), Some(1), "{}", bus.log_text());
+    let log = bus.log_text();
+    assert!(
+        log.contains(&format!("cannot serve metrics on {addr}"))
+            && log.contains("never falls back"),
+        "{log}"
+    );
+    assert!(!bus.dir.join("hello").exists(), "it did not serve");
+}
+
+/// Only the default address falls back, and then it says so: in the log,
+/// and in metrics.addr (what `stats` and the Prometheus file_sd recipe read).
+#[test]
+fn only_the_default_metrics_addr_falls_back_and_says_so() {
+    // Taken, by this test or by whatever already listens there.
+    let _hold = std::net::TcpListener::bind(fifobus::config::DEFAULT_METRICS_ADDR);
+    let mut bus = TempBus::new(BusOptions::default()).unwrap();
+    bus.spawn(&["--metrics-addr", "default"]);
+    assert!(
+        bus.log_text().contains(&format!(
+            "cannot serve metrics on {}",
+            fifobus::config::DEFAULT_METRICS_ADDR
+        )),
+        "{}",
+        bus.log_text()
+    );
+    let recorded = fs::read_to_string(bus.dir.join("metrics.addr")).unwrap();
+    let recorded = recorded.trim();
+    assert_ne!(recorded, fifobus::config::DEFAULT_METRICS_ADDR);
+    assert!(recorded.starts_with("127.0.0.1:"), "{recorded}");
+    let (status, out, err) = run(fifobus(&bus.dir, &["stats", "--interval", "10ms"]));
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains(recorded),
+        "stats scrapes the recorded port: {out}"
+    );
+}
