@@ -13,7 +13,7 @@
 //! `epoll_wait` with no timers.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -33,15 +33,12 @@ impl PidWatch {
     /// # Errors
     /// `NotFound` when no such process exists; `EMFILE` when out of descriptors.
     pub fn open(pid: i32) -> io::Result<PidWatch> {
-        // SAFETY: pidfd_open(2) takes two integers (pid_t, unsigned flags),
-        // reads and writes no memory of ours, and returns a new fd or -1.
-        let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: rc >= 0 is a descriptor pidfd_open just created; nothing
-        // else in the process holds it, so this OwnedFd is its only owner.
-        let fd = unsafe { OwnedFd::from_raw_fd(rc as RawFd) };
+        // pidfd_open(2) refuses pid <= 0 with EINVAL; rustix's Pid cannot hold it.
+        let pid = (pid > 0)
+            .then(|| rustix::process::Pid::from_raw(pid))
+            .flatten()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK)?;
         Ok(PidWatch { fd: register(fd)? })
     }
 

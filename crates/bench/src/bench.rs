@@ -795,13 +795,11 @@ fn push_latency(
     }
 }
 
-/// The table's width: it fits a terminal of 100 columns.
-pub const TABLE_WIDTH: usize = 100;
 /// Scenario names longer than this wrap onto the next lines.
 const SCENARIO_WIDTH: usize = 46;
 
 /// Prints the rows as a table, each figure beside its ceiling, in at most
-/// [`TABLE_WIDTH`] columns; the notes (how each ceiling was measured, what
+/// 100 columns; the notes (how each ceiling was measured, what
 /// a figure includes) are in `--json`, so they do not widen the table.
 pub fn render(rows: &[Measurement]) -> String {
     use std::fmt::Write as _;
@@ -1602,7 +1600,7 @@ mod tests {
             "MISSED is explained: {table}"
         );
         for line in table.lines() {
-            assert!(line.chars().count() <= TABLE_WIDTH, "{line:?}");
+            assert!(line.chars().count() <= 100, "{line:?}");
         }
         assert!(!table.contains("a long note"));
         assert!(only_matches("latency") && only_matches("1 -> 1") && only_matches("floods"));
