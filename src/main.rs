@@ -37,17 +37,22 @@ fn main() -> ExitCode {
 
 /// `--max-memory`'s default, from what this machine (or the cgroup the
 /// broker runs in) has; the rule is [`fifobus::config::default_max_memory`].
+/// `/proc` is read through procfs: MemTotal in bytes, and the cgroup v2
+/// path (hierarchy 0) whose memory.max bounds us.
 fn machine_memory_budget() -> usize {
-    use fifobus::config::{default_max_memory, parse_meminfo, parse_memory_max};
-    let total = std::fs::read_to_string("/proc/meminfo")
+    use fifobus::config::{default_max_memory, parse_memory_max};
+    use procfs::Current;
+    let total = procfs::Meminfo::current()
         .ok()
-        .and_then(|t| parse_meminfo(&t));
-    // cgroup v2: "0::/some/path" names our group under /sys/fs/cgroup.
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .and_then(|m| usize::try_from(m.mem_total).ok());
+    let cgroup = procfs::process::Process::myself()
+        .and_then(|p| p.cgroups())
         .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .and_then(|groups| {
+            groups
+                .into_iter()
+                .find(|g| g.hierarchy == 0)
+                .map(|g| g.pathname)
         })
         .and_then(|path| {
             std::fs::read_to_string(format!(

@@ -51,13 +51,7 @@ impl PidWatch {
     /// # Errors
     /// `ESRCH` when the process is gone; an I/O error reading `/proc`.
     pub fn owner(&self, pid: i32) -> io::Result<u32> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"));
-        let uid = status.as_deref().ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|u| u.parse::<u32>().ok())
-        });
+        let status = procfs::process::Process::new(pid).and_then(|p| p.status());
         let mut fds = [libc::pollfd {
             fd: self.fd.get_ref().as_raw_fd(),
             events: libc::POLLIN,
@@ -71,12 +65,13 @@ impl PidWatch {
         if fds[0].revents & libc::POLLIN != 0 {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
-        match (uid, status) {
-            (Some(uid), _) => Ok(uid),
-            (None, Err(e)) => Err(e),
-            (None, Ok(_)) => Err(io::Error::other(format!(
-                "no Uid: line in /proc/{pid}/status"
-            ))),
+        match status {
+            Ok(status) => Ok(status.ruid),
+            Err(procfs::ProcError::NotFound(_)) => Err(io::ErrorKind::NotFound.into()),
+            Err(procfs::ProcError::PermissionDenied(_)) => {
+                Err(io::ErrorKind::PermissionDenied.into())
+            }
+            Err(e) => Err(io::Error::other(format!("/proc/{pid}/status: {e}"))),
         }
     }
 
