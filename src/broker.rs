@@ -48,7 +48,7 @@ pub enum BrokerError {
     },
     #[error(transparent)]
     MetricsToken(#[from] crate::metrics_token::TokenError),
-    #[error("cannot serve metrics on {addr}: {source} (choose another --metrics-addr, or --metrics-addr off)")]
+    #[error("cannot serve metrics on {addr}: {source} (an explicit --metrics-addr never falls back, so a scraper configured for it never reaches another broker; choose a free HOST:PORT, leave --metrics-addr out to take 127.0.0.1:9478 or else a free port recorded in metrics.addr, or give --metrics-addr off)")]
     MetricsAddr {
         addr: String,
         source: std::io::Error,
@@ -148,7 +148,10 @@ async fn serve(
         Err(source) => {
             bus.remove();
             return Err(BrokerError::MetricsAddr {
-                addr: format!("{:?}", config.metrics),
+                addr: match config.metrics {
+                    crate::config::MetricsEndpoint::At(a) => a.to_string(),
+                    _ => crate::config::DEFAULT_METRICS_ADDR.to_owned(),
+                },
                 source,
             });
         }

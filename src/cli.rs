@@ -11,20 +11,24 @@ use crate::router::OverflowPolicy;
 
 const EXAMPLES: &str = "\
 Examples:
-  fifobus serve &                               # start a broker on the default directory
-  fifobus sub 'chat.>' -v                       # print every chat message with its topic
-  fifobus pub chat.room 'hello, world'          # publish one message
-  tail -f app.log | fifobus pub logs.app        # publish one message per line
-  cdir=$(fifobus connect --sub 'chat.>')        # a raw client, ended with this script: use $cdir/send and $cdir/recv
+  fifobus serve &                          # start a broker on the default directory
+  fifobus sub 'chat.>' -v                  # print every chat message with its topic
+  fifobus pub chat.room 'hello, world'     # publish one message
+  tail -f app.log | fifobus pub logs.app   # publish one message per line
+  cdir=$(fifobus connect --sub 'chat.>')   # a raw client: $cdir/send, $cdir/recv
 
-The bus directory is --dir, else $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /run/fifobus for root, else /tmp/fifobus-<uid>.
-Protocol: docs/protocol.md";
+Quote patterns: an unquoted > is a shell redirection.
+The bus directory is --dir, else $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus,
+else /run/fifobus for root, else /tmp/fifobus-<uid>.
+Durations take a unit (5s, 500ms, 1h) or are seconds (5, 0.5).
+Clients in any language speak a line protocol on the FIFOs: docs/protocol.md in
+the fifobus source (its README.md lists the rest of the documentation).";
 
 #[derive(Debug, Parser)]
 #[command(name = "fifobus", version, about = "A message broker for local processes over named pipes", after_help = EXAMPLES, args_override_self = true)]
 pub struct Cli {
-    /// Bus directory [default: $FIFOBUS_DIR, else $XDG_RUNTIME_DIR/fifobus, else /tmp/fifobus-UID]
-    #[arg(long, global = true, value_name = "DIR")]
+    /// Bus directory [default: $XDG_RUNTIME_DIR/fifobus, else /run/fifobus for root, else /tmp/fifobus-UID]
+    #[arg(long, global = true, value_name = "DIR", env = "FIFOBUS_DIR")]
     pub dir: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -45,12 +49,12 @@ pub enum Command {
     Connect(ConnectArgs),
     /// Publish one message, or one message per line of stdin
     #[command(
-        after_help = "Examples:\n  fifobus pub chat.room 'hello'\n  printf 'a\\nb\\n' | fifobus pub chat.room"
+        after_help = "Examples:\n  fifobus pub chat.room 'hello'\n  printf 'a\\nb\\n' | fifobus pub chat.room\n\nExit status: 0 when the broker took every message; 1 when it refused one, when no broker\nruns or it went away, or on other errors; 2 on a bad command line."
     )]
     Pub(PubArgs),
-    /// Print messages matching patterns until COUNT messages, a timeout, or SIGINT
+    /// Print messages matching patterns until COUNT messages, a time limit, or SIGINT
     #[command(
-        after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5) || echo 'no answer'\n\nExit status: 0 when done, 124 when --timeout passes without a message, 1 on errors."
+        after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5s) || echo 'no answer'\n  fifobus sub 'logs.>' --idle 30s   # until the logs go quiet for 30 s\n\nExit status: 0 after COUNT messages, or when the reader of stdout goes away; 124 when\n--timeout or --idle ends it first (as timeout(1)); 1 when no broker runs, the broker\nstops or goes away, or on other errors; 2 on a bad command line."
     )]
     Sub(SubArgs),
     /// Show the broker's throughput, backlogs, drops and errors (from its /metrics)
@@ -93,13 +97,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = "drop-oldest", value_parser = overflow_parser())]
     pub overflow: OverflowPolicy,
     /// How long a client has to open its reply FIFO (e.g. 5s, 500ms)
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
     /// Largest pipe buffer a client FIFO grows to (F_SETPIPE_SZ). A quiet client's FIFOs have one page each; they double while traffic fills them, up to this
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     pub pipe_size: usize,
     /// How long a grown client FIFO must go without filling up before it shrinks back to one page (e.g. 1s, 200ms)
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub pipe_idle: Duration,
     /// Most clients at once [default: what the open-file limit allows]. When full, the client without pid= idle longest is ended to admit a new one
     #[arg(long)]
@@ -108,7 +112,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "1h", value_name = "DURATION|off", value_parser = parse_timeout)]
     // Spelt out so clap takes the whole Option from the parser (`off`: None).
     pub orphan_timeout: ::std::option::Option<Duration>,
-    /// Serve Prometheus /metrics and /healthz here (HOST:PORT), or 'off' [default: 127.0.0.1:9478, or a free loopback port if that is taken]
+    /// Serve Prometheus /metrics and /healthz here (HOST:PORT; taken: an error at start), or 'off' [default: 127.0.0.1:9478, or, if that is taken, a free loopback port, logged and written to DIR/metrics.addr]
     #[arg(long, default_value = "default", hide_default_value = true)]
     pub metrics_addr: MetricsEndpoint,
     /// Topics with their own metric series; the rest are summed under topic="_other"
@@ -144,8 +148,8 @@ pub struct BenchArgs {
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// Time between the two scrapes that rates are computed from
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// Time between the two scrapes that rates are computed from (e.g. 5s, 500ms)
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub interval: Duration,
     /// Rows per table
     #[arg(long, default_value_t = 20)]
@@ -172,8 +176,8 @@ pub struct ConnectArgs {
     /// Tie the client to no process: it lives until BYE, or until idle for the broker's --orphan-timeout (or idle longest when the broker is full)
     #[arg(long)]
     pub no_pid: bool,
-    /// How long to wait for the broker's answer
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// How long to wait for the broker's answer (e.g. 5s, 500ms)
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
     #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
@@ -182,6 +186,7 @@ pub struct ConnectArgs {
 
 #[derive(Debug, Args)]
 pub struct PubArgs {
+    /// The topic to publish on: dot-separated segments, no wildcards (e.g. chat.room)
     pub topic: String,
     /// The message; without it, every line of stdin is one message
     pub message: Option<String>,
@@ -204,9 +209,12 @@ pub struct SubArgs {
     /// Print `topic payload` instead of the payload alone
     #[arg(short, long)]
     pub verbose: bool,
-    /// Exit with status 124 when no message arrives for this many seconds
-    #[arg(long, value_name = "SECS")]
-    pub timeout: Option<f64>,
+    /// Stop after this long in all, with status 124, as timeout(1) and mosquitto_sub -W do (e.g. 5s, 500ms, 5)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Stop with status 124 when no message arrives for this long (e.g. 30s)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle: Option<Duration>,
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-sub")]
     pub name: String,
@@ -226,16 +234,32 @@ fn parse_timeout(s: &str) -> Result<Option<Duration>, String> {
     if s == "off" || s == "none" {
         return Ok(None);
     }
-    match humantime::parse_duration(s) {
+    match parse_duration(s) {
         Ok(d) if !d.is_zero() => Ok(Some(d)),
         Ok(_) => Err(
             "a zero timeout would end every client at once; give a duration such as 1h, or 'off'"
                 .into(),
         ),
-        Err(e) => Err(format!(
-            "'{s}': {e} (give a duration such as 1h or 10m, or 'off')"
-        )),
+        Err(e) => Err(format!("{e}, or 'off'")),
     }
+}
+
+/// Every duration flag: `5s`, `500ms`, `1h30m` (humantime's units), or bare
+/// seconds (`5`, `0.5`), so that no flag takes one form and not the other.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let bare = !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    let parsed = if bare {
+        t.parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| "not a number of seconds".to_owned())
+    } else {
+        humantime::parse_duration(t).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| {
+        format!("'{s}': {e} (give a duration such as 5s, 500ms or 1h, or a number of seconds)")
+    })
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -309,6 +333,21 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert_eq!(parse_mode("750"), Ok(0o750));
         assert!(parse_mode("9").is_err());
+    }
+
+    #[test]
+    fn durations_take_units_and_bare_seconds() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "-1", "1e30", "nan", "5 parsecs", "1.2.3"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_timeout("off"), Ok(None));
+        assert_eq!(parse_timeout("90"), Ok(Some(Duration::from_secs(90))));
+        assert!(parse_timeout("0").is_err());
     }
 
     #[test]

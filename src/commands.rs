@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -17,7 +17,7 @@ use crate::topic::{Pattern, Topic};
 
 /// How long to wait for the broker's answer to a handshake or a barrier.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Exit status when `sub --timeout` passes, as timeout(1) uses.
+/// Exit status when `sub --timeout` or `--idle` ends it, as timeout(1) uses.
 pub const EXIT_TIMEOUT: u8 = 124;
 
 /// A failure to report in one line on stderr.
@@ -34,8 +34,17 @@ pub enum CommandError {
 fn patterns(raw: &[String]) -> Result<Vec<Pattern>, CommandError> {
     raw.iter()
         .map(|p| {
-            Pattern::parse(p.as_bytes())
-                .map_err(|e| CommandError::Usage(format!("invalid pattern '{p}': {e}")))
+            Pattern::parse(p.as_bytes()).map_err(|e| {
+                // `fifobus sub chat.> -v`: the shell took `>` as a redirection.
+                let hint = if p.ends_with('.') {
+                    format!(
+                        "; the shell probably took an unquoted '>' as a redirection (and wrote a file named after the next word): quote the pattern, '{p}>'"
+                    )
+                } else {
+                    String::new()
+                };
+                CommandError::Usage(format!("invalid pattern '{p}': {e}{hint}"))
+            })
         })
         .collect()
 }
@@ -156,11 +165,21 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
     };
     let mut client = Client::connect_with(dir, &opts, ANSWER_TIMEOUT, &handshake(args.bus_owner))?;
     let mut refusals = Refusals::default();
-    if args.message.is_some() {
-        client.send_raw(&message_line)?;
+    let sent = if args.message.is_some() {
+        client.send_raw(&message_line).map_err(CommandError::from)
     } else {
-        publish_lines(&mut client, &topic, &mut refusals)?;
-    }
+        publish_lines(&mut client, &topic, &mut refusals)
+    };
+    sent.map_err(|e| match e {
+        CommandError::Io(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            CommandError::Usage(format!(
+                "the broker on {} went away (nobody reads our send FIFO any more): has it stopped? Start one with: fifobus serve --dir {}",
+                dir.display(),
+                dir.display()
+            ))
+        }
+        e => e,
+    })?;
     for line in client.ping("pub-done", ANSWER_TIMEOUT)? {
         refusals.note(&line);
     }
@@ -253,20 +272,20 @@ fn push_pub(out: &mut Vec<u8>, topic: &Topic, line: &[u8]) {
 }
 
 pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
-    let timeout = match args.timeout {
-        Some(s) => Some(Duration::try_from_secs_f64(s).map_err(|_| {
-            CommandError::Usage(format!(
-                "--timeout {s}: give a number of seconds, such as 5 or 0.5"
-            ))
-        })?),
-        None => None,
-    };
+    // --timeout is a total limit, counted from the start as timeout(1)
+    // does; --idle restarts with every message.
+    let start = Instant::now();
+    let deadline = args.timeout.map(|t| start + t);
     let opts = ConnectOptions {
         name: Some(args.name.clone()),
         pid: Some(std::process::id() as i32),
         subs: patterns(&args.patterns)?,
     };
-    let mut client = Client::connect_with(dir, &opts, ANSWER_TIMEOUT, &handshake(args.bus_owner))?;
+    let answer = args
+        .timeout
+        .map_or(ANSWER_TIMEOUT, |t| t.min(ANSWER_TIMEOUT));
+    let mut client = Client::connect_with(dir, &opts, answer, &handshake(args.bus_owner))?;
+    let mut last_message = Instant::now();
     // Buffered: a burst of messages becomes one write(2); it is flushed
     // before every wait, so each line still shows as soon as it arrives.
     let stdout = io::stdout();
@@ -291,6 +310,7 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                         return reader_gone(e, client);
                     }
                     seen += 1;
+                    last_message = Instant::now();
                     if Some(seen) == args.count {
                         if let Err(e) = out.flush() {
                             return reader_gone(e, client);
@@ -332,18 +352,37 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
             eprintln!("fifobus sub: the broker closed the connection");
             return Ok(ExitCode::FAILURE);
         }
-        match wait_for_input(&client, timeout)? {
+        let idle_end = args.idle.map(|d| last_message + d);
+        let wake_at = match (deadline, idle_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let wait = wake_at.map(|t| t.saturating_duration_since(Instant::now()));
+        match wait_for_input(&client, wait)? {
             Wake::Input => client.fill()?,
             Wake::ReaderGone => {
                 leave(client);
                 return Ok(ExitCode::SUCCESS);
             }
             Wake::TimedOut => {
+                // poll may wake a little early; only a limit that has
+                // passed ends us.
+                let now = Instant::now();
+                let why = if deadline.is_some_and(|d| now >= d) {
+                    let t = args.timeout.unwrap_or_default();
+                    format!("--timeout {} passed", humantime::format_duration(t))
+                } else if idle_end.is_some_and(|d| now >= d) {
+                    let t = args.idle.unwrap_or_default();
+                    format!(
+                        "no message within {} (--idle)",
+                        humantime::format_duration(t)
+                    )
+                } else {
+                    continue;
+                };
                 leave(client);
-                eprintln!(
-                    "fifobus sub: no message within {}s",
-                    args.timeout.unwrap_or_default()
-                );
+                let _ = out.flush();
+                eprintln!("fifobus sub: {why} after {seen} messages");
                 return Ok(ExitCode::from(EXIT_TIMEOUT));
             }
         }

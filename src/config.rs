@@ -90,10 +90,6 @@ mod tests {
             "never under 64 MiB"
         );
         assert_eq!(default_max_memory(None, None), 64 << 20);
-        assert_eq!(
-            parse_meminfo("MemTotal:       16384 kB\nMemFree: 1 kB\n"),
-            Some(16 << 20)
-        );
         assert_eq!(parse_memory_max("max\n"), None);
         assert_eq!(parse_memory_max("1073741824\n"), Some(G));
     }
@@ -160,18 +156,6 @@ pub fn default_max_memory(mem_total: Option<usize>, cgroup_max: Option<usize>) -
         (None, None) => return MIN_DEFAULT_MEMORY,
     };
     (machine / 4).max(MIN_DEFAULT_MEMORY)
-}
-
-/// `MemTotal` from the text of `/proc/meminfo`.
-pub fn parse_meminfo(text: &str) -> Option<usize> {
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let mut words = line.split_whitespace().skip(1);
-    let n: usize = words.next()?.parse().ok()?;
-    match words.next() {
-        Some("kB") => n.checked_mul(1024),
-        None => Some(n),
-        Some(_) => None,
-    }
 }
 
 /// A cgroup v2 `memory.max` ("max" means no limit).

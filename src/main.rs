@@ -37,17 +37,22 @@ fn main() -> ExitCode {
 
 /// `--max-memory`'s default, from what this machine (or the cgroup the
 /// broker runs in) has; the rule is [`fifobus::config::default_max_memory`].
+/// `/proc` is read through procfs: MemTotal in bytes, and the cgroup v2
+/// path (hierarchy 0) whose memory.max bounds us.
 fn machine_memory_budget() -> usize {
-    use fifobus::config::{default_max_memory, parse_meminfo, parse_memory_max};
-    let total = std::fs::read_to_string("/proc/meminfo")
+    use fifobus::config::{default_max_memory, parse_memory_max};
+    use procfs::Current;
+    let total = procfs::Meminfo::current()
         .ok()
-        .and_then(|t| parse_meminfo(&t));
-    // cgroup v2: "0::/some/path" names our group under /sys/fs/cgroup.
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .and_then(|m| usize::try_from(m.mem_total).ok());
+    let cgroup = procfs::process::Process::myself()
+        .and_then(|p| p.cgroups())
         .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .and_then(|groups| {
+            groups
+                .into_iter()
+                .find(|g| g.hierarchy == 0)
+                .map(|g| g.pathname)
         })
         .and_then(|path| {
             std::fs::read_to_string(format!(
@@ -94,7 +99,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            warn(format_args!("error: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -108,7 +113,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         ) {
             (Ok(t), Ok(i), Ok(h)) => (t, i, h),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-                eprintln!("error: cannot install signal handlers: {e}");
+                warn(format_args!("error: cannot install signal handlers: {e}"));
                 return Ok(false);
             }
         };
@@ -136,10 +141,18 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e}");
+            warn(format_args!("error: {e}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// A line on stderr that may be lost: `eprintln!` panics when stderr is a
+/// pipe whose reader is gone (`fifobus serve 2>&1 | tee log`, then Ctrl-C),
+/// and the broker must still stop cleanly then.
+fn warn(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// `fifobus bench ARGS...`: runs `fifobus-bench ARGS...`, a crate of its own
@@ -192,9 +205,18 @@ fn stats(dir: &std::path::Path, args: &StatsArgs) -> ExitCode {
             .as_deref()
             .map(fifobus::metrics_token::BearerToken::load)
             .transpose()?;
-        let before = stats::scrape(&url, token.as_ref())?;
+        let scrape = || {
+            stats::scrape(&url, token.as_ref()).map_err(|e| match e {
+                e if args.url.is_none() && e.is_refused() => stats::StatsError::NoBroker {
+                    dir: dir.display().to_string(),
+                    url: url.clone(),
+                },
+                e => e,
+            })
+        };
+        let before = scrape()?;
         std::thread::sleep(args.interval);
-        let now = stats::scrape(&url, token.as_ref())?;
+        let now = scrape()?;
         let secs = args.interval.as_secs_f64().max(1e-3);
         Ok(format!(
             "fifobus on {} ({url}, rates over {:?})\n{}",
@@ -224,5 +246,8 @@ fn init_logging(default: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
+        // Its default reports a failed write with `eprintln!`, which panics
+        // on the same broken stderr: a lost log line must cost only itself.
+        .log_internal_errors(false)
         .init();
 }

@@ -29,6 +29,23 @@ pub enum StatsError {
     TokenRefused { url: String },
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error("no broker is running on {dir}: {url}, recorded in its metrics.addr, refuses connections (the broker that wrote it is gone); start one with: fifobus serve --dir {dir}")]
+    NoBroker { dir: String, url: String },
+}
+
+impl StatsError {
+    /// Nothing listens at the URL: for an address read from `metrics.addr`,
+    /// the broker that wrote it is gone (killed, or crashed).
+    pub fn is_refused(&self) -> bool {
+        match self {
+            StatsError::Fetch { source, .. } => match source.as_ref() {
+                ureq::Error::ConnectionFailed => true,
+                ureq::Error::Io(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 /// The figures `stats` shows, from one scrape.

@@ -13,7 +13,7 @@
 //! `epoll_wait` with no timers.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -33,15 +33,12 @@ impl PidWatch {
     /// # Errors
     /// `NotFound` when no such process exists; `EMFILE` when out of descriptors.
     pub fn open(pid: i32) -> io::Result<PidWatch> {
-        // SAFETY: pidfd_open(2) takes two integers (pid_t, unsigned flags),
-        // reads and writes no memory of ours, and returns a new fd or -1.
-        let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: rc >= 0 is a descriptor pidfd_open just created; nothing
-        // else in the process holds it, so this OwnedFd is its only owner.
-        let fd = unsafe { OwnedFd::from_raw_fd(rc as RawFd) };
+        // pidfd_open(2) refuses pid <= 0 with EINVAL; rustix's Pid cannot hold it.
+        let pid = (pid > 0)
+            .then(|| rustix::process::Pid::from_raw(pid))
+            .flatten()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK)?;
         Ok(PidWatch { fd: register(fd)? })
     }
 
@@ -54,13 +51,7 @@ impl PidWatch {
     /// # Errors
     /// `ESRCH` when the process is gone; an I/O error reading `/proc`.
     pub fn owner(&self, pid: i32) -> io::Result<u32> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"));
-        let uid = status.as_deref().ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|u| u.parse::<u32>().ok())
-        });
+        let status = procfs::process::Process::new(pid).and_then(|p| p.status());
         let mut fds = [libc::pollfd {
             fd: self.fd.get_ref().as_raw_fd(),
             events: libc::POLLIN,
@@ -74,12 +65,13 @@ impl PidWatch {
         if fds[0].revents & libc::POLLIN != 0 {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
-        match (uid, status) {
-            (Some(uid), _) => Ok(uid),
-            (None, Err(e)) => Err(e),
-            (None, Ok(_)) => Err(io::Error::other(format!(
-                "no Uid: line in /proc/{pid}/status"
-            ))),
+        match status {
+            Ok(status) => Ok(status.ruid),
+            Err(procfs::ProcError::NotFound(_)) => Err(io::ErrorKind::NotFound.into()),
+            Err(procfs::ProcError::PermissionDenied(_)) => {
+                Err(io::ErrorKind::PermissionDenied.into())
+            }
+            Err(e) => Err(io::Error::other(format!("/proc/{pid}/status: {e}"))),
         }
     }
 

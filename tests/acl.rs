@@ -191,7 +191,7 @@ impl Conn {
                 r#"cdir=$("$FIFOBUS" connect --dir "$FIFOBUS_DIR" --name {name} --no-pid) || exit 1"#
             ),
             Via::Recipe(name, subs) => {
-                let recipe = doc_block("docs/protocol.md", "timeout 2 bash");
+                let recipe = doc_block("docs/protocol.md", "trap 'exit 130' INT");
                 let sub = if subs.is_empty() {
                     String::new()
                 } else {

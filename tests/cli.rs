@@ -382,8 +382,170 @@ fn sub_timeout_exits_124_and_says_bye() {
     let (status, out, err) = run(fifobus(&bus.dir, &["sub", "t", "--timeout", "0.3"]));
     assert_eq!(status.code(), Some(124), "{status:?}: {err}");
     assert_eq!(out, "");
-    assert!(err.contains("no message within 0.3s"), "{err}");
+    assert!(err.contains("--timeout 300ms passed"), "{err}");
     wait_no_clients(&bus);
+}
+
+/// `--timeout` is a total limit, as in timeout(1) and mosquitto_sub -W:
+/// messages arriving all the while do not extend it (they did when it was
+/// an idle timeout, which is now `--idle`).
+#[test]
+fn sub_timeout_is_a_total_limit_that_messages_do_not_extend() {
+    let bus = TempBus::start();
+    let started = std::time::Instant::now();
+    let mut sub = Proc::start(fifobus(&bus.dir, &["sub", "t", "--timeout", "1s"]), None);
+    wait_joined(&bus, "fifobus-sub");
+    let mut p = bus.connect("test-publisher", &[]);
+    let mut seen = 0;
+    // One message at a time, each waited for: never a second without one.
+    while sub.running() {
+        assert!(started.elapsed() < T, "sub still running after {T:?}");
+        p.publish(&topic("t"), b"tick").unwrap();
+        match sub.out.recv_timeout(T) {
+            Ok(line) => {
+                assert_eq!(line, "tick\n");
+                seen += 1;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => panic!("sub printed nothing within {T:?}"),
+        }
+    }
+    let (status, _, err) = sub.finish();
+    assert_eq!(status.code(), Some(124), "{status:?}: {err}");
+    assert!(err.contains("--timeout 1s passed"), "{err}");
+    assert!(seen > 1, "messages kept coming: {seen}");
+    p.bye(T).unwrap();
+    wait_no_clients(&bus);
+}
+
+#[test]
+fn sub_idle_exits_124_when_no_message_comes() {
+    let bus = TempBus::start();
+    for idle in ["300ms", "0.3"] {
+        let (status, out, err) = run(fifobus(&bus.dir, &["sub", "t", "--idle", idle]));
+        assert_eq!(status.code(), Some(124), "--idle {idle}: {status:?}: {err}");
+        assert_eq!(out, "");
+        assert!(err.contains("no message within 300ms (--idle)"), "{err}");
+    }
+    // A message restarts the idle clock, and is printed.
+    let sub = Proc::start(fifobus(&bus.dir, &["sub", "t", "--idle", "300ms"]), None);
+    wait_joined(&bus, "fifobus-sub");
+    publish(&bus, &[("t", "one")]);
+    assert_eq!(sub.line(), "one\n");
+    let (status, _, err) = sub.finish();
+    assert_eq!(status.code(), Some(124), "{status:?}: {err}");
+    assert!(err.contains("after 1 messages"), "{err}");
+    wait_no_clients(&bus);
+}
+
+/// `fifobus sub chat.> -v` unquoted: bash runs `fifobus sub chat.` with
+/// stdout to a file named `-v`. The error says what probably happened.
+#[test]
+fn a_pattern_ending_in_a_dot_blames_the_shell_redirection() {
+    let bus = TempBus::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = bash(
+        r#""$B" --dir "$D" sub chat.> -v"#,
+        &[("D", bus.dir.as_os_str())],
+    );
+    cmd.current_dir(tmp.path());
+    let (status, _, err) = run(cmd);
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
+    assert!(
+        err.contains("invalid pattern 'chat.'")
+            && err.contains("unquoted '>' as a redirection")
+            && err.contains("'chat.>'"),
+        "{err}"
+    );
+}
+
+/// The broker stops while `pub` reads stdin: the next write meets a FIFO
+/// without a reader, said in words rather than as `Broken pipe (os error 32)`.
+#[test]
+fn pub_says_the_broker_went_away() {
+    let mut bus = TempBus::start();
+    let mut child = fifobus(&bus.dir, &["pub", "t"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_joined(&bus, "fifobus-pub");
+    assert!(bus.stop(Signal::SIGTERM).success());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"too late\n").unwrap();
+    drop(stdin);
+    let status = wait_child(&mut child, T).expect("pub exits");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("went away")
+            && err.contains("fifobus serve --dir")
+            && !err.contains("os error"),
+        "{err}"
+    );
+}
+
+/// A broker killed with SIGKILL leaves metrics.addr behind; `stats` says
+/// no broker runs and how to start one, as `pub` does, not `Connection refused`.
+#[test]
+fn stats_after_a_crash_says_no_broker_is_running() {
+    let mut bus = TempBus::start();
+    assert!(!bus.stop(Signal::SIGKILL).success());
+    assert!(bus.dir.join("metrics.addr").exists());
+    let (status, out, err) = run(fifobus(&bus.dir, &["stats", "--interval", "10ms"]));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.contains(&format!("no broker is running on {}", bus.dir.display()))
+            && err.contains("start one with: fifobus serve --dir"),
+        "{err}"
+    );
+}
+
+/// Help texts: the top-level examples fit (clap wraps at 100 columns when
+/// not on a terminal) without breaking a comment, `pub` describes TOPIC,
+/// and `--dir` shows that it reads FIFOBUS_DIR.
+#[test]
+fn help_texts_fit_and_name_what_they_take() {
+    let help = |args: &[&str]| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args);
+        let (status, out, err) = run(cmd);
+        assert!(status.success(), "{args:?}: {err}");
+        out
+    };
+    let top = help(&["--help"]);
+    for line in top.lines() {
+        assert!(line.chars().count() <= 100, "too wide: {line:?}");
+    }
+    assert!(
+        top.lines()
+            .any(|l| l.contains("fifobus connect --sub") && l.ends_with("$cdir/recv")),
+        "{top}"
+    );
+    assert!(top.contains("[env: FIFOBUS_DIR"), "{top}");
+    assert!(!top.contains("Protocol: docs/protocol.md"), "{top}");
+    let pub_help = help(&["pub", "--help"]);
+    let topic = pub_help
+        .lines()
+        .skip_while(|l| !l.starts_with("Arguments:"))
+        .find(|l| l.contains("<TOPIC>"))
+        .unwrap_or_else(|| panic!("{pub_help}"));
+    assert!(
+        topic.trim().len() > "<TOPIC>".len(),
+        "no description: {topic:?}"
+    );
+    for cmd in ["pub", "sub"] {
+        let text = help(&[cmd, "--help"]);
+        assert!(text.contains("Exit status:"), "{cmd}: {text}");
+    }
 }
 
 #[test]
@@ -421,9 +583,9 @@ fn out_of_range_timeout_is_a_usage_error() {
     for t in ["1e30", "-1", "nan"] {
         let arg = format!("--timeout={t}");
         let (status, out, err) = run(fifobus(tmp.path(), &["sub", "t", &arg]));
-        assert_eq!(status.code(), Some(1), "--timeout {t}: {status:?} {err}");
+        assert_eq!(status.code(), Some(2), "--timeout {t}: {status:?} {err}");
         assert_eq!(out, "");
-        assert!(err.contains("give a number of seconds"), "{err}");
+        assert!(err.contains("give a duration such as 5s"), "{err}");
     }
 }
 
@@ -518,4 +680,55 @@ fn bench_passes_through_to_fifobus_bench() {
     ];
     let (_, out, _) = sh(r#""$X" bench"#, &env, T);
     assert_eq!(out, "|/old/fifobus\n");
+}
+
+/// An explicit `--metrics-addr` that is taken is an error at start: a
+/// Prometheus configured for it must never scrape some other broker.
+#[test]
+fn an_explicit_metrics_addr_that_is_taken_is_an_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let bus = TempBus::new(BusOptions::default()).unwrap();
+    let mut child = bus.spawn_raw(&["--metrics-addr", &addr]);
+    let status = wait_child(&mut child, T).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the broker still runs with a taken --metrics-addr")
+    });
+    assert_eq!(status.code(), Some(1), "{}", bus.log_text());
+    let log = bus.log_text();
+    assert!(
+        log.contains(&format!("cannot serve metrics on {addr}"))
+            && log.contains("never falls back"),
+        "{log}"
+    );
+    assert!(!bus.dir.join("hello").exists(), "it did not serve");
+}
+
+/// Only the default address falls back, and then it says so: in the log,
+/// and in metrics.addr (what `stats` and the Prometheus file_sd recipe read).
+#[test]
+fn only_the_default_metrics_addr_falls_back_and_says_so() {
+    // Taken, by this test or by whatever already listens there.
+    let _hold = std::net::TcpListener::bind(fifobus::config::DEFAULT_METRICS_ADDR);
+    let mut bus = TempBus::new(BusOptions::default()).unwrap();
+    bus.spawn(&["--metrics-addr", "default"]);
+    assert!(
+        bus.log_text().contains(&format!(
+            "cannot serve metrics on {}",
+            fifobus::config::DEFAULT_METRICS_ADDR
+        )),
+        "{}",
+        bus.log_text()
+    );
+    let recorded = fs::read_to_string(bus.dir.join("metrics.addr")).unwrap();
+    let recorded = recorded.trim();
+    assert_ne!(recorded, fifobus::config::DEFAULT_METRICS_ADDR);
+    assert!(recorded.starts_with("127.0.0.1:"), "{recorded}");
+    let (status, out, err) = run(fifobus(&bus.dir, &["stats", "--interval", "10ms"]));
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains(recorded),
+        "stats scrapes the recorded port: {out}"
+    );
 }

@@ -178,3 +178,179 @@ fn clients_say_so_when_no_broker_runs() {
         );
     }
 }
+
+/// The shell recipes of README.md and docs/protocol.md, as `bash -c`
+/// scripts: (what, script, what it prints or publishes on chat.room).
+fn shell_recipes() -> Vec<(&'static str, String)> {
+    let then_pub = "echo 'PUB chat.room from the recipe' > \"$cdir/send\"\n";
+    vec![
+        ("README terminal 1", doc_block("README.md", "name=alice")),
+        ("README terminal 2", doc_block("README.md", "name=bob")),
+        (
+            "protocol.md shortest handshake",
+            doc_block("docs/protocol.md", "# $cdir/send and $cdir/recv are ready") + then_pub,
+        ),
+        (
+            "protocol.md safe handshake",
+            doc_block("docs/protocol.md", "trap 'exit 130' INT") + then_pub,
+        ),
+        (
+            "protocol.md bash printer",
+            doc_block("docs/protocol.md", "name=printer"),
+        ),
+    ]
+}
+
+/// The recipes need `DIR`: the README's computes it, protocol.md's take it
+/// from the surrounding script.
+fn with_dir(script: &str) -> String {
+    format!("DIR=$FIFOBUS_DIR\n{script}")
+}
+
+/// Runs `bash -c script` in a process group of its own with `FIFOBUS_DIR`
+/// = `dir`; after `T` the whole group is killed (a recipe's subshell blocked
+/// in `open(hello)` would otherwise outlive its bash) and `None` returned.
+fn run_recipe(script: &str, dir: &Path) -> Option<(std::process::ExitStatus, String, String)> {
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(with_dir(script))
+        .env("FIFOBUS_DIR", dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
+    let err = std::thread::spawn(move || std::io::read_to_string(err).unwrap_or_default());
+    let status = wait_child(&mut child, T);
+    // Whatever the recipe left running (nothing, if it behaves) goes too.
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let status = status.or_else(|| {
+        let _ = child.wait();
+        None
+    })?;
+    Some((status, out.join().unwrap(), err.join().unwrap()))
+}
+
+/// Every documented shell recipe, with no broker running, ends on its own
+/// (within its 2 s write limit), says so, and leaves no regular `hello`:
+/// whether the bus directory is missing, empty, or holds the FIFO a broker
+/// killed with SIGKILL left behind (a `hello` nobody reads).
+#[test]
+fn documented_shell_recipes_refuse_to_hang_without_a_broker() {
+    let tmp = temp_root();
+    let missing = tmp.path().join("missing");
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let stale = tmp.path().join("stale");
+    std::fs::create_dir(&stale).unwrap();
+    nix::unistd::mkfifo(
+        &stale.join("hello"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    // All at once: the stale cases each take the 2 s write limit.
+    let runs: Vec<_> = shell_recipes()
+        .into_iter()
+        .flat_map(|(what, script)| {
+            [&missing, &empty, &stale].map(|dir| {
+                let script = script.clone();
+                let env = dir.clone();
+                let run = std::thread::spawn(move || run_recipe(&script, &env));
+                (what, dir.clone(), run)
+            })
+        })
+        .collect();
+    for (what, dir, run) in runs {
+        let what = format!("{what} on {}", dir.display());
+        let (status, out, err) = run
+            .join()
+            .unwrap()
+            .unwrap_or_else(|| panic!("{what}: still running after {T:?}"));
+        assert_eq!(status.code(), Some(1), "{what}: {status:?} {err}");
+        assert!(out.is_empty(), "{what}: printed {out:?}");
+        assert!(err.contains("no broker"), "{what}: {err}");
+    }
+    assert!(!missing.exists(), "no recipe creates the bus directory");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "nor a hello");
+    let hello = std::fs::symlink_metadata(stale.join("hello")).unwrap();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(&hello.file_type()),
+        "the stale hello is still a FIFO"
+    );
+}
+
+/// The same recipes against a running broker: the README's two terminals
+/// chat, and each protocol.md recipe reaches a subscriber.
+#[test]
+fn documented_shell_recipes_chat_through_a_broker() {
+    use std::os::unix::process::CommandExt;
+    let bus = TempBus::start();
+    let mut watcher = bus.connect("watcher", &["chat.>"]);
+    barrier(&mut watcher);
+    let recipes = shell_recipes();
+    // The two that print what they receive run in the background, each in
+    // a process group of its own that the test ends.
+    let listen = |what: &str, script: &str| {
+        let mut child = Command::new("bash")
+            .arg("-c")
+            .arg(with_dir(script))
+            .env("FIFOBUS_DIR", &bus.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        (what.to_owned(), child, move || {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            line
+        })
+    };
+    let mut listeners = Vec::new();
+    for (what, script) in &recipes {
+        if what.contains("terminal 1") || what.contains("printer") {
+            listeners.push(listen(what, script));
+        }
+    }
+    // Both listeners are subscribed once their client directories exist.
+    assert!(
+        wait_for(&bus.clients_dir(), T, || bus.client_dirs().len() == 3),
+        "both listeners connected"
+    );
+    for (what, script) in &recipes {
+        if what.contains("terminal 1") || what.contains("printer") {
+            continue;
+        }
+        let (status, _out, err) =
+            run_recipe(script, &bus.dir).unwrap_or_else(|| panic!("{what}: hangs"));
+        assert!(status.success(), "{what}: {status:?} {err}");
+        let line = watcher.read_line(Some(T)).unwrap().unwrap();
+        let line = String::from_utf8_lossy(&line).into_owned();
+        assert!(line.starts_with("MSG chat.room "), "{what}: {line}");
+        for (who, _, read) in &mut listeners {
+            let got = read();
+            let want = if who.contains("printer") {
+                line["MSG chat.room ".len()..].to_owned()
+            } else {
+                line.clone()
+            };
+            assert_eq!(got.trim_end(), want, "{who} after {what}");
+        }
+    }
+    for (_, mut child, _) in listeners {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        assert!(wait_child(&mut child, T).is_some());
+    }
+}

@@ -341,3 +341,58 @@ fn lines_written_just_before_a_pid_client_exits_are_delivered() {
         "the 40 exited clients are gone"
     );
 }
+
+/// `fifobus serve 2>&1 | tee log`, then Ctrl-C: the reader of the broker's
+/// stderr is gone before the broker's last log lines. A failed log write
+/// must cost the log line, never the broker: clients still get BYE, the
+/// FIFOs and directories go, and the exit status is 0.
+#[test]
+fn broker_whose_log_reader_exits_still_stops_cleanly() {
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut bus = TempBus::new(BusOptions::default()).unwrap();
+        let mut broker = Command::new(bin())
+            .args(["serve", "--metrics-addr", "127.0.0.1:0", "--dir"])
+            .arg(&bus.dir)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The log reader: takes the first line, then exits, as tee does on
+        // Ctrl-C; the broker keeps the only write end of that pipe.
+        let mut reader = Command::new("head")
+            .args(["-n", "1"])
+            .stdin(broker.stderr.take().unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        bus.child = Some(broker);
+        let hello = bus.dir.join("hello");
+        assert!(
+            wait_for(&hello, T, || hello.exists()),
+            "{sig}: broker serves"
+        );
+        assert!(
+            wait_child(&mut reader, T).is_some_and(|s| s.success()),
+            "{sig}: the log reader exited"
+        );
+        // Every handshake, command and removal below is logged at debug:
+        // each of those writes meets a pipe without a reader.
+        let mut c = bus.connect("c", &["t"]);
+        let mut p = bus.connect("p", &[]);
+        p.publish(&topic("t"), b"after-the-reader").unwrap();
+        barrier(&mut p);
+        assert_eq!(barrier(&mut c), ["MSG t after-the-reader"], "{sig}");
+        let dir = c.dir().to_owned();
+        let status = bus.stop(sig);
+        assert_eq!(status.code(), Some(0), "{sig}: clean exit, not a panic");
+        assert!(
+            read_until(&mut c, "BYE").is_empty(),
+            "{sig}: BYE to clients"
+        );
+        assert_eq!(c.read_line(Some(T)).unwrap(), None, "{sig}: then EOF");
+        assert!(!dir.exists(), "{sig}: client directory removed");
+        assert!(!bus.dir.exists(), "{sig}: bus directory removed");
+    }
+}

@@ -279,12 +279,63 @@ fn dashboard_queries() -> Vec<String> {
                 target["expr"]
                     .as_str()
                     .unwrap()
-                    .replace("$__rate_interval", "15s"),
+                    .replace("$__rate_interval", "15s")
+                    // The job and instance variables, as Grafana's "All".
+                    .replace("$job", ".+")
+                    .replace("$instance", ".+"),
             );
         }
     }
     assert!(out.len() >= 20, "the dashboard has its queries");
     out
+}
+
+/// The dashboard works for any job name and any number of brokers: job and
+/// instance variables that every query filters on, and one unit per panel
+/// (each panel declares it, and shows one kind of quantity).
+#[test]
+fn dashboard_has_job_and_instance_variables_and_a_unit_per_panel() {
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("grafana/dashboards/fifobus.json")).unwrap(),
+    )
+    .unwrap();
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        vars.contains(&"job") && vars.contains(&"instance"),
+        "{vars:?}"
+    );
+    for panel in dash["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap();
+        assert!(
+            panel["fieldConfig"]["defaults"]["unit"].is_string(),
+            "{title}: no unit"
+        );
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(
+                expr.contains(r#"job=~"$job""#) && expr.contains(r#"instance=~"$instance""#),
+                "{title}: {expr}"
+            );
+            assert!(
+                !expr.contains(r#"job="fifobus""#),
+                "{title}: a fixed job: {expr}"
+            );
+        }
+        // The panel that mixed CPU seconds, MiB and descriptors is gone.
+        let exprs: Vec<&str> = panel["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["expr"].as_str().unwrap())
+            .collect();
+        let process = exprs.iter().filter(|e| e.contains("process_")).count();
+        assert!(process <= 1, "{title} mixes process metrics: {exprs:?}");
+    }
 }
 
 /// Every dashboard query evaluates and returns at least one series.

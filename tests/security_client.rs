@@ -263,7 +263,7 @@ fn examples() -> PathBuf {
 /// The README's terminal-2 chat, the protocol's safe handshake (finishing
 /// with one PUB) and the example clients, as `bash -c` scripts.
 fn shell_clients(c_bin: &Path) -> Vec<(&'static str, String)> {
-    let safe = doc_block("docs/protocol.md", "timeout 2 bash")
+    let safe = doc_block("docs/protocol.md", "trap 'exit 130' INT")
         + "echo 'PUB chat.room from the safe recipe' > \"$cdir/send\"\n";
     vec![
         ("README chat", doc_block("README.md", "name=bob")),

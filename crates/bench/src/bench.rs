@@ -202,6 +202,26 @@ type Result<T> = std::result::Result<T, BenchError>;
 /// Upper bound for any one scenario; a broker that stalls is reported, not waited on forever.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
 
+/// The scenario groups, as `--only` names them (a group runs when its name
+/// contains the `--only` text; "floods" only when named).
+pub const GROUPS: [&str; 10] = [
+    "1 -> 1",
+    "1 -> 10",
+    "10 -> 1",
+    "100 topics",
+    "latency",
+    "saturation",
+    "clients",
+    "memory",
+    "handshake flood",
+    "floods",
+];
+
+/// Whether `--only NAME` selects at least one group.
+pub fn only_matches(name: &str) -> bool {
+    GROUPS.iter().any(|g| g.contains(name))
+}
+
 /// Runs every scenario and returns the rows in order.
 ///
 /// # Errors
@@ -775,25 +795,35 @@ fn push_latency(
     }
 }
 
-/// Prints the rows as a table, each figure beside its ceiling.
+/// Scenario names longer than this wrap onto the next lines.
+const SCENARIO_WIDTH: usize = 46;
+
+/// Prints the rows as a table, each figure beside its ceiling, in at most
+/// 100 columns; the notes (how each ceiling was measured, what
+/// a figure includes) are in `--json`, so they do not widen the table.
 pub fn render(rows: &[Measurement]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<52} {:>14} {:>14} {:>7}  {:<16} note",
-        "scenario", "fifobus", "ceiling", "ratio", "target"
+        "{:<SCENARIO_WIDTH$} {:>9} {:>9} {:>6}  target",
+        "scenario", "fifobus", "ceiling", "ratio"
     );
+    let mut missed = false;
     for m in rows {
         let verdict = match m.met() {
             Some(true) => " ok",
-            Some(false) => " MISSED",
+            Some(false) => {
+                missed = true;
+                " MISSED"
+            }
             None => "",
         };
+        let mut name = wrap(&m.scenario, SCENARIO_WIDTH).into_iter();
         let _ = writeln!(
             out,
-            "{:<52} {:>14} {:>14} {:>7}  {:<16} {}",
-            m.scenario,
+            "{:<SCENARIO_WIDTH$} {:>9} {:>9} {:>6}  {}",
+            name.next().unwrap_or_default(),
             human(m.fifobus),
             m.ceiling.map(human).unwrap_or_else(|| "-".into()),
             m.ratio()
@@ -802,10 +832,40 @@ pub fn render(rows: &[Measurement]) -> String {
             m.target
                 .map(|t| format!("{}{verdict}", t.describe()))
                 .unwrap_or_default(),
-            m.note
+        );
+        for more in name {
+            let _ = writeln!(out, "  {more}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nratio: fifobus / ceiling, the same work on bare FIFOs on this machine. Notes: --json."
+    );
+    if missed {
+        let _ = writeln!(
+            out,
+            "MISSED: the ratio is outside its target. On a small or busy machine, rerun it alone first."
         );
     }
     out
+}
+
+/// Splits `text` at spaces into lines of at most `width` characters (a
+/// word longer than that stands alone).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    lines.push(line);
+    lines
 }
 
 fn human(v: f64) -> String {
@@ -1525,7 +1585,26 @@ mod tests {
             .ceiling(10.0)
             .target(Target::RatioAtMost(2.0));
         assert_eq!(m.met(), Some(false));
-        assert!(render(&[m]).contains("MISSED"));
+        let long = Measurement::new(
+            "peak RSS, 10 stuck subscribers, 100 MB flood, drop-oldest, MiB",
+            "MiB",
+            123456.0,
+        )
+        .ceiling(1.0)
+        .target(Target::RatioAtLeast(0.30))
+        .note("a long note that goes only to --json, never into the table's width");
+        let table = render(&[m, long]);
+        assert!(table.contains("MISSED"));
+        assert!(
+            table.lines().any(|l| l.starts_with("MISSED: ")),
+            "MISSED is explained: {table}"
+        );
+        for line in table.lines() {
+            assert!(line.chars().count() <= 100, "{line:?}");
+        }
+        assert!(!table.contains("a long note"));
+        assert!(only_matches("latency") && only_matches("1 -> 1") && only_matches("floods"));
+        assert!(!only_matches("nosuch"));
     }
 
     #[test]

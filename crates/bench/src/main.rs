@@ -27,7 +27,7 @@ struct BenchArgs {
     /// Small counts: seconds instead of minutes (for smoke tests)
     #[arg(long)]
     quick: bool,
-    /// Print the results as JSON on stdout (no progress bar)
+    /// Print the results as JSON on stdout, notes included (no progress bar)
     #[arg(long)]
     json: bool,
     /// Payload bytes per message
@@ -46,6 +46,18 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     let args = BenchArgs::parse();
+    if let Some(only) = args.only.as_deref().filter(|o| !bench::only_matches(o)) {
+        use clap::CommandFactory;
+        BenchArgs::command()
+            .error(
+                clap::error::ErrorKind::InvalidValue,
+                format!(
+                    "--only '{only}' matches no scenario group; the groups are: {}",
+                    bench::GROUPS.map(|g| format!("'{g}'")).join(", ")
+                ),
+            )
+            .exit();
+    }
     let mut opts = if args.quick {
         BenchOptions::quick()
     } else {

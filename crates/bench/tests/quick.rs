@@ -67,3 +67,42 @@ fn bench_quick_reports_every_scenario() {
         throughput["ceiling"].as_f64().unwrap() > 0.0 && throughput["ratio"].as_f64().is_some()
     );
 }
+
+fn bench_bin() -> (&'static str, &'static std::ffi::OsStr) {
+    (
+        "B",
+        std::ffi::OsStr::new(env!("CARGO_BIN_EXE_fifobus-bench")),
+    )
+}
+
+/// `--only` with a name no group has is refused (it used to print an empty
+/// table and exit 0).
+#[test]
+fn bench_rejects_an_unknown_only_group() {
+    let (status, out, err) = sh(
+        r#""$B" --only nosuch"#,
+        &[bench_bin()],
+        std::time::Duration::from_secs(10),
+    );
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.contains("--only 'nosuch' matches no scenario group") && err.contains("'latency'"),
+        "{err}"
+    );
+}
+
+/// The table of a real run fits 100 columns.
+#[test]
+fn bench_table_fits_100_columns() {
+    let (status, out, err) = sh(
+        r#""$B" --quick --only "1 -> 1""#,
+        &[bench_bin()],
+        std::time::Duration::from_secs(120),
+    );
+    assert!(status.success(), "{err}");
+    assert!(out.contains("1 -> 1, msg/s"), "{out}");
+    for line in out.lines() {
+        assert!(line.chars().count() <= 100, "{line:?}");
+    }
+}

@@ -15,7 +15,7 @@ pub mod users;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -358,13 +358,9 @@ pub fn raise_open_file_limit() -> u64 {
 
 /// Waits for a child to exit (pidfd + poll), then reaps it.
 pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    // SAFETY: pidfd_open(2) takes two integers (pid_t, unsigned flags),
-    // touches no memory of ours, and returns a new descriptor or -1.
-    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-    if rc >= 0 {
-        // SAFETY: rc >= 0 is the descriptor pidfd_open just created, owned by
-        // nothing else, so this OwnedFd becomes its only owner.
-        let fd = unsafe { OwnedFd::from_raw_fd(rc as i32) };
+    let pidfd = rustix::process::Pid::from_raw(child.id() as i32)
+        .map(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()));
+    if let Some(Ok(fd)) = pidfd {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
