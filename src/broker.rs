@@ -23,6 +23,7 @@ use crate::counters::Counters;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::router::RouterHandle;
+use crate::state::StateStore;
 use crate::throttle::LogThrottle;
 use crate::watch::FsWatcher;
 use crate::{http, rendezvous};
@@ -48,6 +49,8 @@ pub enum BrokerError {
     },
     #[error(transparent)]
     MetricsToken(#[from] crate::metrics_token::TokenError),
+    #[error(transparent)]
+    Replace(#[from] crate::control::ReplaceError),
     #[error("cannot serve metrics on {addr}: {source} (an explicit --metrics-addr never falls back, so a scraper configured for it never reaches another broker; choose a free HOST:PORT, leave --metrics-addr out to take 127.0.0.1:9478 or else a free port recorded in metrics.addr, or give --metrics-addr off)")]
     MetricsAddr {
         addr: String,
@@ -116,8 +119,20 @@ async fn serve(
         .map(crate::metrics_token::BearerToken::load_private)
         .transpose()?;
 
-    let (mut bus, stale) = BusDir::open(&config.dir, config.mode, config.shared)?;
-    if !stale.is_empty() {
+    let (mut bus, stale) = if config.replace {
+        open_replacing(&config).await?
+    } else {
+        BusDir::open(&config.dir, config.mode, config.shared)?
+    };
+    if config.replace {
+        tracing::info!(
+            "took over from the broker{} (serve --replace)",
+            stale
+                .previous_pid
+                .map(|p| format!(" with pid {p}"))
+                .unwrap_or_default()
+        );
+    } else if !stale.is_empty() {
         tracing::warn!(
             "cleaned up after a broker{} that did not stop cleanly: removed {}{} client director{}",
             stale
@@ -194,8 +209,19 @@ async fn serve(
         }
         None => None,
     };
+    let state_changed = Arc::new(tokio::sync::Notify::new());
+    let router = RouterHandle::spawn_tracking(
+        counters.clone(),
+        config.max_subscriptions,
+        Some(state_changed.clone()),
+    );
+    let state = StateStore::new(bus.take_state(), counters.clone());
     let ctx = Arc::new(Context {
-        router: RouterHandle::spawn(counters.clone(), config.max_subscriptions),
+        router,
+        state,
+        phase: tokio::sync::watch::channel(crate::context::Phase::Serving).0,
+        paused_readers: std::sync::atomic::AtomicUsize::new(0),
+        handshakes: std::sync::atomic::AtomicUsize::new(0),
         clients,
         watcher,
         counters,
@@ -214,6 +240,12 @@ async fn serve(
     if let Some(reload) = reload {
         tokio::spawn(reload_acl_on(reload, ctx.clone()));
     }
+    let state_writer = tokio::spawn(crate::state::run_writer(
+        ctx.state.clone(),
+        ctx.router.clone(),
+        state_changed,
+        ctx.cancel.clone(),
+    ));
     tracing::info!(
         "clients may hold {} MiB in the broker (--max-memory), then the overflow policy applies to the largest backlogs",
         ctx.config.max_memory >> 20
@@ -241,6 +273,11 @@ async fn serve(
             )
         ),
     );
+    let control = crate::control::bind(&ctx);
+    adopt_all(bus.take_adoptable(), &stale, &ctx).await;
+    if let Some(listener) = control {
+        tokio::spawn(crate::control::listen(listener, ctx.clone()));
+    }
     // Last: `hello` appearing is what clients and scripts wait for.
     if let Err(e) = bus.publish_hello() {
         let path = bus.path().join(crate::busdir::HELLO);
@@ -252,8 +289,16 @@ async fn serve(
         }
         .into());
     }
-    // For systemd Type=notify units; a no-op elsewhere.
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // For systemd Type=notify units; a no-op elsewhere. A replacement is
+    // the unit's main process from now on (NotifyAccess=all).
+    if ctx.config.replace {
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Ready,
+        ]);
+    } else {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
     let rendezvous = tracker.spawn(rendezvous::run(bus, ctx.clone()));
 
     shutdown.await;
@@ -262,6 +307,7 @@ async fn serve(
     ctx.cancel.cancel();
     tracker.close();
     let bus = rendezvous.await;
+    let _ = state_writer.await;
     if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
         .await
         .is_err()
@@ -277,6 +323,102 @@ async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `serve --replace`: asks the running broker to hand over, opens `hello`
+/// and every client's FIFOs while it still holds them, lets it exit, then
+/// takes the lock (released by its exit, possibly a moment after its end
+/// of the control socket closed).
+async fn open_replacing(
+    config: &BrokerConfig,
+) -> Result<(BusDir, crate::busdir::StaleCleanup), BrokerError> {
+    let stream = crate::control::request(&config.dir).await?;
+    // On an error from here, dropping the stream before GO makes the old
+    // broker resume.
+    let pre = crate::busdir::preopen(&config.dir, config.shared)?;
+    tracing::info!(
+        "the running broker is paused; holding hello and {} clients' FIFOs",
+        pre.clients()
+    );
+    crate::control::go(stream).await?;
+    // Its lock goes with its last descriptor: wait until the process is
+    // gone, not only its end of the socket.
+    if let Some(pid) = pre.previous_pid() {
+        if let Ok(w) = crate::watch::PidWatch::open(pid) {
+            tokio::time::timeout(crate::control::ANSWER, w.exited())
+                .await
+                .map_err(|_| crate::control::ReplaceError::Timeout("exit after GO"))?;
+        }
+    }
+    Ok(BusDir::open_with(
+        &config.dir,
+        config.mode,
+        config.shared,
+        Some(pre),
+    )?)
+}
+
+/// Serves again the clients a crashed broker left (their FIFOs were
+/// opened by `BusDir::open`), removes those that cannot be, and logs the
+/// count: before `hello` exists, so before any new client.
+async fn adopt_all(
+    found: Vec<crate::busdir::Adoptable>,
+    stale: &crate::busdir::StaleCleanup,
+    ctx: &Arc<Context>,
+) {
+    for r in &stale.rejected {
+        tracing::warn!(
+            "not adopting {}: {}; that client is removed",
+            r.path.display(),
+            r.why
+        );
+    }
+    if found.is_empty() && stale.rejected.is_empty() {
+        return;
+    }
+    let handover = found.iter().any(|a| a.handover);
+    let (mut adopted, mut removed) = (0usize, stale.rejected.len());
+    let mut sessions = Vec::new();
+    for a in found {
+        let uuid = a.record.uuid.clone();
+        match crate::session::adopt(a, ctx).await {
+            Ok(s) => {
+                adopted += 1;
+                sessions.push(s);
+            }
+            Err(why) => {
+                removed += 1;
+                tracing::info!("client {uuid} not adopted: {why}; removed");
+                ctx.state.dir().remove(&uuid);
+                let clients = ctx.fs.clients();
+                if let Err(e) = crate::busdir::remove_client_dir(
+                    std::os::fd::AsRawFd::as_raw_fd(&*clients),
+                    &uuid,
+                ) {
+                    tracing::warn!(
+                        "cannot remove {}: {e}",
+                        ctx.fs.clients_path().join(&uuid).display()
+                    );
+                }
+            }
+        }
+    }
+    // Only now that every subscription is back: what a client wrote
+    // meanwhile reaches every subscriber.
+    for s in sessions {
+        ctx.tracker.spawn(s.run(ctx.clone()));
+    }
+    if handover {
+        tracing::info!(
+            "took over {adopted} client{} from the previous broker, removed {removed}",
+            if adopted == 1 { "" } else { "s" }
+        );
+        return;
+    }
+    tracing::info!(
+        "after a broker crash: adopted {adopted} client{} (each first reads 'DROPPED ? restart'), removed {removed}",
+        if adopted == 1 { "" } else { "s" }
+    );
 }
 
 /// Rereads the ACL each time `reload` receives, until shutdown.

@@ -33,6 +33,7 @@ use nix::unistd::{unlinkat, UnlinkatFlags};
 use tokio::net::unix::pipe;
 
 use crate::fifo::{self, FileId};
+use crate::state::{self, ClientRecord, Rejected, StateDir, STATE_DIR};
 
 pub const HELLO: &str = "hello";
 pub const CLIENTS: &str = "clients";
@@ -141,6 +142,9 @@ pub struct StaleCleanup {
     pub removed_clients: usize,
     /// Entries under `clients/` that did not look like ours and were kept.
     pub kept: Vec<PathBuf>,
+    /// Clients whose state file or directory could not be used, and why
+    /// (removed like the others).
+    pub rejected: Vec<Rejected>,
 }
 
 impl StaleCleanup {
@@ -225,6 +229,12 @@ pub struct BusDir {
     _lock: Flock<OwnedFd>,
     created: bool,
     fs: Arc<BusFs>,
+    /// `state/`, until the broker takes it ([`BusDir::take_state`]).
+    state: Option<StateDir>,
+    /// Clients a dead broker left that may be served again.
+    adoptable: Vec<Adoptable>,
+    /// The previous broker's `hello`, held across a handover.
+    kept_hello: Option<(OwnedFd, FileId)>,
     /// Set by [`BusDir::publish_hello`], the last step of startup.
     hello: Option<pipe::Receiver>,
 }
@@ -242,6 +252,21 @@ impl BusDir {
         path: &Path,
         mode: u32,
         shared: bool,
+    ) -> Result<(BusDir, StaleCleanup), BusDirError> {
+        Self::open_with(path, mode, shared, None)
+    }
+
+    /// [`BusDir::open`] for `serve --replace`, once the previous broker has
+    /// exited: `pre` holds `hello` and the clients' FIFOs, opened while it
+    /// still ran ([`preopen`]); those clients are adopted as handed over.
+    ///
+    /// # Errors
+    /// As [`BusDir::open`].
+    pub fn open_with(
+        path: &Path,
+        mode: u32,
+        shared: bool,
+        mut pre: Option<PreOpened>,
     ) -> Result<(BusDir, StaleCleanup), BusDirError> {
         let me = nix::unistd::geteuid().as_raw();
         if shared && me != 0 {
@@ -304,11 +329,73 @@ impl BusDir {
         };
         let dir_fd = lock.as_raw_fd();
         let layout = Layout { shared };
-        // We hold the lock, so whoever wrote what is here is gone.
-        let mut stale = cleanup_stale(dir_fd, path)?;
+        // We hold the lock, so whoever wrote what is here is gone. A hello
+        // held since before the previous broker let go is kept: HELLOs
+        // written into it meanwhile are read by this broker.
+        let kept_hello = pre.as_mut().and_then(|p| p.hello.take()).filter(|(_, id)| {
+            stat_at(dir_fd, HELLO).is_ok_and(|st| st.is_some_and(|st| FileId::of(&st) == *id))
+        });
+        let mut stale = cleanup_stale(dir_fd, path, kept_hello.is_some())?;
         let clients = open_clients(dir_fd, path, layout)?;
+        let state_path = path.join(STATE_DIR);
+        let state = match state::open_state_dir(dir_fd) {
+            Ok(fd) => StateDir::new(fd, state_path),
+            Err(e)
+                if e.kind() == io::ErrorKind::PermissionDenied
+                    || e.raw_os_error() == Some(libc::ELOOP)
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                let what = stat_at(dir_fd, STATE_DIR)
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| e.to_string(), |st| describe(&st));
+                return Err(BusDirError::Planted {
+                    path: state_path,
+                    what,
+                });
+            }
+            Err(e) => return Err(io_err("open", &state_path)(e)),
+        };
+        // What a dead broker recorded: each client whose directory and
+        // FIFOs are still the ones it made is opened now (so a client
+        // blocked in open() proceeds) and kept for adoption; the rest goes.
         let clients_path = path.join(CLIENTS);
-        let (removed, kept) = remove_client_dirs(clients.as_raw_fd(), &clients_path)
+        let (records, rejected) = state.load_all().map_err(io_err("read", state.path()))?;
+        stale.rejected = rejected;
+        let mut adoptable = Vec::new();
+        for rec in records {
+            let handed = pre
+                .as_mut()
+                .and_then(|p| p.clients.remove(&rec.uuid))
+                .filter(|f| {
+                    FileId::of_fd(f.send.as_raw_fd()).is_ok_and(|id| id == rec.send)
+                        && FileId::of_fd(f.recv.as_raw_fd()).is_ok_and(|id| id == rec.recv)
+                });
+            if let Some(fifos) = handed {
+                adoptable.push(Adoptable {
+                    record: rec,
+                    fifos,
+                    handover: true,
+                });
+                continue;
+            }
+            match open_recorded(clients.as_raw_fd(), &rec, layout) {
+                Ok(fifos) => adoptable.push(Adoptable {
+                    record: rec,
+                    fifos,
+                    handover: false,
+                }),
+                Err(why) => {
+                    state.remove(&rec.uuid);
+                    stale.rejected.push(Rejected {
+                        path: clients_path.join(&rec.uuid),
+                        why,
+                    });
+                }
+            }
+        }
+        let keep: Vec<&str> = adoptable.iter().map(|a| a.record.uuid.as_str()).collect();
+        let (removed, kept) = remove_client_dirs(clients.as_raw_fd(), &clients_path, &keep)
             .map_err(io_err("clean up", &clients_path))?;
         stale.removed_clients = removed;
         stale.kept = kept;
@@ -330,6 +417,9 @@ impl BusDir {
                 _lock: lock,
                 created,
                 fs,
+                state: Some(state),
+                adoptable,
+                kept_hello,
                 hello: None,
             },
             stale,
@@ -340,8 +430,24 @@ impl BusDir {
         &self.path
     }
 
+    /// `<bus>/state/`, for the broker's [`crate::state::StateStore`].
+    ///
+    /// # Panics
+    /// When taken twice.
+    pub fn take_state(&mut self) -> StateDir {
+        self.state
+            .take()
+            .expect("the state directory is taken once")
+    }
+
     pub fn clients_dir(&self) -> PathBuf {
         self.path.join(CLIENTS)
+    }
+
+    /// The clients a dead broker left whose directory and FIFOs checked
+    /// out, their FIFOs already open: for `session::adopt`.
+    pub fn take_adoptable(&mut self) -> Vec<Adoptable> {
+        std::mem::take(&mut self.adoptable)
     }
 
     /// What sessions and handshakes need of the bus directory.
@@ -365,6 +471,12 @@ impl BusDir {
     /// # Errors
     /// When the FIFO cannot be created.
     pub fn publish_hello(&mut self) -> io::Result<()> {
+        if let Some((fd, id)) = self.kept_hello.take() {
+            // Handed over: the same FIFO, whatever waits in it included.
+            self.fs.set_hello_id(id);
+            self.hello = Some(pipe::Receiver::from_owned_fd_unchecked(fd)?);
+            return Ok(());
+        }
         let (rx, id) = publish_hello(self.dir_fd(), self.fs.layout.hello_mode())?;
         self.fs.set_hello_id(id);
         self.hello = Some(rx);
@@ -436,8 +548,10 @@ impl BusDir {
         self.unpublish_hello();
         let dir = self.dir_fd();
         let clients = self.fs.clients();
-        let _ = remove_client_dirs(clients.as_raw_fd(), &self.clients_dir());
+        let _ = remove_client_dirs(clients.as_raw_fd(), &self.clients_dir(), &[]);
         let _ = unlinkat(Some(dir), CLIENTS, UnlinkatFlags::RemoveDir);
+        // Empty once every session has forgotten its client.
+        let _ = unlinkat(Some(dir), STATE_DIR, UnlinkatFlags::RemoveDir);
         let _ = unlinkat(Some(dir), PID_FILE, UnlinkatFlags::NoRemoveDir);
         let _ = unlinkat(Some(dir), METRICS_ADDR_FILE, UnlinkatFlags::NoRemoveDir);
         if self.created {
@@ -614,7 +728,7 @@ fn read_pid(dir: RawFd) -> Option<i32> {
 
 /// Removes a dead broker's `hello` and `metrics.addr`, and checks that its
 /// pid file is one. Anything of the wrong kind or owner is refused.
-fn cleanup_stale(dir: RawFd, bus: &Path) -> Result<StaleCleanup, BusDirError> {
+fn cleanup_stale(dir: RawFd, bus: &Path, keep_hello: bool) -> Result<StaleCleanup, BusDirError> {
     let mut report = StaleCleanup::default();
     if expect_ours(dir, bus, PID_FILE, SFlag::S_IFREG)? {
         report.previous_pid = read_pid(dir);
@@ -624,7 +738,7 @@ fn cleanup_stale(dir: RawFd, bus: &Path) -> Result<StaleCleanup, BusDirError> {
         unlinkat(Some(dir), METRICS_ADDR_FILE, UnlinkatFlags::NoRemoveDir)
             .map_err(io_err("remove stale", &path))?;
     }
-    if expect_ours(dir, bus, HELLO, SFlag::S_IFIFO)? {
+    if expect_ours(dir, bus, HELLO, SFlag::S_IFIFO)? && !keep_hello {
         let path = bus.join(HELLO);
         unlinkat(Some(dir), HELLO, UnlinkatFlags::NoRemoveDir)
             .map_err(io_err("remove stale", &path))?;
@@ -689,7 +803,11 @@ pub fn make_client_dir(clients: RawFd, name: &str) -> io::Result<OwnedFd> {
 /// Removes every `clients/<uuid>/` that holds nothing but our FIFOs. Anything
 /// else is somebody's file: keep it and report it. Never recursive, never
 /// through a link (a symlink named like a uuid is kept).
-fn remove_client_dirs(clients: RawFd, clients_path: &Path) -> io::Result<(usize, Vec<PathBuf>)> {
+fn remove_client_dirs(
+    clients: RawFd,
+    clients_path: &Path,
+    keep: &[&str],
+) -> io::Result<(usize, Vec<PathBuf>)> {
     let mut names = Vec::new();
     let mut listing = nix::dir::Dir::openat(
         Some(clients),
@@ -707,6 +825,9 @@ fn remove_client_dirs(clients: RawFd, clients_path: &Path) -> io::Result<(usize,
     let mut kept = Vec::new();
     for name in names {
         let text = name.to_str().unwrap_or("");
+        if keep.contains(&text) {
+            continue;
+        }
         let ours = uuid::Uuid::parse_str(text).is_ok()
             && stat_at(clients, name.as_c_str())
                 .is_ok_and(|st| st.is_some_and(|st| kind(&st) == SFlag::S_IFDIR));
@@ -742,4 +863,164 @@ pub fn remove_client_dir(clients: RawFd, name: &str) -> io::Result<()> {
         Err(Errno::ENOENT) => Ok(()),
         r => Ok(r?),
     }
+}
+
+/// A client a dead broker left, checked and opened: what `session::adopt`
+/// needs to serve it again.
+pub struct Adoptable {
+    pub record: ClientRecord,
+    pub fifos: OpenedClient,
+    /// Handed over by a live broker (`serve --replace`): nothing was lost.
+    pub handover: bool,
+}
+
+/// A recorded client's directory and its two FIFOs, opened `O_RDWR`.
+pub struct OpenedClient {
+    pub dir: OwnedFd,
+    pub send: OwnedFd,
+    pub recv: OwnedFd,
+}
+
+/// Opens `clients/<uuid>/` and its FIFOs if they are exactly what the state
+/// file recorded: a directory (mode 0700) and two FIFOs (0600) of the
+/// expected owner (the client's user on a `--shared` bus, else ours), the
+/// FIFOs with the recorded (device, inode). Each FIFO is inspected without
+/// following links before it is opened (`O_NOFOLLOW|O_NONBLOCK`, so never a
+/// device and never a wait), and checked again on the descriptor. Opening
+/// them is what lets a client blocked in `open()` proceed.
+fn open_recorded(
+    clients: RawFd,
+    rec: &ClientRecord,
+    layout: Layout,
+) -> Result<OpenedClient, String> {
+    let me = nix::unistd::geteuid().as_raw();
+    let owner = if layout.shared { rec.uid } else { me };
+    let dir = open_dir_at(Some(clients), rec.uuid.as_str()).map_err(|e| match e {
+        Errno::ENOENT => "its directory is gone".to_owned(),
+        Errno::ELOOP | Errno::ENOTDIR => "its directory is not a directory".to_owned(),
+        e => format!("cannot open its directory: {e}"),
+    })?;
+    let st = fstat(dir.as_raw_fd()).map_err(|e| format!("cannot inspect its directory: {e}"))?;
+    if st.st_uid != owner || st.st_mode & 0o7777 != 0o700 {
+        return Err(format!(
+            "its directory is {}, not a directory of uid {owner} (mode 0700)",
+            describe(&st)
+        ));
+    }
+    let open = |name: &str, want: FileId| -> Result<OwnedFd, String> {
+        let st = stat_at(dir.as_raw_fd(), name)
+            .map_err(|e| format!("cannot inspect {name}: {e}"))?
+            .ok_or_else(|| format!("{name} is gone"))?;
+        let fits = |st: &FileStat| {
+            kind(st) == SFlag::S_IFIFO
+                && st.st_uid == owner
+                && st.st_mode & 0o7777 == 0o600
+                && FileId::of(st) == want
+        };
+        if !fits(&st) {
+            return Err(format!(
+                "{name} is {}, not the FIFO the broker made",
+                describe(&st)
+            ));
+        }
+        let raw = openat(
+            Some(dir.as_raw_fd()),
+            name,
+            OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("cannot open {name}: {e}"))?;
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        match fstat(fd.as_raw_fd()) {
+            Ok(st) if fits(&st) => Ok(fd),
+            _ => Err(format!("{name} was replaced while it was opened")),
+        }
+    };
+    let send = open("send", rec.send)?;
+    let recv = open("recv", rec.recv)?;
+    Ok(OpenedClient { dir, send, recv })
+}
+
+/// What `serve --replace` opens while the previous broker still runs (it
+/// is paused and has written its state): `hello` and every recorded
+/// client's FIFOs, checked as after a crash. Holding them is what keeps
+/// every byte in those pipes when the previous broker exits.
+pub struct PreOpened {
+    previous_pid: Option<i32>,
+    hello: Option<(OwnedFd, FileId)>,
+    clients: std::collections::HashMap<String, OpenedClient>,
+}
+
+impl PreOpened {
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The running broker's pid, from its pid file.
+    pub fn previous_pid(&self) -> Option<i32> {
+        self.previous_pid
+    }
+}
+
+/// Opens what [`PreOpened`] holds, without the lock (the previous broker
+/// has it). Clients whose files do not check out are left to
+/// [`BusDir::open_with`], which treats them as after a crash.
+///
+/// # Errors
+/// When the bus directory is not ours or cannot be read.
+pub fn preopen(path: &Path, shared: bool) -> Result<PreOpened, BusDirError> {
+    let layout = Layout { shared };
+    let dir = open_dir_at(None, path).map_err(io_err("open", path))?;
+    let st = fstat(dir.as_raw_fd()).map_err(io_err("inspect", path))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if st.st_uid != me {
+        return Err(BusDirError::NotOwned {
+            dir: path.to_owned(),
+            owner: st.st_uid,
+            me,
+        });
+    }
+    let clients_path = path.join(CLIENTS);
+    let clients =
+        open_dir_at(Some(dir.as_raw_fd()), CLIENTS).map_err(io_err("open", &clients_path))?;
+    let state_path = path.join(STATE_DIR);
+    let state_fd =
+        open_dir_at(Some(dir.as_raw_fd()), STATE_DIR).map_err(io_err("open", &state_path))?;
+    let sst = fstat(state_fd.as_raw_fd()).map_err(io_err("inspect", &state_path))?;
+    if sst.st_uid != me || sst.st_mode & 0o077 != 0 {
+        return Err(BusDirError::Planted {
+            path: state_path,
+            what: describe(&sst),
+        });
+    }
+    let state = StateDir::new(state_fd, state_path.clone());
+    let (records, _) = state.load_all().map_err(io_err("read", &state_path))?;
+    let mut map = std::collections::HashMap::new();
+    for rec in records {
+        if let Ok(f) = open_recorded(clients.as_raw_fd(), &rec, layout) {
+            map.insert(rec.uuid.clone(), f);
+        }
+    }
+    let hello = match stat_at(dir.as_raw_fd(), HELLO) {
+        Ok(Some(st)) if kind(&st) == SFlag::S_IFIFO && st.st_uid == me => openat(
+            Some(dir.as_raw_fd()),
+            HELLO,
+            OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) })
+        .and_then(|fd| {
+            let got = fstat(fd.as_raw_fd()).ok()?;
+            (FileId::of(&got) == FileId::of(&st)).then_some((fd, FileId::of(&st)))
+        }),
+        _ => None,
+    };
+    Ok(PreOpened {
+        previous_pid: read_pid(dir.as_raw_fd()),
+        hello,
+        clients: map,
+    })
 }

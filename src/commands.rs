@@ -212,6 +212,9 @@ impl Refusals {
             Reply::Dropped(n) => {
                 eprintln!("fifobus pub: the broker dropped {n} of its replies to us")
             }
+            Reply::Restarted => eprintln!(
+                "fifobus pub: the broker restarted after a crash; replies queued for us then may be lost"
+            ),
             _ => {}
         }
     }
@@ -325,6 +328,10 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                     eprintln!(
                         "fifobus sub: the broker dropped {n} messages (this reader fell behind)"
                     )
+                }
+                Reply::Restarted => {
+                    let _ = out.flush();
+                    eprintln!("fifobus sub: the broker restarted after a crash; messages queued for this reader then may be lost (the subscription goes on)")
                 }
                 Reply::Err { code, text } => {
                     let _ = out.flush();
