@@ -188,6 +188,9 @@ pub struct PubArgs {
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-pub")]
     pub name: String,
+    /// When the broker goes away (crash, restart), wait this long for it to come back and take this client over, then carry on; 0: exit at once
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_reconnect)]
+    pub reconnect_timeout: Duration,
     /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
     #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
     pub bus_owner: Option<u32>,
@@ -210,6 +213,9 @@ pub struct SubArgs {
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-sub")]
     pub name: String,
+    /// When the broker goes away (crash, restart), wait this long for it to come back and take this client over, then carry on; 0: exit at once
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_reconnect)]
+    pub reconnect_timeout: Duration,
     /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
     #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
     pub bus_owner: Option<u32>,
@@ -236,6 +242,22 @@ fn parse_timeout(s: &str) -> Result<Option<Duration>, String> {
             "'{s}': {e} (give a duration such as 1h or 10m, or 'off')"
         )),
     }
+}
+
+/// `--reconnect-timeout`: a duration such as `30s` or `2m`, or `0`.
+///
+/// Why 30 s by default: a supervised broker is back well within it
+/// (systemd restarts after `RestartSec=`, 100 ms by default, and a broker
+/// starts in milliseconds), and so is a hand-run stop, upgrade and start;
+/// a script whose broker is really gone still learns it, with an error,
+/// within half a minute rather than hanging.
+fn parse_reconnect(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        format!("'{s}': {e} (give a duration such as 30s or 2m, or 0 to exit at once)")
+    })
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

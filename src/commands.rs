@@ -20,6 +20,42 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Exit status when `sub --timeout` passes, as timeout(1) uses.
 pub const EXIT_TIMEOUT: u8 = 124;
 
+/// A broker that went away (crashed, killed, restarting) may come back and
+/// take this client over: `pub` and `sub` wait for it, for at most
+/// `--reconnect-timeout`. With a zero timeout they exit at once, as before.
+/// `who` names the command in the messages on stderr; `cause` (EOF,
+/// `EPIPE`) is the error when it does not wait.
+fn ride_out(
+    client: &mut Client,
+    timeout: Duration,
+    who: &str,
+    cause: impl Into<CommandError>,
+) -> Result<(), CommandError> {
+    if timeout.is_zero() {
+        return Err(cause.into());
+    }
+    if !client.broker_away() {
+        return Err(ClientError::Gone(client.dir().to_owned()).into());
+    }
+    eprintln!(
+        "fifobus {who}: the broker went away; waiting up to {} for it to come back (--reconnect-timeout)",
+        humantime::format_duration(timeout)
+    );
+    client.wait_for_broker(timeout)?;
+    eprintln!(
+        "fifobus {who}: the broker is back; carrying on in {}",
+        client.dir().display()
+    );
+    Ok(())
+}
+
+/// The line a broker that took this client over after a restart writes
+/// first: `DROPPED ? restart` (docs/protocol.md): lines queued for the
+/// client when the old broker stopped may be lost, and how many is unknown.
+fn is_restart_notice(line: &[u8]) -> bool {
+    line.starts_with(b"DROPPED ?")
+}
+
 /// A failure to report in one line on stderr.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -156,12 +192,25 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
     };
     let mut client = Client::connect_with(dir, &opts, ANSWER_TIMEOUT, &handshake(args.bus_owner))?;
     let mut refusals = Refusals::default();
+    let reconnect = args.reconnect_timeout;
     if args.message.is_some() {
-        client.send_raw(&message_line)?;
+        send_riding(&mut client, &message_line, reconnect)?;
     } else {
-        publish_lines(&mut client, &topic, &mut refusals)?;
+        publish_lines(&mut client, &topic, &mut refusals, reconnect)?;
     }
-    for line in client.ping("pub-done", ANSWER_TIMEOUT)? {
+    // The barrier: once PONG is back, every message was routed. A broker
+    // that went away meanwhile may have taken the PING with it: ask again.
+    let before = loop {
+        match client.ping("pub-done", ANSWER_TIMEOUT) {
+            Ok(lines) => break lines,
+            Err(e @ ClientError::Closed) => ride_out(&mut client, reconnect, "pub", e)?,
+            Err(ClientError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                ride_out(&mut client, reconnect, "pub", e)?
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    for line in before {
         refusals.note(&line);
     }
     for line in client.bye(ANSWER_TIMEOUT)? {
@@ -193,6 +242,9 @@ impl Refusals {
             Reply::Dropped(n) => {
                 eprintln!("fifobus pub: the broker dropped {n} of its replies to us")
             }
+            _ if is_restart_notice(line) => eprintln!(
+                "fifobus pub: the broker restarted; messages it had not routed when it stopped may be lost"
+            ),
             _ => {}
         }
     }
@@ -205,6 +257,7 @@ fn publish_lines(
     client: &mut Client,
     topic: &Topic,
     refusals: &mut Refusals,
+    reconnect: Duration,
 ) -> Result<(), CommandError> {
     use std::io::Read;
     let mut input = io::stdin().lock();
@@ -230,7 +283,7 @@ fn publish_lines(
             pending.clear();
         }
         if !out.is_empty() {
-            client.send_raw(&out)?;
+            send_riding(client, &out, reconnect)?;
             out.clear();
             // Refusals arrive on recv; report them as they come.
             client.fill()?;
@@ -242,6 +295,28 @@ fn publish_lines(
             return Ok(());
         }
     }
+}
+
+/// Writes all of `bytes` to `send`; when the broker goes away (`EPIPE`),
+/// waits for it to come back and writes the rest. Bytes already in the FIFO
+/// stay there for the broker that comes back (this process holds it open);
+/// what the old broker had read but not routed is lost with it.
+fn send_riding(
+    client: &mut Client,
+    mut bytes: &[u8],
+    reconnect: Duration,
+) -> Result<(), CommandError> {
+    while !bytes.is_empty() {
+        match client.write_some(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                ride_out(client, reconnect, "pub", e)?
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// One stdin line as a `PUB`. One trailing `\r` is dropped, as the broker
@@ -315,13 +390,28 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                     eprintln!("fifobus sub: the broker is shutting down");
                     return Ok(ExitCode::FAILURE);
                 }
+                Reply::Unknown(l) if is_restart_notice(l) => {
+                    let _ = out.flush();
+                    eprintln!("fifobus sub: the broker restarted; messages queued for this client when it stopped may be lost")
+                }
                 Reply::Pong(_) | Reply::Welcome { .. } | Reply::Unknown(_) => {}
             }
         }
         if let Err(e) = out.flush() {
             return reader_gone(e, client);
         }
-        // Every complete line has been handled; only now does EOF end us.
+        // Every complete line has been handled; only now does EOF end us,
+        // unless the broker only went away (its directory is still here)
+        // and comes back in time.
+        if client.at_eof() && args.reconnect_timeout > Duration::ZERO && client.broker_away() {
+            ride_out(
+                &mut client,
+                args.reconnect_timeout,
+                "sub",
+                ClientError::Closed,
+            )?;
+            continue;
+        }
         if client.at_eof() {
             if !client.partial_line().is_empty() {
                 eprintln!(
