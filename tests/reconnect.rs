@@ -344,3 +344,68 @@ fn pub_with_no_reconnect_timeout_fails_at_once() {
     assert_eq!(status.code(), Some(1));
     assert!(!publ.err.rest().join("\n").contains("waiting"));
 }
+
+// The bus directory removed or renamed under a running broker: the broker
+// stops with an error and exit status 1 (so `Restart=on-failure` acts),
+// rather than running on with no `hello` anyone can reach.
+
+/// Waits for the broker to exit on its own; returns its status and log.
+fn broker_exit(bus: &mut TempBus) -> (std::process::ExitStatus, String) {
+    let mut child = bus.child.take().unwrap();
+    let status = wait_child(&mut child, T).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the broker kept running; log:\n{}", bus.log_text())
+    });
+    (status, bus.log_text())
+}
+
+#[test]
+fn removing_the_bus_directory_stops_the_broker_with_an_error() {
+    let mut bus = TempBus::start();
+    let mut c = bus.connect("c", &["x.>"]);
+    // It goes in one try: the broker does not put `hello` back under rm's
+    // feet (its final rmdir would fail with "Directory not empty").
+    fs::remove_dir_all(&bus.dir).unwrap();
+    let (status, log) = broker_exit(&mut bus);
+    assert_eq!(status.code(), Some(1), "log:\n{log}");
+    assert!(
+        log.contains(&format!(
+            "the bus directory {} was removed or renamed while the broker ran",
+            bus.dir.display()
+        )),
+        "log:\n{log}"
+    );
+    assert!(log.contains("Restart=on-failure"), "log:\n{log}");
+    assert!(!bus.dir.exists(), "nothing put back");
+    // The client sees its connection end.
+    assert_eq!(c.read_line(Some(T)).unwrap(), None);
+}
+
+#[test]
+fn renaming_the_bus_directory_stops_the_broker_with_an_error() {
+    let mut bus = TempBus::start();
+    let mut c = bus.connect("c", &["x.>"]);
+    let moved = bus.tmp.path().join("moved");
+    fs::rename(&bus.dir, &moved).unwrap();
+    let (status, log) = broker_exit(&mut bus);
+    assert_eq!(status.code(), Some(1), "log:\n{log}");
+    assert!(log.contains("was removed or renamed"), "log:\n{log}");
+    // Its directory moved along, so the client was still there to be told.
+    read_until(&mut c, "BYE");
+    // What the broker made is gone from the moved directory too; nothing
+    // appeared at the old path.
+    assert!(fs::read_dir(&moved).unwrap().next().is_none());
+    assert!(!bus.dir.exists());
+}
+
+#[test]
+fn a_deleted_hello_alone_is_still_put_back() {
+    let bus = TempBus::start();
+    let hello = bus.dir.join("hello");
+    fs::remove_file(&hello).unwrap();
+    assert!(wait_for(&hello, T, || hello.exists()));
+    // A new client gets in, and the broker did not stop.
+    let mut c = bus.connect("late", &[]);
+    barrier(&mut c);
+}
