@@ -23,6 +23,7 @@ use crate::counters::Counters;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::router::RouterHandle;
+use crate::state::StateStore;
 use crate::throttle::LogThrottle;
 use crate::watch::FsWatcher;
 use crate::{http, rendezvous};
@@ -194,8 +195,16 @@ async fn serve(
         }
         None => None,
     };
+    let state_changed = Arc::new(tokio::sync::Notify::new());
+    let router = RouterHandle::spawn_tracking(
+        counters.clone(),
+        config.max_subscriptions,
+        Some(state_changed.clone()),
+    );
+    let state = StateStore::new(bus.take_state(), counters.clone());
     let ctx = Arc::new(Context {
-        router: RouterHandle::spawn(counters.clone(), config.max_subscriptions),
+        router,
+        state,
         clients,
         watcher,
         counters,
@@ -214,6 +223,12 @@ async fn serve(
     if let Some(reload) = reload {
         tokio::spawn(reload_acl_on(reload, ctx.clone()));
     }
+    let state_writer = tokio::spawn(crate::state::run_writer(
+        ctx.state.clone(),
+        ctx.router.clone(),
+        state_changed,
+        ctx.cancel.clone(),
+    ));
     tracing::info!(
         "clients may hold {} MiB in the broker (--max-memory), then the overflow policy applies to the largest backlogs",
         ctx.config.max_memory >> 20
@@ -241,6 +256,7 @@ async fn serve(
             )
         ),
     );
+    adopt_all(bus.take_adoptable(), &stale, &ctx).await;
     // Last: `hello` appearing is what clients and scripts wait for.
     if let Err(e) = bus.publish_hello() {
         let path = bus.path().join(crate::busdir::HELLO);
@@ -272,6 +288,7 @@ async fn serve(
     ctx.cancel.cancel();
     tracker.close();
     let bus = rendezvous.await;
+    let _ = state_writer.await;
     if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
         .await
         .is_err()
@@ -290,6 +307,52 @@ async fn serve(
         return Err(BrokerError::BusDirGone { dir: bus_path });
     }
     Ok(())
+}
+
+/// Serves again the clients a crashed broker left (their FIFOs were
+/// opened by `BusDir::open`), removes those that cannot be, and logs the
+/// count: before `hello` exists, so before any new client.
+async fn adopt_all(
+    found: Vec<crate::busdir::Adoptable>,
+    stale: &crate::busdir::StaleCleanup,
+    ctx: &Arc<Context>,
+) {
+    for r in &stale.rejected {
+        tracing::warn!(
+            "not adopting {}: {}; that client is removed",
+            r.path.display(),
+            r.why
+        );
+    }
+    if found.is_empty() && stale.rejected.is_empty() {
+        return;
+    }
+    let (mut adopted, mut removed) = (0usize, stale.rejected.len());
+    for a in found {
+        let uuid = a.record.uuid.clone();
+        match crate::session::adopt(a, ctx).await {
+            Ok(()) => adopted += 1,
+            Err(why) => {
+                removed += 1;
+                tracing::info!("client {uuid} not adopted: {why}; removed");
+                ctx.state.dir().remove(&uuid);
+                let clients = ctx.fs.clients();
+                if let Err(e) = crate::busdir::remove_client_dir(
+                    std::os::fd::AsRawFd::as_raw_fd(&*clients),
+                    &uuid,
+                ) {
+                    tracing::warn!(
+                        "cannot remove {}: {e}",
+                        ctx.fs.clients_path().join(&uuid).display()
+                    );
+                }
+            }
+        }
+    }
+    tracing::info!(
+        "after a broker crash: adopted {adopted} client{} (each first reads 'DROPPED ? restart'), removed {removed}",
+        if adopted == 1 { "" } else { "s" }
+    );
 }
 
 /// Rereads the ACL each time `reload` receives, until shutdown.

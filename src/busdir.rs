@@ -33,6 +33,7 @@ use nix::unistd::{unlinkat, UnlinkatFlags};
 use tokio::net::unix::pipe;
 
 use crate::fifo::{self, FileId};
+use crate::state::{self, ClientRecord, Rejected, StateDir, STATE_DIR};
 
 pub const HELLO: &str = "hello";
 pub const CLIENTS: &str = "clients";
@@ -141,6 +142,9 @@ pub struct StaleCleanup {
     pub removed_clients: usize,
     /// Entries under `clients/` that did not look like ours and were kept.
     pub kept: Vec<PathBuf>,
+    /// Clients whose state file or directory could not be used, and why
+    /// (removed like the others).
+    pub rejected: Vec<Rejected>,
 }
 
 impl StaleCleanup {
@@ -225,6 +229,10 @@ pub struct BusDir {
     _lock: Flock<OwnedFd>,
     created: bool,
     fs: Arc<BusFs>,
+    /// `state/`, until the broker takes it ([`BusDir::take_state`]).
+    state: Option<StateDir>,
+    /// Clients a dead broker left that may be served again.
+    adoptable: Vec<Adoptable>,
     /// Set by [`BusDir::publish_hello`], the last step of startup.
     hello: Option<pipe::Receiver>,
 }
@@ -307,8 +315,46 @@ impl BusDir {
         // We hold the lock, so whoever wrote what is here is gone.
         let mut stale = cleanup_stale(dir_fd, path)?;
         let clients = open_clients(dir_fd, path, layout)?;
+        let state_path = path.join(STATE_DIR);
+        let state = match state::open_state_dir(dir_fd) {
+            Ok(fd) => StateDir::new(fd, state_path),
+            Err(e)
+                if e.kind() == io::ErrorKind::PermissionDenied
+                    || e.raw_os_error() == Some(libc::ELOOP)
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                let what = stat_at(dir_fd, STATE_DIR)
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| e.to_string(), |st| describe(&st));
+                return Err(BusDirError::Planted {
+                    path: state_path,
+                    what,
+                });
+            }
+            Err(e) => return Err(io_err("open", &state_path)(e)),
+        };
+        // What a dead broker recorded: each client whose directory and
+        // FIFOs are still the ones it made is opened now (so a client
+        // blocked in open() proceeds) and kept for adoption; the rest goes.
         let clients_path = path.join(CLIENTS);
-        let (removed, kept) = remove_client_dirs(clients.as_raw_fd(), &clients_path)
+        let (records, rejected) = state.load_all().map_err(io_err("read", state.path()))?;
+        stale.rejected = rejected;
+        let mut adoptable = Vec::new();
+        for rec in records {
+            match open_recorded(clients.as_raw_fd(), &rec, layout) {
+                Ok(fifos) => adoptable.push(Adoptable { record: rec, fifos }),
+                Err(why) => {
+                    state.remove(&rec.uuid);
+                    stale.rejected.push(Rejected {
+                        path: clients_path.join(&rec.uuid),
+                        why,
+                    });
+                }
+            }
+        }
+        let keep: Vec<&str> = adoptable.iter().map(|a| a.record.uuid.as_str()).collect();
+        let (removed, kept) = remove_client_dirs(clients.as_raw_fd(), &clients_path, &keep)
             .map_err(io_err("clean up", &clients_path))?;
         stale.removed_clients = removed;
         stale.kept = kept;
@@ -330,6 +376,8 @@ impl BusDir {
                 _lock: lock,
                 created,
                 fs,
+                state: Some(state),
+                adoptable,
                 hello: None,
             },
             stale,
@@ -340,8 +388,24 @@ impl BusDir {
         &self.path
     }
 
+    /// `<bus>/state/`, for the broker's [`crate::state::StateStore`].
+    ///
+    /// # Panics
+    /// When taken twice.
+    pub fn take_state(&mut self) -> StateDir {
+        self.state
+            .take()
+            .expect("the state directory is taken once")
+    }
+
     pub fn clients_dir(&self) -> PathBuf {
         self.path.join(CLIENTS)
+    }
+
+    /// The clients a dead broker left whose directory and FIFOs checked
+    /// out, their FIFOs already open: for `session::adopt`.
+    pub fn take_adoptable(&mut self) -> Vec<Adoptable> {
+        std::mem::take(&mut self.adoptable)
     }
 
     /// What sessions and handshakes need of the bus directory.
@@ -436,8 +500,10 @@ impl BusDir {
         self.unpublish_hello();
         let dir = self.dir_fd();
         let clients = self.fs.clients();
-        let _ = remove_client_dirs(clients.as_raw_fd(), &self.clients_dir());
+        let _ = remove_client_dirs(clients.as_raw_fd(), &self.clients_dir(), &[]);
         let _ = unlinkat(Some(dir), CLIENTS, UnlinkatFlags::RemoveDir);
+        // Empty once every session has forgotten its client.
+        let _ = unlinkat(Some(dir), STATE_DIR, UnlinkatFlags::RemoveDir);
         let _ = unlinkat(Some(dir), PID_FILE, UnlinkatFlags::NoRemoveDir);
         let _ = unlinkat(Some(dir), METRICS_ADDR_FILE, UnlinkatFlags::NoRemoveDir);
         if self.created {
@@ -689,7 +755,11 @@ pub fn make_client_dir(clients: RawFd, name: &str) -> io::Result<OwnedFd> {
 /// Removes every `clients/<uuid>/` that holds nothing but our FIFOs. Anything
 /// else is somebody's file: keep it and report it. Never recursive, never
 /// through a link (a symlink named like a uuid is kept).
-fn remove_client_dirs(clients: RawFd, clients_path: &Path) -> io::Result<(usize, Vec<PathBuf>)> {
+fn remove_client_dirs(
+    clients: RawFd,
+    clients_path: &Path,
+    keep: &[&str],
+) -> io::Result<(usize, Vec<PathBuf>)> {
     let mut names = Vec::new();
     let mut listing = nix::dir::Dir::openat(
         Some(clients),
@@ -707,6 +777,9 @@ fn remove_client_dirs(clients: RawFd, clients_path: &Path) -> io::Result<(usize,
     let mut kept = Vec::new();
     for name in names {
         let text = name.to_str().unwrap_or("");
+        if keep.contains(&text) {
+            continue;
+        }
         let ours = uuid::Uuid::parse_str(text).is_ok()
             && stat_at(clients, name.as_c_str())
                 .is_ok_and(|st| st.is_some_and(|st| kind(&st) == SFlag::S_IFDIR));
@@ -742,4 +815,79 @@ pub fn remove_client_dir(clients: RawFd, name: &str) -> io::Result<()> {
         Err(Errno::ENOENT) => Ok(()),
         r => Ok(r?),
     }
+}
+
+/// A client a dead broker left, checked and opened: what `session::adopt`
+/// needs to serve it again.
+pub struct Adoptable {
+    pub record: ClientRecord,
+    pub fifos: OpenedClient,
+}
+
+/// A recorded client's directory and its two FIFOs, opened `O_RDWR`.
+pub struct OpenedClient {
+    pub dir: OwnedFd,
+    pub send: OwnedFd,
+    pub recv: OwnedFd,
+}
+
+/// Opens `clients/<uuid>/` and its FIFOs if they are exactly what the state
+/// file recorded: a directory (mode 0700) and two FIFOs (0600) of the
+/// expected owner (the client's user on a `--shared` bus, else ours), the
+/// FIFOs with the recorded (device, inode). Each FIFO is inspected without
+/// following links before it is opened (`O_NOFOLLOW|O_NONBLOCK`, so never a
+/// device and never a wait), and checked again on the descriptor. Opening
+/// them is what lets a client blocked in `open()` proceed.
+fn open_recorded(
+    clients: RawFd,
+    rec: &ClientRecord,
+    layout: Layout,
+) -> Result<OpenedClient, String> {
+    let me = nix::unistd::geteuid().as_raw();
+    let owner = if layout.shared { rec.uid } else { me };
+    let dir = open_dir_at(Some(clients), rec.uuid.as_str()).map_err(|e| match e {
+        Errno::ENOENT => "its directory is gone".to_owned(),
+        Errno::ELOOP | Errno::ENOTDIR => "its directory is not a directory".to_owned(),
+        e => format!("cannot open its directory: {e}"),
+    })?;
+    let st = fstat(dir.as_raw_fd()).map_err(|e| format!("cannot inspect its directory: {e}"))?;
+    if st.st_uid != owner || st.st_mode & 0o7777 != 0o700 {
+        return Err(format!(
+            "its directory is {}, not a directory of uid {owner} (mode 0700)",
+            describe(&st)
+        ));
+    }
+    let open = |name: &str, want: FileId| -> Result<OwnedFd, String> {
+        let st = stat_at(dir.as_raw_fd(), name)
+            .map_err(|e| format!("cannot inspect {name}: {e}"))?
+            .ok_or_else(|| format!("{name} is gone"))?;
+        let fits = |st: &FileStat| {
+            kind(st) == SFlag::S_IFIFO
+                && st.st_uid == owner
+                && st.st_mode & 0o7777 == 0o600
+                && FileId::of(st) == want
+        };
+        if !fits(&st) {
+            return Err(format!(
+                "{name} is {}, not the FIFO the broker made",
+                describe(&st)
+            ));
+        }
+        let raw = openat(
+            Some(dir.as_raw_fd()),
+            name,
+            OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("cannot open {name}: {e}"))?;
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        match fstat(fd.as_raw_fd()) {
+            Ok(st) if fits(&st) => Ok(fd),
+            _ => Err(format!("{name} was replaced while it was opened")),
+        }
+    };
+    let send = open("send", rec.send)?;
+    let recv = open("recv", rec.recv)?;
+    Ok(OpenedClient { dir, send, recv })
 }

@@ -49,13 +49,6 @@ fn ride_out(
     Ok(())
 }
 
-/// The line a broker that took this client over after a restart writes
-/// first: `DROPPED ? restart` (docs/protocol.md): lines queued for the
-/// client when the old broker stopped may be lost, and how many is unknown.
-fn is_restart_notice(line: &[u8]) -> bool {
-    line.starts_with(b"DROPPED ?")
-}
-
 /// A failure to report in one line on stderr.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -242,8 +235,8 @@ impl Refusals {
             Reply::Dropped(n) => {
                 eprintln!("fifobus pub: the broker dropped {n} of its replies to us")
             }
-            _ if is_restart_notice(line) => eprintln!(
-                "fifobus pub: the broker restarted; messages it had not routed when it stopped may be lost"
+            Reply::Restarted => eprintln!(
+                "fifobus pub: the broker restarted after a crash; replies queued for us then may be lost"
             ),
             _ => {}
         }
@@ -381,6 +374,10 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                         "fifobus sub: the broker dropped {n} messages (this reader fell behind)"
                     )
                 }
+                Reply::Restarted => {
+                    let _ = out.flush();
+                    eprintln!("fifobus sub: the broker restarted after a crash; messages queued for this reader then may be lost (the subscription goes on)")
+                }
                 Reply::Err { code, text } => {
                     let _ = out.flush();
                     eprintln!("fifobus sub: broker error: {code} {text}")
@@ -389,10 +386,6 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                     let _ = out.flush();
                     eprintln!("fifobus sub: the broker is shutting down");
                     return Ok(ExitCode::FAILURE);
-                }
-                Reply::Unknown(l) if is_restart_notice(l) => {
-                    let _ = out.flush();
-                    eprintln!("fifobus sub: the broker restarted; messages queued for this client when it stopped may be lost")
                 }
                 Reply::Pong(_) | Reply::Welcome { .. } | Reply::Unknown(_) => {}
             }

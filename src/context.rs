@@ -40,6 +40,8 @@ pub struct Context {
     /// what is decided outside the router (per-user backlog). The router
     /// holds its own copy, replaced by the same reload.
     pub policy: std::sync::RwLock<Arc<Policy>>,
+    /// Each live client's file in `<bus>/state/`, so it survives a crash.
+    pub state: Arc<crate::state::StateStore>,
 }
 
 impl Context {

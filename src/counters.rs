@@ -302,6 +302,8 @@ pub struct Counters {
     pub latency: Latency,
     /// `--max-memory`, and what clients hold against it.
     pub memory: Arc<MemoryBudget>,
+    /// Client state files that could not be written (full disk, I/O error).
+    pub state_write_errors: AtomicU64,
 }
 
 impl Counters {
@@ -322,6 +324,7 @@ impl Counters {
             folded_clients: AtomicU64::new(0),
             latency: Latency::default(),
             memory: Arc::default(),
+            state_write_errors: AtomicU64::new(0),
         })
     }
 

@@ -14,6 +14,7 @@
 //! The edges, where the kernel is:
 //! - [`fifo`]: non-blocking, link-refusing FIFO opens.
 //! - [`busdir`]: the bus directory, its lock, and stale-state cleanup.
+//! - [`state`]: durable client state, so clients survive a broker crash.
 //! - [`watch`]: pidfd and inotify, to notice departed clients without polling.
 //! - [`rendezvous`]: the `hello` FIFO and handshakes.
 //! - [`session`]: one client's reader, writer and teardown.
@@ -53,6 +54,7 @@ pub mod registry;
 pub mod rendezvous;
 pub mod router;
 pub mod session;
+pub mod state;
 pub mod stats;
 pub mod throttle;
 pub mod topic;

@@ -90,6 +90,7 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("fifobus_clients", "Clients connected.", MetricType::GAUGE, None),
     ("fifobus_memory_held_bytes", "Bytes all clients hold in the broker against --max-memory: backlogs (with a per-line overhead), batches being written, partial lines.", MetricType::GAUGE, None),
     ("fifobus_memory_limit_bytes", "The broker-wide memory budget (--max-memory).", MetricType::GAUGE, None),
+    ("fifobus_state_write_errors_total", "Client state files (<bus>/state/) that could not be written; such clients would not survive a crash until a retry succeeds.", MetricType::COUNTER, None),
 ];
 
 impl Exporter {
@@ -182,6 +183,7 @@ impl Collector for Exporter {
         self.backlogs(&mut f[13..18]);
         f[18].add(None, c.memory.held() as u64);
         f[19].add(None, c.memory.limit().min(u64::MAX as usize) as u64);
+        f[20].add(None, c.state_write_errors.load(Relaxed));
         f.into_iter()
             .map(|f| f.mf)
             .filter(|mf| !mf.get_metric().is_empty())

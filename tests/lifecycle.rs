@@ -198,7 +198,17 @@ fn second_broker_on_the_same_directory_names_the_first() {
 #[test]
 fn broker_killed_with_sigkill_leaves_nothing_that_stops_the_next() {
     let mut bus = TempBus::start();
-    let c = bus.connect("orphan", &["t"]);
+    // A client whose process is gone when the next broker starts: removed
+    // (one whose process lives is adopted, tests/restart.rs).
+    let mut gone = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let c = bus.connect_opts(fifobus::client::ConnectOptions {
+        name: Some("orphan".into()),
+        pid: Some(gone.id() as i32),
+        subs: vec![pattern("t")],
+    });
     let stale = c.dir().to_owned();
     drop(c);
     let status = bus.stop(Signal::SIGKILL);
@@ -207,9 +217,12 @@ fn broker_killed_with_sigkill_leaves_nothing_that_stops_the_next() {
         stale.exists() && bus.dir.join("hello").exists(),
         "SIGKILL leaves state behind"
     );
+    let _ = gone.kill();
+    let _ = gone.wait();
     bus.spawn(&[]);
     assert!(!stale.exists(), "stale client directory removed");
-    assert!(bus.wait_log("did not stop cleanly: removed the hello FIFO and 1 client directory"));
+    assert!(bus.wait_log("did not stop cleanly: removed the hello FIFO"));
+    assert!(bus.wait_log("adopted 0 clients (each first reads 'DROPPED ? restart'), removed 1"));
     let mut c = bus.connect("new", &[]);
     barrier(&mut c);
 }

@@ -269,9 +269,11 @@ fn sub_does_not_reopen_a_fifo_someone_else_put_in_its_place() {
     let (mut sub, cdir) = subscribed(&bus, &["--reconnect-timeout", "60s"]);
     bus.stop(Signal::SIGKILL);
     sub.err.until("the broker went away");
-    // A regular file where `send` was: not a FIFO the broker made.
-    fs::remove_file(cdir.join("send")).unwrap();
-    fs::write(cdir.join("send"), b"").unwrap();
+    // A regular file where `send` was: not a FIFO the broker made. Renamed
+    // over it, so that `send` is never missing (that would end the wait
+    // with "gone" instead).
+    fs::write(cdir.join("planted"), b"").unwrap();
+    fs::rename(cdir.join("planted"), cdir.join("send")).unwrap();
     let status = sub.wait(T);
     assert_eq!(status.code(), Some(1));
     let err = sub.err.rest().join("\n");
@@ -318,9 +320,7 @@ fn pub_waits_for_the_broker_and_sends_the_rest_to_it() {
     assert!(publ.wait(T).success());
     let err = publ.err.rest().join("\n");
     assert!(
-        err.contains(
-            "the broker restarted; messages it had not routed when it stopped may be lost"
-        ),
+        err.contains("fifobus pub: the broker restarted after a crash"),
         "{err}"
     );
 }
@@ -343,6 +343,69 @@ fn pub_with_no_reconnect_timeout_fails_at_once() {
     let status = publ.wait(T);
     assert_eq!(status.code(), Some(1));
     assert!(!publ.err.rest().join("\n").contains("waiting"));
+}
+
+// End to end, with a real broker restarted on the same directory: it takes
+// over the clients whose process lives (src/busdir.rs, session::adopt).
+
+#[test]
+fn sub_survives_a_broker_kill_and_restart_and_gets_what_is_published_after() {
+    let mut bus = TempBus::start();
+    let (mut sub, cdir) = subscribed(&bus, &["-n", "4", "--reconnect-timeout", "60s"]);
+    bus.stop(Signal::SIGKILL);
+    sub.err.until("the broker went away");
+    bus.spawn(&[]);
+    // `hello` is published after every adoption: the subscription is back.
+    let mut p = bus.connect("pub", &[]);
+    for m in ["after-1", "after-2"] {
+        p.publish(&topic("news.a"), m.as_bytes()).unwrap();
+    }
+    barrier(&mut p);
+    assert_eq!(sub.out.until("after-2"), ["after-1", "after-2"]);
+    let err = sub.err.until("restarted after a crash");
+    assert!(
+        err.iter().any(|l| l.contains(&format!(
+            "the broker is back; carrying on in {}",
+            cdir.display()
+        ))),
+        "{err:?}"
+    );
+    assert!(cdir.exists(), "the same client directory");
+    // Still subscribed: -n 4 ("before" counts) is reached with one more,
+    // and it says BYE.
+    p.publish(&topic("news.b"), b"after-3").unwrap();
+    barrier(&mut p);
+    assert_eq!(sub.out.until("after-3"), ["after-3"]);
+    assert!(sub.wait(T).success());
+    assert!(wait_gone(&cdir, T), "BYE removed it");
+}
+
+#[test]
+fn pub_survives_a_broker_kill_and_restart() {
+    let mut bus = TempBus::start();
+    let mut watcher = bus.connect("watcher", &["news.>"]);
+    let mut publ = Cmd::spawn(
+        &bus.dir,
+        &["pub", "news.x", "--reconnect-timeout", "60s"],
+        Stdio::piped(),
+    );
+    let mut stdin = publ.child.stdin.take().unwrap();
+    stdin.write_all(b"one\n").unwrap();
+    read_until(&mut watcher, "MSG news.x one");
+    bus.stop(Signal::SIGKILL);
+    stdin.write_all(b"two\n").unwrap();
+    publ.err.until("the broker went away");
+    bus.spawn(&[]);
+    publ.err.until("the broker is back");
+    stdin.write_all(b"three\n").unwrap();
+    drop(stdin);
+    // Exit 0 means its PING barrier came back from the new broker: every
+    // line it sent before, "two" included, was read and routed.
+    assert!(publ.wait(T).success(), "{:?}", publ.err.rest());
+    // "three" went out once the new broker had adopted everyone (hello
+    // exists): the watcher, adopted too, gets it after the restart notice.
+    let before = read_until(&mut watcher, "MSG news.x three");
+    assert_eq!(before.first().map(String::as_str), Some("DROPPED ? restart"));
 }
 
 // The bus directory removed or renamed under a running broker: the broker

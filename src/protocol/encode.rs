@@ -84,6 +84,14 @@ pub fn dropped(n: u64) -> Bytes {
     Bytes::from(format!("DROPPED {n}\n"))
 }
 
+/// The first line an adopted client reads after a broker crash: lines
+/// queued for it when the broker died may be lost, how many is unknown.
+/// `DROPPED` followed by a non-number, so a decoder that only knows
+/// `DROPPED <n>` sees a line it does not know and skips it.
+pub fn restarted() -> Bytes {
+    Bytes::from_static(b"DROPPED ? restart\n")
+}
+
 pub fn bye() -> Bytes {
     Bytes::from_static(b"BYE\n")
 }

@@ -45,6 +45,10 @@ pub enum Reply<'a> {
     },
     /// This many lines for this client were discarded where this line stands.
     Dropped(u64),
+    /// `DROPPED ? restart`: the broker crashed and a new one adopted this
+    /// client; lines queued for it at the crash may be lost (how many is
+    /// unknown). Its subscriptions and directory are as they were.
+    Restarted,
     Bye,
     /// A line this version cannot read; clients skip it.
     Unknown(&'a [u8]),
@@ -98,6 +102,7 @@ impl<'a> Reply<'a> {
                 Ok(encode::err_raw(code, text))
             }
             Reply::Dropped(n) => Ok(encode::dropped(n)),
+            Reply::Restarted => Ok(encode::restarted()),
             Reply::Bye => Ok(encode::bye()),
             Reply::Unknown(line) => {
                 check_rest(line, "line")?;
@@ -134,6 +139,7 @@ fn parse_known(line: &[u8]) -> Option<Reply<'_>> {
                 text: std::str::from_utf8(text).ok()?,
             })
         }
+        (b"DROPPED", Some(b"? restart")) => Some(Reply::Restarted),
         (b"DROPPED", Some(n)) => Some(Reply::Dropped(std::str::from_utf8(n).ok()?.parse().ok()?)),
         (b"BYE", None) => Some(Reply::Bye),
         (b"WELCOME", Some(rest)) => {
@@ -207,7 +213,7 @@ mod tests {
 
     #[test]
     fn decodes_the_documented_lines() {
-        let cases: [(&[u8], Reply<'_>); 9] = [
+        let cases: [(&[u8], Reply<'_>); 10] = [
             (
                 b"MSG chat.lobby alice: hi all",
                 Reply::Msg {
@@ -239,6 +245,7 @@ mod tests {
                 },
             ),
             (b"DROPPED 1250", Reply::Dropped(1250)),
+            (b"DROPPED ? restart", Reply::Restarted),
             (b"BYE", Reply::Bye),
             (
                 b"WELCOME 1b4e28ba /run/fifobus/clients/with space",
@@ -270,6 +277,8 @@ mod tests {
             b"DROPPED",
             b"DROPPED many",
             b"DROPPED -1",
+            b"DROPPED ?",
+            b"DROPPED ? restart later",
             b"BYE now",
             b"WELCOME id",
             b"WELCOME id ",
@@ -398,6 +407,11 @@ mod tests {
         #[test]
         fn dropped_round_trips(n in any::<u64>()) {
             check(Reply::Dropped(n))?;
+        }
+
+        #[test]
+        fn restarted_round_trips(_n in 0..1u8) {
+            check(Reply::Restarted)?;
         }
 
         #[test]

@@ -96,6 +96,15 @@ pub struct RouterCore {
     per_user: FastMap<u32, PerUser>,
     /// `--max-subscriptions`: per client, whatever the policy.
     max_subscriptions: usize,
+    /// Durable state (`crate::state`): clients whose subscriptions changed
+    /// since the state writer last took them, and how to wake it. `None`
+    /// when nothing is kept on disk (unit tests, benchmarks).
+    durable: Option<Durable>,
+}
+
+struct Durable {
+    dirty: HashSet<ClientKey>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl RouterCore {
@@ -112,6 +121,49 @@ impl RouterCore {
             policy: Arc::new(Policy::open()),
             per_user: FastMap::default(),
             max_subscriptions: MAX_SUBSCRIPTIONS,
+            durable: None,
+        }
+    }
+
+    /// Tracks which clients' subscriptions change, waking `changed` when
+    /// the first change after a [`RouterCore::take_dirty`] happens. On the
+    /// command path this costs a set insert; the files are written by the
+    /// state writer, coalesced.
+    pub fn track_changes(&mut self, changed: Arc<tokio::sync::Notify>) {
+        self.durable = Some(Durable {
+            dirty: HashSet::new(),
+            changed,
+        });
+    }
+
+    /// The clients whose subscriptions changed since the last call, each
+    /// with the argument text of every `SUB` it now holds.
+    pub fn take_dirty(&mut self) -> Vec<(ClientKey, Vec<String>)> {
+        let Some(d) = &mut self.durable else {
+            return Vec::new();
+        };
+        let keys = std::mem::take(&mut d.dirty);
+        keys.into_iter()
+            .filter_map(|k| {
+                let c = self.clients.get(&k)?;
+                Some((k, c.patterns.iter().map(crate::state::sub_text).collect()))
+            })
+            .collect()
+    }
+
+    /// The argument text of every `SUB` client `key` holds (durable state).
+    pub fn subscription_texts(&self, key: ClientKey) -> Vec<String> {
+        self.clients.get(&key).map_or_else(Vec::new, |c| {
+            c.patterns.iter().map(crate::state::sub_text).collect()
+        })
+    }
+
+    fn mark_dirty(&mut self, key: ClientKey) {
+        if let Some(d) = &mut self.durable {
+            if d.dirty.is_empty() {
+                d.changed.notify_one();
+            }
+            d.dirty.insert(key);
         }
     }
 
@@ -267,6 +319,9 @@ impl RouterCore {
 
     /// Forgets a client and all its subscriptions. Idempotent.
     pub fn detach(&mut self, key: ClientKey) {
+        if let Some(d) = &mut self.durable {
+            d.dirty.remove(&key);
+        }
         if let Some(client) = self.clients.remove(&key) {
             for p in &client.patterns {
                 self.index.remove(p, key);
@@ -488,6 +543,8 @@ impl RouterCore {
         }
         if self.policy.is_open() {
             self.add_subscription(key, p);
+            // Not at attach: the session writes a new client's file itself.
+            self.mark_dirty(key);
             return Ok(());
         }
         if self.policy.may_subscribe(&client.who, &p) == Sub::Denied {
@@ -503,6 +560,7 @@ impl RouterCore {
             }
         }
         self.add_subscription(key, p);
+        self.mark_dirty(key);
         Ok(())
     }
 
@@ -528,6 +586,7 @@ impl RouterCore {
                     u.subscriptions -= 1;
                 }
                 self.interest_changed();
+                self.mark_dirty(key);
             }
         }
     }

@@ -50,6 +50,9 @@ pub enum RouterMsg {
     },
     /// A new access-control policy (`--acl`, at start and on reload).
     SetPolicy(Arc<Policy>),
+    /// For the state writer: the clients whose subscriptions changed, with
+    /// what they hold now (`RouterCore::take_dirty`).
+    TakeDirty(oneshot::Sender<Vec<(ClientKey, Vec<String>)>>),
 }
 
 /// Why [`RouterHandle::attach`] did not attach a client.
@@ -72,9 +75,22 @@ impl RouterHandle {
     /// Starts the router task and returns a handle to it. It enforces the
     /// memory budget in `counters` and `max_subscriptions` per client.
     pub fn spawn(counters: Arc<Counters>, max_subscriptions: usize) -> RouterHandle {
+        Self::spawn_tracking(counters, max_subscriptions, None)
+    }
+
+    /// [`RouterHandle::spawn`], waking `changed` when subscriptions change
+    /// (durable state, see `crate::state`).
+    pub fn spawn_tracking(
+        counters: Arc<Counters>,
+        max_subscriptions: usize,
+        changed: Option<Arc<tokio::sync::Notify>>,
+    ) -> RouterHandle {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let mut core = RouterCore::new(counters);
         core.set_max_subscriptions(max_subscriptions);
+        if let Some(changed) = changed {
+            core.track_changes(changed);
+        }
         tokio::spawn(run(rx, core));
         RouterHandle { tx }
     }
@@ -130,6 +146,14 @@ impl RouterHandle {
     pub async fn detach(&self, key: ClientKey) {
         let _ = self.tx.send(RouterMsg::Detach { key }).await;
     }
+
+    /// The clients whose subscriptions changed since the last call, with
+    /// what each holds now; `None` once the router has stopped.
+    pub async fn take_dirty(&self) -> Option<Vec<(ClientKey, Vec<String>)>> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(RouterMsg::TakeDirty(done)).await.ok()?;
+        wait.await.ok()
+    }
 }
 
 async fn run(mut rx: mpsc::Receiver<RouterMsg>, mut core: RouterCore) {
@@ -180,6 +204,12 @@ fn handle(core: &mut RouterCore, msg: RouterMsg) -> usize {
         RouterMsg::SetPolicy(policy) => {
             core.set_policy(policy);
             1
+        }
+        RouterMsg::TakeDirty(done) => {
+            let dirty = core.take_dirty();
+            let work = dirty.len();
+            let _ = done.send(dirty);
+            work.max(1)
         }
     }
 }

@@ -12,6 +12,7 @@
 //! | `clients/<uuid>/` with `send` and `recv`, relative to `clients/`'s descriptor | `ClientFifos::create` | [`busdir::remove_client_dir`] |
 //! | an inotify watch on that directory | [`FsWatcher::watch_client`] | [`FsWatcher::unwatch_client`] |
 //! | its entry in the registry (metrics, watcher) | [`Registry::insert`] | [`Registry::remove`] |
+//! | its file in `<bus>/state/` (`crate::state`) | `StateStore::register` | `StateStore::forget` |
 //!
 //! A session is one task. Inside it, the reader (`send` → parsed batches →
 //! router, `reader.rs`) and the writer (outbox → `recv`, `writer.rs`) run side
@@ -50,6 +51,7 @@ use crate::fifo::FileId;
 use crate::protocol::{encode, ErrorCode, Hello, ProtocolError};
 use crate::registry::Activity;
 use crate::router::{AttachError, ClientKey, CloseReason, Outbox};
+use crate::state::ClientRecord;
 use crate::watch::PidWatch;
 use crate::{busdir, fifo, warn_throttled};
 
@@ -170,6 +172,19 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         watch,
         fifos.ids,
     );
+    // Before WELCOME: a client told it is welcome survives a crash from now on.
+    ctx.state.register(
+        key,
+        ClientRecord {
+            uuid: id.clone(),
+            name: hello.name.clone(),
+            pid: hello.pid,
+            uid,
+            send: fifos.ids[0],
+            recv: fifos.ids[1],
+            subs: hello.subs.iter().map(crate::state::sub_text).collect(),
+        },
+    );
     // Without pid=, idleness is what ends it.
     let activity = pid
         .is_none()
@@ -192,6 +207,104 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
     };
     ctx.tracker.spawn(session.run(ctx.clone()));
     Ok(Welcome { id, dir, outbox })
+}
+
+/// Serves again a client that a crashed broker left (`busdir::Adoptable`):
+/// same uuid, directory, FIFOs (already open) and subscriptions. Its first
+/// line is `DROPPED ? restart` (see docs/protocol.md). Its `pid=` process
+/// must be alive and still be the client's user's (as at the handshake); a
+/// client without `pid=` is adopted and then ends by the orphan rules.
+///
+/// # Errors
+/// Why it could not be adopted, for the log; nothing is left registered,
+/// and the caller removes its directory and state file.
+pub async fn adopt(found: busdir::Adoptable, ctx: &Arc<Context>) -> Result<(), String> {
+    let busdir::Adoptable { record: rec, fifos } = found;
+    let permit = ctx.clients.admit().ok_or_else(|| {
+        "the client table is full (--max-clients or the open-file limit)".to_owned()
+    })?;
+    let pid = match rec.pid {
+        Some(p) => Some(watch_pid(p, rec.uid, ctx).map_err(|e| e.text)?),
+        None => None,
+    };
+    let subs = rec
+        .subs
+        .iter()
+        .map(|t| crate::state::parse_sub(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = ctx.clients.next_key();
+    let who = identity(rec.uid, ctx).await;
+    let mut backlog = ctx.config.backlog;
+    if let Some(cap) = ctx.policy().limits(&who).backlog {
+        backlog.bytes = backlog.bytes.min(cap);
+    }
+    let outbox = Arc::new(Outbox::with_budget(backlog, ctx.counters.memory.clone()));
+    // First, before anything routed to it.
+    outbox.push(encode::restarted());
+    match ctx.router.attach(key, outbox.clone(), who, subs).await {
+        Ok(()) => {}
+        Err(AttachError::Refused(e)) => {
+            return Err(format!("the policy refuses it now: {}", e.text))
+        }
+        Err(AttachError::Stopped) => return Err("the broker is stopping".into()),
+    }
+    let ids = [
+        FileId::of_fd(fifos.send.as_raw_fd()).map_err(|e| e.to_string())?,
+        FileId::of_fd(fifos.recv.as_raw_fd()).map_err(|e| e.to_string())?,
+    ];
+    let opened = (|| -> io::Result<_> {
+        let send = pipe::Receiver::from_owned_fd_unchecked(fifos.send)?;
+        let recv = pipe::Sender::from_owned_fd_unchecked(fifos.recv)?;
+        // Shrinks only what holds nothing unread (EBUSY keeps the size).
+        let min = fifo::min_pipe_size();
+        let sizes = [
+            fifo::set_pipe_size(send.as_raw_fd(), min)?,
+            fifo::set_pipe_size(recv.as_raw_fd(), min)?,
+        ];
+        Ok((send, recv, sizes))
+    })();
+    let (send, recv, sizes) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            ctx.router.detach(key).await;
+            return Err(format!("cannot use its FIFOs: {e}"));
+        }
+    };
+    let dir = ctx.fs.clients_path().join(&rec.uuid);
+    let via = PathBuf::from(format!("/proc/self/fd/{}", fifos.dir.as_raw_fd()));
+    let watch = match ctx.watcher.watch_client(&via) {
+        Ok(wd) => Some(wd),
+        Err(e) => {
+            warn_throttled!(ctx.throttle, "inotify", "cannot watch {}: {e}; its deletion will go unnoticed (raise fs.inotify.max_user_watches)", dir.display());
+            None
+        }
+    };
+    let label = rec.name.clone().unwrap_or_else(|| rec.uuid.clone());
+    ctx.clients
+        .insert(key, label.clone(), dir.clone(), outbox.clone(), watch, ids);
+    let activity = pid
+        .is_none()
+        .then(|| ctx.clients.track_activity(key, recv.as_raw_fd()));
+    tracing::debug!(client = %label, id = %rec.uuid, uid = rec.uid, pid = ?rec.pid, "client adopted");
+    let name = rec.uuid.clone();
+    ctx.state.register(key, rec);
+    let session = Session {
+        key,
+        label,
+        dir,
+        clients: ctx.fs.clients(),
+        name,
+        send,
+        recv,
+        send_size: sizes[0],
+        recv_size: sizes[1],
+        outbox,
+        pid,
+        activity,
+        permit: Some(permit),
+    };
+    ctx.tracker.spawn(session.run(ctx.clone()));
+    Ok(())
 }
 
 /// Opens a pidfd for `pid=` and checks that the process belongs to `uid`
@@ -439,6 +552,9 @@ impl Session {
         if let Some(wd) = ctx.clients.remove(self.key) {
             ctx.watcher.unwatch_client(wd);
         }
+        // Its state first: a crash from here on leaves a directory without
+        // state, which the next broker removes.
+        ctx.state.forget(self.key);
         // Remove the directory before closing the FIFOs: a client that sees
         // EOF on recv can rely on its directory being gone.
         if let Err(e) = busdir::remove_client_dir(self.clients.as_raw_fd(), &self.name) {

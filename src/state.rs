@@ -1,0 +1,603 @@
+//! Durable client state: what a broker needs to serve a client again after
+//! a crash (docs/architecture.md, "Restart survival").
+//!
+//! One file per client in `<bus>/state/` (0700, the broker's alone: never in
+//! `clients/<uuid>/`, which a client on a `--shared` bus owns and could
+//! write). Each file is written whole under a temporary name created
+//! `O_EXCL|O_NOFOLLOW` and renamed over the old one, so a reader sees the
+//! previous version or the next, never a mix; a file cut short by a full
+//! disk or garbled by hand fails [`ClientRecord::parse`] and only that
+//! client is lost.
+//!
+//! Writes are coalesced: the router marks a client whose subscriptions
+//! changed (a set insert, no I/O on the command path), and one writer task
+//! ([`run_writer`]) wakes at most every [`COALESCE`], takes the set and the
+//! current subscriptions of those clients from the router, and writes one
+//! file per client. A burst of 100k `SUB`s costs a few writes, not 100k.
+//! A client's first file is written by `session::create` before its
+//! `WELCOME`, so a client that was told it is welcome can be adopted.
+//!
+//! The format is line-based text, versioned by its first line, parsed
+//! strictly (an unknown key, a missing field or a missing `end` rejects the
+//! file):
+//!
+//! ```text
+//! fifobus-client-state 1
+//! uuid 5b0c2f8e-6c51-4a4e-9d0e-1f1a7c1e2d3b
+//! name worker-1          (optional: the HELLO's name=)
+//! pid 4242               (optional: the HELLO's pid=)
+//! uid 1000               (the client's identity: the owner of its reply FIFO)
+//! send 64769 1234        (device and inode of clients/<uuid>/send)
+//! recv 64769 1235
+//! sub chat.>             (repeated: the argument text of one SUB, verbatim)
+//! end
+//! ```
+//!
+//! A `sub` line holds everything after `SUB ` as `Command::encode` writes
+//! it, and is replayed through `Command::parse`, so options a `SUB` may
+//! carry persist with no change to this format.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat, OFlag};
+use nix::sys::stat::{fchmod, fstat, Mode, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+
+use crate::fifo::FileId;
+use crate::protocol::Command;
+use crate::router::{ClientKey, RouterHandle};
+use crate::topic::Pattern;
+
+/// The broker-only directory in the bus directory that holds the files.
+pub const STATE_DIR: &str = "state";
+const HEADER: &str = "fifobus-client-state 1";
+/// How long the writer waits after the first change before it writes, so
+/// that a burst of changes is one write per client.
+pub const COALESCE: Duration = Duration::from_millis(50);
+/// A state file larger than this is refused when read (a client holds at
+/// most `--max-subscriptions` patterns of at most a few hundred bytes).
+const MAX_FILE: u64 = 64 << 20;
+
+/// Everything needed to serve a client again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    pub uuid: String,
+    pub name: Option<String>,
+    pub pid: Option<i32>,
+    pub uid: u32,
+    pub send: FileId,
+    pub recv: FileId,
+    /// The argument text of each `SUB` in force.
+    pub subs: Vec<String>,
+}
+
+/// The argument text of `SUB p`, as [`Command::encode`] writes it.
+pub fn sub_text(p: &Pattern) -> String {
+    let mut out = Vec::new();
+    let _ = Command::Sub(p.clone()).encode(&mut out);
+    let line = String::from_utf8_lossy(&out);
+    line.trim_end_matches('\n')
+        .strip_prefix("SUB ")
+        .unwrap_or(p.as_str())
+        .to_owned()
+}
+
+/// The pattern of a recorded `SUB`, read back as the broker reads `SUB`.
+///
+/// # Errors
+/// A text that is not a valid `SUB` argument.
+pub fn parse_sub(text: &str) -> Result<Pattern, String> {
+    match Command::parse(bytes::Bytes::from(format!("SUB {text}"))) {
+        Ok(Some(Command::Sub(p))) => Ok(p.detached()),
+        Ok(_) => Err(format!("'{text}' is not a SUB argument")),
+        Err(e) => Err(format!("'{text}': {}", e.text)),
+    }
+}
+
+fn is_word(s: &str) -> bool {
+    !s.is_empty() && !s.bytes().any(|b| b == b' ' || b == b'\n' || b == b'\r')
+}
+
+impl ClientRecord {
+    /// The file's text.
+    pub fn encode(&self) -> String {
+        let mut s =
+            String::with_capacity(160 + self.subs.iter().map(|p| p.len() + 5).sum::<usize>());
+        s.push_str(HEADER);
+        s.push('\n');
+        s.push_str(&format!("uuid {}\n", self.uuid));
+        if let Some(n) = &self.name {
+            s.push_str(&format!("name {n}\n"));
+        }
+        if let Some(p) = self.pid {
+            s.push_str(&format!("pid {p}\n"));
+        }
+        s.push_str(&format!("uid {}\n", self.uid));
+        s.push_str(&format!("send {} {}\n", self.send.dev, self.send.ino));
+        s.push_str(&format!("recv {} {}\n", self.recv.dev, self.recv.ino));
+        for p in &self.subs {
+            s.push_str("sub ");
+            s.push_str(p);
+            s.push('\n');
+        }
+        s.push_str("end\n");
+        s
+    }
+
+    /// Reads a file's text, strictly: any deviation is an error naming the line.
+    ///
+    /// # Errors
+    /// What is wrong, for the log.
+    pub fn parse(text: &str) -> Result<ClientRecord, String> {
+        let Some(body) = text.strip_suffix("end\n") else {
+            return Err("it does not end with 'end' (cut short, e.g. by a full disk?)".into());
+        };
+        let Some(body) = body.strip_suffix('\n') else {
+            return Err("'end' is not on a line of its own".into());
+        };
+        let mut lines = body.split('\n');
+        if lines.next() != Some(HEADER) {
+            return Err(format!("the first line is not '{HEADER}'"));
+        }
+        let (mut uuid, mut name, mut pid, mut uid, mut send, mut recv) =
+            (None, None, None, None, None, None);
+        let mut subs = Vec::new();
+        for (i, line) in lines.enumerate() {
+            let n = i + 2;
+            let (key, value) = line
+                .split_once(' ')
+                .ok_or_else(|| format!("line {n}: no value"))?;
+            fn once<T>(slot: &Option<T>, n: usize, key: &str) -> Result<(), String> {
+                match slot {
+                    Some(_) => Err(format!("line {n}: '{key}' given twice")),
+                    None => Ok(()),
+                }
+            }
+            let bad = || format!("line {n}: bad {key} '{value}'");
+            match key {
+                "uuid" => {
+                    once(&uuid, n, key)?;
+                    uuid::Uuid::parse_str(value).map_err(|_| bad())?;
+                    uuid = Some(value.to_owned());
+                }
+                "name" => {
+                    once(&name, n, key)?;
+                    if !is_word(value) {
+                        return Err(bad());
+                    }
+                    name = Some(value.to_owned());
+                }
+                "pid" => {
+                    once(&pid, n, key)?;
+                    pid = Some(
+                        value
+                            .parse::<i32>()
+                            .ok()
+                            .filter(|&p| p > 0)
+                            .ok_or_else(bad)?,
+                    );
+                }
+                "uid" => {
+                    once(&uid, n, key)?;
+                    uid = Some(value.parse::<u32>().map_err(|_| bad())?);
+                }
+                "send" | "recv" => {
+                    let (d, i) = value.split_once(' ').ok_or_else(bad)?;
+                    let id = FileId {
+                        dev: d.parse().map_err(|_| bad())?,
+                        ino: i.parse().map_err(|_| bad())?,
+                    };
+                    let slot = if key == "send" { &mut send } else { &mut recv };
+                    once(slot, n, key)?;
+                    *slot = Some(id);
+                }
+                "sub" => {
+                    parse_sub(value).map_err(|e| format!("line {n}: bad sub {e}"))?;
+                    subs.push(value.to_owned());
+                }
+                _ => return Err(format!("line {n}: unknown key '{key}'")),
+            }
+        }
+        let missing = |what: &str| format!("no '{what}' line");
+        Ok(ClientRecord {
+            uuid: uuid.ok_or_else(|| missing("uuid"))?,
+            name,
+            pid,
+            uid: uid.ok_or_else(|| missing("uid"))?,
+            send: send.ok_or_else(|| missing("send"))?,
+            recv: recv.ok_or_else(|| missing("recv"))?,
+            subs,
+        })
+    }
+}
+
+/// A state file that could not be used, and why: for the start-up log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub path: PathBuf,
+    pub why: String,
+}
+
+/// `<bus>/state/`, held open; every file operation is relative to it.
+pub struct StateDir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl StateDir {
+    /// Wraps a descriptor of `<bus>/state/` (checked by `busdir`).
+    pub fn new(fd: OwnedFd, path: PathBuf) -> StateDir {
+        StateDir { fd, path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Writes `<uuid>` whole: temporary file (`O_EXCL|O_NOFOLLOW`, 0600),
+    /// write, rename over the old one. On failure nothing is left but the
+    /// previous version.
+    ///
+    /// # Errors
+    /// The `io::Error` of the step that failed (`ENOSPC`, `EIO`, ...).
+    pub fn write(&self, rec: &ClientRecord, seq: u64) -> io::Result<()> {
+        let dir = self.raw();
+        let tmp = format!(".{}.{}.{seq}", rec.uuid, std::process::id());
+        let raw = openat(
+            Some(dir),
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        let written = fchmod(file.as_raw_fd(), Mode::from_bits_truncate(0o600))
+            .map_err(io::Error::from)
+            .and_then(|()| file.write_all(rec.encode().as_bytes()))
+            .and_then(|()| {
+                renameat(Some(dir), tmp.as_str(), Some(dir), rec.uuid.as_str())
+                    .map_err(io::Error::from)
+            });
+        if written.is_err() {
+            let _ = unlinkat(Some(dir), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        written
+    }
+
+    /// Removes `<uuid>`; nothing there is not an error.
+    pub fn remove(&self, uuid: &str) {
+        let _ = unlinkat(Some(self.raw()), uuid, UnlinkatFlags::NoRemoveDir);
+    }
+
+    /// Reads every state file: the records that parse, and the files that
+    /// do not (removed, and reported). Leftover temporary files (a crash
+    /// between create and rename) are removed silently.
+    ///
+    /// # Errors
+    /// When the directory cannot be listed.
+    pub fn load_all(&self) -> io::Result<(Vec<ClientRecord>, Vec<Rejected>)> {
+        let mut names = Vec::new();
+        let mut listing = nix::dir::Dir::openat(
+            Some(self.raw()),
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        for entry in listing.iter() {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for name in names {
+            if name.starts_with('.') {
+                self.remove(&name);
+                continue;
+            }
+            match self.read(&name) {
+                Ok(rec) => good.push(rec),
+                Err(why) => {
+                    self.remove(&name);
+                    bad.push(Rejected {
+                        path: self.path.join(&name),
+                        why: format!("unusable state file: {why}"),
+                    });
+                }
+            }
+        }
+        Ok((good, bad))
+    }
+
+    /// One file, checked: a regular file of ours, named by the uuid inside.
+    fn read(&self, name: &str) -> Result<ClientRecord, String> {
+        let raw = openat(
+            Some(self.raw()),
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("cannot open it: {e}"))?;
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        let st = fstat(file.as_raw_fd()).map_err(|e| format!("cannot inspect it: {e}"))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG
+            || st.st_uid != nix::unistd::geteuid().as_raw()
+        {
+            return Err("not a regular file of the broker's user".into());
+        }
+        let mut text = String::new();
+        file.take(MAX_FILE)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read it: {e}"))?;
+        let rec = ClientRecord::parse(&text)?;
+        if rec.uuid != name {
+            return Err(format!("it names client {}, not {name}", rec.uuid));
+        }
+        Ok(rec)
+    }
+}
+
+/// The files of live clients: who is registered (and so may be written),
+/// and the one writer's lock. Registering, writing and forgetting a client
+/// hold the same lock, so a write can never bring back the file of a
+/// client that has just been forgotten.
+pub struct StateStore {
+    dir: StateDir,
+    live: Mutex<HashMap<ClientKey, ClientRecord>>,
+    seq: AtomicU64,
+    /// Writes that failed (`fifobus_state_write_errors_total`).
+    counters: Arc<crate::counters::Counters>,
+    throttle: crate::throttle::LogThrottle,
+}
+
+impl StateStore {
+    pub fn new(dir: StateDir, counters: Arc<crate::counters::Counters>) -> Arc<StateStore> {
+        Arc::new(StateStore {
+            dir,
+            live: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            counters,
+            throttle: crate::throttle::LogThrottle::default(),
+        })
+    }
+
+    pub fn dir(&self) -> &StateDir {
+        &self.dir
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientKey, ClientRecord>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new (or adopted) client: its file is written now. A failure is
+    /// logged and counted; the client is served anyway (it just would not
+    /// survive a crash until a later write succeeds).
+    pub fn register(&self, key: ClientKey, rec: ClientRecord) {
+        let mut live = self.lock();
+        self.write_logged(&rec);
+        live.insert(key, rec);
+    }
+
+    /// The client ended: its file goes, and no later write brings it back.
+    pub fn forget(&self, key: ClientKey) {
+        let mut live = self.lock();
+        if let Some(rec) = live.remove(&key) {
+            self.dir.remove(&rec.uuid);
+        }
+    }
+
+    /// New subscriptions of live clients, from the router; written now.
+    pub fn update(&self, changed: Vec<(ClientKey, Vec<String>)>) {
+        for (key, subs) in changed {
+            let mut live = self.lock();
+            let Some(rec) = live.get_mut(&key) else {
+                continue;
+            };
+            rec.subs = subs;
+            let rec = rec.clone();
+            self.write_logged(&rec);
+            drop(live);
+        }
+    }
+
+    /// Writes every live client again (after errors: the disk may have room now).
+    fn rewrite_all(&self) {
+        let live = self.lock();
+        for rec in live.values() {
+            self.write_logged(rec);
+        }
+    }
+
+    fn write_logged(&self, rec: &ClientRecord) -> bool {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        match self.dir.write(rec, seq) {
+            Ok(()) => true,
+            Err(e) => {
+                self.counters
+                    .state_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                let path = self.dir.path().join(&rec.uuid);
+                let hint = match e.raw_os_error() {
+                    Some(libc::ENOSPC | libc::EDQUOT) => "the filesystem is full: free space there (or give the bus directory a larger tmpfs)",
+                    Some(libc::EIO) => "the device reported an I/O error: check it (dmesg)",
+                    _ => "check the state directory's permissions and space",
+                };
+                crate::warn_throttled!(
+                    self.throttle,
+                    "state-write",
+                    "cannot write client state {}: {e}; {hint}. Serving continues, but this client would not survive a broker crash until a later write succeeds (retried every few seconds; counted in fifobus_state_write_errors_total)",
+                    path.display()
+                );
+                false
+            }
+        }
+    }
+}
+
+/// How often the writer tries again after a failed write.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// The one writer: waits for the router to mark a change, lets changes
+/// gather for [`COALESCE`], then takes them and writes. After a failure it
+/// rewrites everything every [`RETRY`] until writes succeed again.
+pub async fn run_writer(
+    store: Arc<StateStore>,
+    router: RouterHandle,
+    changed: Arc<tokio::sync::Notify>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        let retry = async {
+            if failing {
+                tokio::time::sleep(RETRY).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let woken_by_change = tokio::select! {
+            () = cancel.cancelled() => return,
+            () = changed.notified() => true,
+            () = retry => false,
+        };
+        if woken_by_change {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(COALESCE) => {}
+            }
+        }
+        let Some(dirty) = router.take_dirty().await else {
+            return;
+        };
+        let before = store.counters.state_write_errors.load(Ordering::Relaxed);
+        let s = store.clone();
+        let retry_all = !woken_by_change;
+        let _ = tokio::task::spawn_blocking(move || {
+            if retry_all {
+                s.rewrite_all();
+            }
+            s.update(dirty);
+        })
+        .await;
+        let failed_now = store.counters.state_write_errors.load(Ordering::Relaxed) != before;
+        if failing && !failed_now && retry_all {
+            tracing::info!(
+                "client state is being written again in {}",
+                store.dir.path().display()
+            );
+        }
+        failing = failed_now || (failing && !retry_all);
+    }
+}
+
+/// Opens (creating it if needed) `<bus>/state/`: a directory of the
+/// broker's user that nobody else may reach (0700), or an error naming
+/// what is in its place.
+///
+/// # Errors
+/// `Err(description)` when something not ours is there.
+pub fn open_state_dir(bus: RawFd) -> io::Result<OwnedFd> {
+    match nix::sys::stat::mkdirat(Some(bus), STATE_DIR, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let raw = openat(
+        Some(bus),
+        STATE_DIR,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let st = fstat(fd.as_raw_fd())?;
+    if st.st_uid != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("it belongs to uid {}", st.st_uid),
+        ));
+    }
+    fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> ClientRecord {
+        ClientRecord {
+            uuid: "5b0c2f8e-6c51-4a4e-9d0e-1f1a7c1e2d3b".into(),
+            name: Some("worker-1".into()),
+            pid: Some(4242),
+            uid: 1000,
+            send: FileId { dev: 7, ino: 11 },
+            recv: FileId { dev: 7, ino: 12 },
+            subs: vec!["chat.>".into(), "a.*.c".into()],
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let r = rec();
+        assert_eq!(ClientRecord::parse(&r.encode()), Ok(r.clone()));
+        let bare = ClientRecord {
+            name: None,
+            pid: None,
+            subs: vec![],
+            ..r
+        };
+        assert_eq!(ClientRecord::parse(&bare.encode()), Ok(bare));
+    }
+
+    #[test]
+    fn every_cut_of_a_file_is_refused() {
+        let text = rec().encode();
+        for cut in 0..text.len() {
+            assert!(
+                ClientRecord::parse(&text[..cut]).is_err(),
+                "accepted a file cut at {cut}: {:?}",
+                &text[..cut]
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_and_unknown_keys_are_refused() {
+        let text = rec().encode();
+        for bad in [
+            text.replace("fifobus-client-state 1", "fifobus-client-state 2"),
+            text.replace("uid 1000", "uid x"),
+            text.replace("uid 1000\n", ""),
+            text.replace("pid 4242", "pid 0"),
+            text.replace("sub chat.>", "sub chat..x"),
+            text.replace("name worker-1", "colour blue"),
+            text.replace("uuid ", "uuid x"),
+            text.replace("end\n", "end\nmore\n"),
+            format!("{text}\0\0\0"),
+        ] {
+            assert!(ClientRecord::parse(&bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn sub_text_is_what_sub_reads_back() {
+        let p = Pattern::parse(b"chat.*.>").unwrap();
+        let t = sub_text(&p);
+        assert_eq!(t, "chat.*.>");
+        assert_eq!(parse_sub(&t).unwrap(), p);
+    }
+}
