@@ -405,7 +405,10 @@ fn pub_survives_a_broker_kill_and_restart() {
     // "three" went out once the new broker had adopted everyone (hello
     // exists): the watcher, adopted too, gets it after the restart notice.
     let before = read_until(&mut watcher, "MSG news.x three");
-    assert_eq!(before.first().map(String::as_str), Some("DROPPED ? restart"));
+    assert_eq!(
+        before.first().map(String::as_str),
+        Some("DROPPED ? restart")
+    );
 }
 
 // The bus directory removed or renamed under a running broker: the broker
