@@ -511,6 +511,9 @@ impl Client {
     /// and checked again once open. `recv` is kept open throughout when it
     /// is the same FIFO, so the lines in it are not lost.
     ///
+    /// Call it after EOF on `recv` once every buffered line was taken, or
+    /// after `EPIPE` on `send`.
+    ///
     /// # Errors
     /// [`ClientError::Gone`] when the directory or a FIFO is removed (no
     /// broker can serve it again); [`ClientError::Changed`] when something
@@ -541,8 +544,19 @@ impl Client {
             )
             .is_ok()
         });
+        // What followed the last newline before EOF is a line the broker
+        // never finished: among what the crash lost (the broker that takes
+        // over says so first, `DROPPED ? restart`). Kept, it would be glued
+        // to the front of that line.
+        match memchr::memrchr(b'\n', &self.recv.buf) {
+            Some(i) => self.recv.buf.truncate(i + 1),
+            None => self.recv.buf.clear(),
+        }
+        // `send`, once it opens, is held across looks: every open of ours
+        // is an inotify event that would wake this wait again.
+        let mut send = None;
         loop {
-            if self.try_resume()? {
+            if self.try_resume(&mut send)? {
                 return Ok(());
             }
             let now = Instant::now();
@@ -625,8 +639,9 @@ impl Client {
     }
 
     /// One look: `Ok(true)` once a broker holds both FIFOs again, with this
-    /// client's descriptors switched to them.
-    fn try_resume(&mut self) -> Result<bool, ClientError> {
+    /// client's descriptors switched to them. `send` keeps a `send` opened
+    /// by an earlier look while it is still the FIFO at its path.
+    fn try_resume(&mut self, send: &mut Option<OwnedFd>) -> Result<bool, ClientError> {
         let dir = self.probe_files()?;
         let open_checked = |name: &str,
                             flags: OFlag,
@@ -649,7 +664,17 @@ impl Client {
             self.check_fifo(name, &st, want)?;
             Ok(Some(fd))
         };
-        let Some(send) = open_checked("send", OFlag::O_WRONLY, self.given.send)? else {
+        let send_st =
+            nix::sys::stat::fstatat(Some(dir.as_raw_fd()), "send", AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| at_path(e, "stat", &self.dir.join("send")))?;
+        let still = send.as_ref().is_some_and(|fd| {
+            nix::sys::stat::fstat(fd.as_raw_fd())
+                .is_ok_and(|st| (st.st_dev, st.st_ino) == (send_st.st_dev, send_st.st_ino))
+        });
+        if !still {
+            *send = open_checked("send", OFlag::O_WRONLY, self.given.send)?;
+        }
+        let Some(opened) = send.as_ref() else {
             return Ok(false);
         };
         // `recv`: the same FIFO is read on through the descriptor already
@@ -672,8 +697,8 @@ impl Client {
         if self.recv.eof {
             return Ok(false);
         }
-        set_blocking(&send)?;
-        self.send = File::from(send);
+        set_blocking(opened)?;
+        self.send = File::from(send.take().expect("checked above"));
         Ok(true)
     }
     /// # Errors

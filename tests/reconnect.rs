@@ -191,12 +191,22 @@ fn subscribed(bus: &TempBus, extra: &[&str]) -> (Cmd, PathBuf) {
 fn sub_carries_on_when_a_broker_takes_its_directory_back() {
     let mut bus = TempBus::start();
     let (mut sub, cdir) = subscribed(&bus, &["-n", "2", "--reconnect-timeout", "60s"]);
+    // A line the broker never finished when it died: the bytes are in
+    // recv, with no newline after them.
+    let mut cut = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(cdir.join("recv"))
+        .unwrap();
+    cut.write_all(b"MSG news.b cu").unwrap();
+    drop(cut);
     bus.stop(Signal::SIGKILL);
     // It noticed, said so, and waits (it has not exited).
     sub.err.until("the broker went away; waiting up to 1m");
     assert!(sub.child.try_wait().unwrap().is_none());
     let mut standin = StandIn::take_over(&cdir);
     standin.say("MSG news.b after");
+    // The cut line is dropped, not glued to the new broker's first line.
     assert_eq!(sub.out.until("after"), ["after"]);
     let err = sub.err.until("restarted");
     assert!(
