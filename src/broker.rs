@@ -52,6 +52,8 @@ pub enum BrokerError {
     BusDirGone { dir: PathBuf },
     #[error(transparent)]
     MetricsToken(#[from] crate::metrics_token::TokenError),
+    #[error(transparent)]
+    Replace(#[from] crate::control::ReplaceError),
     #[error("cannot serve metrics on {addr}: {source} (choose another --metrics-addr, or --metrics-addr off)")]
     MetricsAddr {
         addr: String,
@@ -120,8 +122,20 @@ async fn serve(
         .map(crate::metrics_token::BearerToken::load_private)
         .transpose()?;
 
-    let (mut bus, stale) = BusDir::open(&config.dir, config.mode, config.shared)?;
-    if !stale.is_empty() {
+    let (mut bus, stale) = if config.replace {
+        open_replacing(&config).await?
+    } else {
+        BusDir::open(&config.dir, config.mode, config.shared)?
+    };
+    if config.replace {
+        tracing::info!(
+            "took over from the broker{} (serve --replace)",
+            stale
+                .previous_pid
+                .map(|p| format!(" with pid {p}"))
+                .unwrap_or_default()
+        );
+    } else if !stale.is_empty() {
         tracing::warn!(
             "cleaned up after a broker{} that did not stop cleanly: removed {}{} client director{}",
             stale
@@ -205,6 +219,9 @@ async fn serve(
     let ctx = Arc::new(Context {
         router,
         state,
+        phase: tokio::sync::watch::channel(crate::context::Phase::Serving).0,
+        paused_readers: std::sync::atomic::AtomicUsize::new(0),
+        handshakes: std::sync::atomic::AtomicUsize::new(0),
         clients,
         watcher,
         counters,
@@ -256,7 +273,11 @@ async fn serve(
             )
         ),
     );
+    let control = crate::control::bind(&ctx);
     adopt_all(bus.take_adoptable(), &stale, &ctx).await;
+    if let Some(listener) = control {
+        tokio::spawn(crate::control::listen(listener, ctx.clone()));
+    }
     // Last: `hello` appearing is what clients and scripts wait for.
     if let Err(e) = bus.publish_hello() {
         let path = bus.path().join(crate::busdir::HELLO);
@@ -268,8 +289,16 @@ async fn serve(
         }
         .into());
     }
-    // For systemd Type=notify units; a no-op elsewhere.
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // For systemd Type=notify units; a no-op elsewhere. A replacement is
+    // the unit's main process from now on (NotifyAccess=all).
+    if ctx.config.replace {
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Ready,
+        ]);
+    } else {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
     let bus_path = bus.path().to_owned();
     let rendezvous = tracker.spawn(rendezvous::run(bus, ctx.clone()));
 
@@ -309,6 +338,39 @@ async fn serve(
     Ok(())
 }
 
+/// `serve --replace`: asks the running broker to hand over, opens `hello`
+/// and every client's FIFOs while it still holds them, lets it exit, then
+/// takes the lock (released by its exit, possibly a moment after its end
+/// of the control socket closed).
+async fn open_replacing(
+    config: &BrokerConfig,
+) -> Result<(BusDir, crate::busdir::StaleCleanup), BrokerError> {
+    let stream = crate::control::request(&config.dir).await?;
+    // On an error from here, dropping the stream before GO makes the old
+    // broker resume.
+    let pre = crate::busdir::preopen(&config.dir, config.shared)?;
+    tracing::info!(
+        "the running broker is paused; holding hello and {} clients' FIFOs",
+        pre.clients()
+    );
+    crate::control::go(stream).await?;
+    // Its lock goes with its last descriptor: wait until the process is
+    // gone, not only its end of the socket.
+    if let Some(pid) = pre.previous_pid() {
+        if let Ok(w) = crate::watch::PidWatch::open(pid) {
+            tokio::time::timeout(crate::control::ANSWER, w.exited())
+                .await
+                .map_err(|_| crate::control::ReplaceError::Timeout("exit after GO"))?;
+        }
+    }
+    Ok(BusDir::open_with(
+        &config.dir,
+        config.mode,
+        config.shared,
+        Some(pre),
+    )?)
+}
+
 /// Serves again the clients a crashed broker left (their FIFOs were
 /// opened by `BusDir::open`), removes those that cannot be, and logs the
 /// count: before `hello` exists, so before any new client.
@@ -327,11 +389,16 @@ async fn adopt_all(
     if found.is_empty() && stale.rejected.is_empty() {
         return;
     }
+    let handover = found.iter().any(|a| a.handover);
     let (mut adopted, mut removed) = (0usize, stale.rejected.len());
+    let mut sessions = Vec::new();
     for a in found {
         let uuid = a.record.uuid.clone();
         match crate::session::adopt(a, ctx).await {
-            Ok(()) => adopted += 1,
+            Ok(s) => {
+                adopted += 1;
+                sessions.push(s);
+            }
             Err(why) => {
                 removed += 1;
                 tracing::info!("client {uuid} not adopted: {why}; removed");
@@ -348,6 +415,18 @@ async fn adopt_all(
                 }
             }
         }
+    }
+    // Only now that every subscription is back: what a client wrote
+    // meanwhile reaches every subscriber.
+    for s in sessions {
+        ctx.tracker.spawn(s.run(ctx.clone()));
+    }
+    if handover {
+        tracing::info!(
+            "took over {adopted} client{} from the previous broker, removed {removed}",
+            if adopted == 1 { "" } else { "s" }
+        );
+        return;
     }
     tracing::info!(
         "after a broker crash: adopted {adopted} client{} (each first reads 'DROPPED ? restart'), removed {removed}",

@@ -233,6 +233,8 @@ pub struct BusDir {
     state: Option<StateDir>,
     /// Clients a dead broker left that may be served again.
     adoptable: Vec<Adoptable>,
+    /// The previous broker's `hello`, held across a handover.
+    kept_hello: Option<(OwnedFd, FileId)>,
     /// Set by [`BusDir::publish_hello`], the last step of startup.
     hello: Option<pipe::Receiver>,
 }
@@ -250,6 +252,21 @@ impl BusDir {
         path: &Path,
         mode: u32,
         shared: bool,
+    ) -> Result<(BusDir, StaleCleanup), BusDirError> {
+        Self::open_with(path, mode, shared, None)
+    }
+
+    /// [`BusDir::open`] for `serve --replace`, once the previous broker has
+    /// exited: `pre` holds `hello` and the clients' FIFOs, opened while it
+    /// still ran ([`preopen`]); those clients are adopted as handed over.
+    ///
+    /// # Errors
+    /// As [`BusDir::open`].
+    pub fn open_with(
+        path: &Path,
+        mode: u32,
+        shared: bool,
+        mut pre: Option<PreOpened>,
     ) -> Result<(BusDir, StaleCleanup), BusDirError> {
         let me = nix::unistd::geteuid().as_raw();
         if shared && me != 0 {
@@ -312,8 +329,13 @@ impl BusDir {
         };
         let dir_fd = lock.as_raw_fd();
         let layout = Layout { shared };
-        // We hold the lock, so whoever wrote what is here is gone.
-        let mut stale = cleanup_stale(dir_fd, path)?;
+        // We hold the lock, so whoever wrote what is here is gone. A hello
+        // held since before the previous broker let go is kept: HELLOs
+        // written into it meanwhile are read by this broker.
+        let kept_hello = pre.as_mut().and_then(|p| p.hello.take()).filter(|(_, id)| {
+            stat_at(dir_fd, HELLO).is_ok_and(|st| st.is_some_and(|st| FileId::of(&st) == *id))
+        });
+        let mut stale = cleanup_stale(dir_fd, path, kept_hello.is_some())?;
         let clients = open_clients(dir_fd, path, layout)?;
         let state_path = path.join(STATE_DIR);
         let state = match state::open_state_dir(dir_fd) {
@@ -342,8 +364,27 @@ impl BusDir {
         stale.rejected = rejected;
         let mut adoptable = Vec::new();
         for rec in records {
+            let handed = pre
+                .as_mut()
+                .and_then(|p| p.clients.remove(&rec.uuid))
+                .filter(|f| {
+                    FileId::of_fd(f.send.as_raw_fd()).is_ok_and(|id| id == rec.send)
+                        && FileId::of_fd(f.recv.as_raw_fd()).is_ok_and(|id| id == rec.recv)
+                });
+            if let Some(fifos) = handed {
+                adoptable.push(Adoptable {
+                    record: rec,
+                    fifos,
+                    handover: true,
+                });
+                continue;
+            }
             match open_recorded(clients.as_raw_fd(), &rec, layout) {
-                Ok(fifos) => adoptable.push(Adoptable { record: rec, fifos }),
+                Ok(fifos) => adoptable.push(Adoptable {
+                    record: rec,
+                    fifos,
+                    handover: false,
+                }),
                 Err(why) => {
                     state.remove(&rec.uuid);
                     stale.rejected.push(Rejected {
@@ -378,6 +419,7 @@ impl BusDir {
                 fs,
                 state: Some(state),
                 adoptable,
+                kept_hello,
                 hello: None,
             },
             stale,
@@ -429,6 +471,12 @@ impl BusDir {
     /// # Errors
     /// When the FIFO cannot be created.
     pub fn publish_hello(&mut self) -> io::Result<()> {
+        if let Some((fd, id)) = self.kept_hello.take() {
+            // Handed over: the same FIFO, whatever waits in it included.
+            self.fs.set_hello_id(id);
+            self.hello = Some(pipe::Receiver::from_owned_fd_unchecked(fd)?);
+            return Ok(());
+        }
         let (rx, id) = publish_hello(self.dir_fd(), self.fs.layout.hello_mode())?;
         self.fs.set_hello_id(id);
         self.hello = Some(rx);
@@ -680,7 +728,7 @@ fn read_pid(dir: RawFd) -> Option<i32> {
 
 /// Removes a dead broker's `hello` and `metrics.addr`, and checks that its
 /// pid file is one. Anything of the wrong kind or owner is refused.
-fn cleanup_stale(dir: RawFd, bus: &Path) -> Result<StaleCleanup, BusDirError> {
+fn cleanup_stale(dir: RawFd, bus: &Path, keep_hello: bool) -> Result<StaleCleanup, BusDirError> {
     let mut report = StaleCleanup::default();
     if expect_ours(dir, bus, PID_FILE, SFlag::S_IFREG)? {
         report.previous_pid = read_pid(dir);
@@ -690,7 +738,7 @@ fn cleanup_stale(dir: RawFd, bus: &Path) -> Result<StaleCleanup, BusDirError> {
         unlinkat(Some(dir), METRICS_ADDR_FILE, UnlinkatFlags::NoRemoveDir)
             .map_err(io_err("remove stale", &path))?;
     }
-    if expect_ours(dir, bus, HELLO, SFlag::S_IFIFO)? {
+    if expect_ours(dir, bus, HELLO, SFlag::S_IFIFO)? && !keep_hello {
         let path = bus.join(HELLO);
         unlinkat(Some(dir), HELLO, UnlinkatFlags::NoRemoveDir)
             .map_err(io_err("remove stale", &path))?;
@@ -822,6 +870,8 @@ pub fn remove_client_dir(clients: RawFd, name: &str) -> io::Result<()> {
 pub struct Adoptable {
     pub record: ClientRecord,
     pub fifos: OpenedClient,
+    /// Handed over by a live broker (`serve --replace`): nothing was lost.
+    pub handover: bool,
 }
 
 /// A recorded client's directory and its two FIFOs, opened `O_RDWR`.
@@ -890,4 +940,87 @@ fn open_recorded(
     let send = open("send", rec.send)?;
     let recv = open("recv", rec.recv)?;
     Ok(OpenedClient { dir, send, recv })
+}
+
+/// What `serve --replace` opens while the previous broker still runs (it
+/// is paused and has written its state): `hello` and every recorded
+/// client's FIFOs, checked as after a crash. Holding them is what keeps
+/// every byte in those pipes when the previous broker exits.
+pub struct PreOpened {
+    previous_pid: Option<i32>,
+    hello: Option<(OwnedFd, FileId)>,
+    clients: std::collections::HashMap<String, OpenedClient>,
+}
+
+impl PreOpened {
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The running broker's pid, from its pid file.
+    pub fn previous_pid(&self) -> Option<i32> {
+        self.previous_pid
+    }
+}
+
+/// Opens what [`PreOpened`] holds, without the lock (the previous broker
+/// has it). Clients whose files do not check out are left to
+/// [`BusDir::open_with`], which treats them as after a crash.
+///
+/// # Errors
+/// When the bus directory is not ours or cannot be read.
+pub fn preopen(path: &Path, shared: bool) -> Result<PreOpened, BusDirError> {
+    let layout = Layout { shared };
+    let dir = open_dir_at(None, path).map_err(io_err("open", path))?;
+    let st = fstat(dir.as_raw_fd()).map_err(io_err("inspect", path))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if st.st_uid != me {
+        return Err(BusDirError::NotOwned {
+            dir: path.to_owned(),
+            owner: st.st_uid,
+            me,
+        });
+    }
+    let clients_path = path.join(CLIENTS);
+    let clients =
+        open_dir_at(Some(dir.as_raw_fd()), CLIENTS).map_err(io_err("open", &clients_path))?;
+    let state_path = path.join(STATE_DIR);
+    let state_fd =
+        open_dir_at(Some(dir.as_raw_fd()), STATE_DIR).map_err(io_err("open", &state_path))?;
+    let sst = fstat(state_fd.as_raw_fd()).map_err(io_err("inspect", &state_path))?;
+    if sst.st_uid != me || sst.st_mode & 0o077 != 0 {
+        return Err(BusDirError::Planted {
+            path: state_path,
+            what: describe(&sst),
+        });
+    }
+    let state = StateDir::new(state_fd, state_path.clone());
+    let (records, _) = state.load_all().map_err(io_err("read", &state_path))?;
+    let mut map = std::collections::HashMap::new();
+    for rec in records {
+        if let Ok(f) = open_recorded(clients.as_raw_fd(), &rec, layout) {
+            map.insert(rec.uuid.clone(), f);
+        }
+    }
+    let hello = match stat_at(dir.as_raw_fd(), HELLO) {
+        Ok(Some(st)) if kind(&st) == SFlag::S_IFIFO && st.st_uid == me => openat(
+            Some(dir.as_raw_fd()),
+            HELLO,
+            OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) })
+        .and_then(|fd| {
+            let got = fstat(fd.as_raw_fd()).ok()?;
+            (FileId::of(&got) == FileId::of(&st)).then_some((fd, FileId::of(&st)))
+        }),
+        _ => None,
+    };
+    Ok(PreOpened {
+        previous_pid: read_pid(dir.as_raw_fd()),
+        hello,
+        clients: map,
+    })
 }

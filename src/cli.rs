@@ -74,6 +74,9 @@ pub struct ServeArgs {
     /// A bus for every local user (run as root, normally on /run/fifobus): anyone may write hello, each client's directory belongs to its user
     #[arg(long)]
     pub shared: bool,
+    /// Take over from the broker running on this bus directory with nothing lost: it pauses, flushes, hands over its clients and exits without BYE (the systemd reload/upgrade path; SIGTERM still means stop and say BYE)
+    #[arg(long)]
+    pub replace: bool,
     /// Longest accepted line on a client's send FIFO (e.g. 1MiB, 65536)
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     pub max_line: usize,

@@ -141,6 +141,8 @@ pub struct BrokerConfig {
     pub max_memory: usize,
     /// `--max-subscriptions`: patterns one client may hold.
     pub max_subscriptions: usize,
+    /// `serve --replace`: take over from the broker running on `dir`.
+    pub replace: bool,
 }
 
 /// The smallest default budget: enough for a few busy clients on a tiny
@@ -199,6 +201,7 @@ impl BrokerConfig {
             acl: None,
             max_memory: usize::MAX,
             max_subscriptions: crate::router::MAX_SUBSCRIPTIONS,
+            replace: false,
         }
     }
 }

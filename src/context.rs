@@ -42,6 +42,24 @@ pub struct Context {
     pub policy: std::sync::RwLock<Arc<Policy>>,
     /// Each live client's file in `<bus>/state/`, so it survives a crash.
     pub state: Arc<crate::state::StateStore>,
+    /// Serving, or paused for `serve --replace` (`crate::control`).
+    pub phase: tokio::sync::watch::Sender<Phase>,
+    /// Readers paused at a line boundary, and handshakes in progress: what
+    /// a handover waits for.
+    pub paused_readers: std::sync::atomic::AtomicUsize,
+    pub handshakes: std::sync::atomic::AtomicUsize,
+}
+
+/// Where the broker is in a handover to a `serve --replace`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Serving,
+    /// Nothing new is read (hello, every send); what was read is routed and
+    /// written. Back to `Serving` if the handover is abandoned.
+    Paused,
+    /// The new broker holds every FIFO: save what was read but not parsed,
+    /// and read nothing more; the process exits.
+    Released,
 }
 
 impl Context {

@@ -44,6 +44,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod context;
+pub mod control;
 pub mod counters;
 pub mod fifo;
 pub mod http;

@@ -52,7 +52,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::busdir::{BusDir, HelloCheck};
-use crate::context::Context;
+use crate::context::{Context, Phase};
 use crate::counters::Rejection;
 use crate::fifo::{CheckedReply, FileId, ReplyError, ReplyGuard};
 use crate::protocol::hello::{self, HelloRejected};
@@ -199,9 +199,20 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
     let mut buf = BytesMut::new();
     // Whether the last read left `hello` empty (see `discard_fragment`).
     let mut emptied = false;
+    let mut phase = ctx.phase.subscribe();
     loop {
+        // Handing over to `serve --replace`: read no HELLO; what is in
+        // `hello` stays there for the next broker (which opens it first).
+        if *phase.borrow_and_update() != Phase::Serving {
+            tokio::select! {
+                () = ctx.cancel.cancelled() => break,
+                r = phase.changed() => if r.is_err() { break },
+            }
+            continue;
+        }
         tokio::select! {
             () = ctx.cancel.cancelled() => break,
+            _ = phase.changed() => continue,
             () = ctx.watcher.hello_changed() => {
                 let path = bus.path().join(busdir::HELLO);
                 match bus.check_hello() {
@@ -265,8 +276,12 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
                 () = ctx.cancel.cancelled() => break,
             };
             let (ctx2, pending2) = (ctx.clone(), pending.clone());
+            ctx.handshakes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             ctx.tracker.spawn(async move {
                 handshake(&line, &ctx2, &pending2).await;
+                ctx2.handshakes
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 drop(permit);
             });
         }

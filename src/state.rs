@@ -59,6 +59,11 @@ use crate::topic::Pattern;
 /// The broker-only directory in the bus directory that holds the files.
 pub const STATE_DIR: &str = "state";
 const HEADER: &str = "fifobus-client-state 1";
+/// Suffix of the file holding what a client wrote that a broker read but
+/// did not parse when it handed over to `serve --replace`.
+pub const UNPARSED: &str = ".unparsed";
+/// The handover socket (`crate::control`).
+pub const CONTROL: &str = "control.sock";
 /// How long the writer waits after the first change before it writes, so
 /// that a burst of changes is one write per client.
 pub const COALESCE: Duration = Duration::from_millis(50);
@@ -276,6 +281,57 @@ impl StateDir {
         written
     }
 
+    /// Writes `<uuid>.unparsed`: bytes a client wrote to `send` that this
+    /// broker read but did not parse when it handed over (`serve --replace`).
+    ///
+    /// # Errors
+    /// As [`StateDir::write`].
+    pub fn write_unparsed(&self, uuid: &str, bytes: &[u8], seq: u64) -> io::Result<()> {
+        let dir = self.raw();
+        let name = format!("{uuid}{UNPARSED}");
+        let tmp = format!(".{name}.{}.{seq}", std::process::id());
+        let raw = openat(
+            Some(dir),
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        let written = file.write_all(bytes).and_then(|()| {
+            renameat(Some(dir), tmp.as_str(), Some(dir), name.as_str()).map_err(io::Error::from)
+        });
+        if written.is_err() {
+            let _ = unlinkat(Some(dir), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        written
+    }
+
+    /// Reads and removes `<uuid>.unparsed`; empty when there is none.
+    pub fn take_unparsed(&self, uuid: &str) -> Vec<u8> {
+        let name = format!("{uuid}{UNPARSED}");
+        let Ok(raw) = openat(
+            Some(self.raw()),
+            name.as_str(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return Vec::new();
+        };
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        let mut out = Vec::new();
+        let ours = fstat(file.as_raw_fd()).is_ok_and(|st| {
+            SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+                && st.st_uid == nix::unistd::geteuid().as_raw()
+        });
+        if ours {
+            let _ = file.take(MAX_FILE).read_to_end(&mut out);
+        }
+        self.remove(&name);
+        out
+    }
+
     /// Removes `<uuid>`; nothing there is not an error.
     pub fn remove(&self, uuid: &str) {
         let _ = unlinkat(Some(self.raw()), uuid, UnlinkatFlags::NoRemoveDir);
@@ -306,6 +362,9 @@ impl StateDir {
         for name in names {
             if name.starts_with('.') {
                 self.remove(&name);
+                continue;
+            }
+            if name.ends_with(UNPARSED) || name == CONTROL {
                 continue;
             }
             match self.read(&name) {
@@ -411,6 +470,21 @@ impl StateStore {
             let rec = rec.clone();
             self.write_logged(&rec);
             drop(live);
+        }
+    }
+
+    /// Saves what `uuid`'s reader read but did not parse (handover).
+    pub fn save_unparsed(&self, uuid: &str, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.dir.write_unparsed(uuid, bytes, seq) {
+            tracing::error!(
+                "cannot save the {} bytes client {uuid} wrote that were read but not yet parsed, in {}: {e}; they are lost",
+                bytes.len(),
+                self.dir.path().display()
+            );
         }
     }
 

@@ -204,6 +204,7 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         pid,
         activity,
         permit: Some(permit),
+        seed: Vec::new(),
     };
     ctx.tracker.spawn(session.run(ctx.clone()));
     Ok(Welcome { id, dir, outbox })
@@ -215,11 +216,20 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
 /// must be alive and still be the client's user's (as at the handshake); a
 /// client without `pid=` is adopted and then ends by the orphan rules.
 ///
+/// The caller starts the returned session ([`Session::run`]) once every
+/// client is adopted: a client's reader must not route what it reads (what
+/// it wrote while no broker ran, or what the previous broker had read)
+/// before the other clients' subscriptions are back in force.
+///
 /// # Errors
 /// Why it could not be adopted, for the log; nothing is left registered,
 /// and the caller removes its directory and state file.
-pub async fn adopt(found: busdir::Adoptable, ctx: &Arc<Context>) -> Result<(), String> {
-    let busdir::Adoptable { record: rec, fifos } = found;
+pub async fn adopt(found: busdir::Adoptable, ctx: &Arc<Context>) -> Result<Session, String> {
+    let busdir::Adoptable {
+        record: rec,
+        fifos,
+        handover,
+    } = found;
     let permit = ctx.clients.admit().ok_or_else(|| {
         "the client table is full (--max-clients or the open-file limit)".to_owned()
     })?;
@@ -239,8 +249,11 @@ pub async fn adopt(found: busdir::Adoptable, ctx: &Arc<Context>) -> Result<(), S
         backlog.bytes = backlog.bytes.min(cap);
     }
     let outbox = Arc::new(Outbox::with_budget(backlog, ctx.counters.memory.clone()));
-    // First, before anything routed to it.
-    outbox.push(encode::restarted());
+    if !handover {
+        // First, before anything routed to it: lines may have been lost.
+        outbox.push(encode::restarted());
+    }
+    let seed = ctx.state.dir().take_unparsed(&rec.uuid);
     match ctx.router.attach(key, outbox.clone(), who, subs).await {
         Ok(()) => {}
         Err(AttachError::Refused(e)) => {
@@ -302,9 +315,9 @@ pub async fn adopt(found: busdir::Adoptable, ctx: &Arc<Context>) -> Result<(), S
         pid,
         activity,
         permit: Some(permit),
+        seed,
     };
-    ctx.tracker.spawn(session.run(ctx.clone()));
-    Ok(())
+    Ok(session)
 }
 
 /// Opens a pidfd for `pid=` and checks that the process belongs to `uid`
@@ -446,6 +459,9 @@ pub struct Session {
     /// The client's place under the connection limit, given back on drop
     /// (to the newcomer it was ended for, if it was).
     permit: Option<OwnedSemaphorePermit>,
+    /// Bytes the previous broker read from `send` but did not parse (a
+    /// handover): parsed first.
+    seed: Vec<u8>,
 }
 
 impl Drop for Session {

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::pipe_size::{self, PipeSize};
 use super::Session;
-use crate::context::Context;
+use crate::context::{Context, Phase};
 use crate::counters::MemoryBudget;
 use crate::protocol::{Command, ErrorCode, Line, LineSplitter, ProtocolError};
 use crate::router::CloseReason;
@@ -93,9 +93,23 @@ pub(super) async fn read_commands(
         ctx.config.pipe_size,
         ctx.config.pipe_idle,
     );
+    if !s.seed.is_empty() {
+        // What the previous broker had read but not parsed (serve --replace).
+        tracing::debug!(client = %s.label, bytes = s.seed.len(), "handover: parsing first what the previous broker read");
+        buf.extend_from_slice(&s.seed);
+    }
+    let mut phase = ctx.phase.subscribe();
+    let mut seeded = !buf.is_empty();
     loop {
+        if *phase.borrow_and_update() != Phase::Serving {
+            pause(s, ctx, &mut phase, &buf).await;
+            continue;
+        }
         pipe.shrink_if_idle(tokio::time::Instant::now());
-        let last = tokio::select! {
+        let last = if std::mem::take(&mut seeded) {
+            false
+        } else {
+            tokio::select! {
             biased;
             r = s.send.readable() => {
                 if let Err(e) = r {
@@ -107,6 +121,8 @@ pub(super) async fn read_commands(
             () = pipe_size::until(pipe.check_at()) => {
                 pipe.on_timer(tokio::time::Instant::now());
                 continue;
+            }
+            _ = phase.changed() => continue,
             }
         };
         // Batches are capped in lines and bytes, and the reader yields
@@ -137,7 +153,7 @@ pub(super) async fn read_commands(
                 stop.cancelled().await;
                 return None;
             }
-            if batch.drained {
+            if batch.drained || *phase.borrow() != Phase::Serving {
                 break;
             }
             tokio::task::yield_now().await;
@@ -154,6 +170,37 @@ pub(super) async fn read_commands(
         }
         charge.update(&buf);
     }
+}
+
+/// Paused for a handover (`crate::control`), at a line boundary: every
+/// batch read so far is with the router. Counted as paused until the phase
+/// changes; when released, what was read but not parsed (`buf`) is saved
+/// for the next broker, and nothing more is read.
+async fn pause(
+    s: &Session,
+    ctx: &Context,
+    phase: &mut tokio::sync::watch::Receiver<Phase>,
+    buf: &BytesMut,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    ctx.paused_readers.fetch_add(1, SeqCst);
+    let released = loop {
+        match *phase.borrow_and_update() {
+            Phase::Serving => break false,
+            Phase::Released => break true,
+            Phase::Paused => {}
+        }
+        if phase.changed().await.is_err() {
+            break false;
+        }
+    };
+    if released {
+        tracing::debug!(client = %s.label, bytes = buf.len(), lines = memchr::memchr_iter(b'\n', buf).count(), head = %String::from_utf8_lossy(&buf[..buf.len().min(30)]), "handover: saving what was read but not parsed");
+        ctx.state.save_unparsed(&s.name, buf);
+        ctx.paused_readers.fetch_sub(1, SeqCst);
+        std::future::pending::<()>().await;
+    }
+    ctx.paused_readers.fetch_sub(1, SeqCst);
 }
 
 struct Batch {
