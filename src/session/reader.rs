@@ -195,7 +195,7 @@ async fn pause(
         }
     };
     if released {
-        tracing::debug!(client = %s.label, bytes = buf.len(), lines = memchr::memchr_iter(b'\n', buf).count(), head = %String::from_utf8_lossy(&buf[..buf.len().min(30)]), "handover: saving what was read but not parsed");
+        tracing::debug!(client = %s.label, bytes = buf.len(), lines = memchr::memchr_iter(b'\n', buf).count(), "handover: saving what was read but not parsed");
         ctx.state.save_unparsed(&s.name, buf);
         ctx.paused_readers.fetch_sub(1, SeqCst);
         std::future::pending::<()>().await;
