@@ -47,6 +47,9 @@ pub enum BrokerError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    /// The bus directory was removed or renamed while the broker ran.
+    #[error("the bus directory {dir} was removed or renamed while the broker ran; every client directory went with it, so the broker stopped (start it again, or let its supervisor restart it: Restart=on-failure)")]
+    BusDirGone { dir: PathBuf },
     #[error(transparent)]
     MetricsToken(#[from] crate::metrics_token::TokenError),
     #[error(transparent)]
@@ -183,7 +186,7 @@ async fn serve(
     } else {
         Registry::without_client_labels(max_clients, counters.clone())
     };
-    let watcher = match FsWatcher::new(&bus.fd_path(), clients.clone()) {
+    let watcher = match FsWatcher::new(&bus.fd_path(), bus.path(), clients.clone()) {
         Ok(w) => w,
         Err(source) => {
             let dir = bus.path().to_owned();
@@ -299,9 +302,19 @@ async fn serve(
     } else {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
+    let bus_path = bus.path().to_owned();
     let rendezvous = tracker.spawn(rendezvous::run(bus, ctx.clone()));
 
-    shutdown.await;
+    let gone = tokio::select! {
+        () = shutdown => false,
+        () = ctx.watcher.bus_dir_gone() => true,
+    };
+    if gone {
+        tracing::error!(
+            "the bus directory {} was removed or renamed; stopping (exit status 1, so that a supervisor restarts the broker)",
+            bus_path.display()
+        );
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(clients = ctx.clients.len(), "shutting down");
     ctx.cancel.cancel();
@@ -322,6 +335,9 @@ async fn serve(
         Err(e) => tracing::error!("the rendezvous task failed: {e}; bus directory left as is"),
     }
     tracing::info!("stopped");
+    if gone {
+        return Err(BrokerError::BusDirGone { dir: bus_path });
+    }
     Ok(())
 }
 

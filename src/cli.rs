@@ -196,6 +196,9 @@ pub struct PubArgs {
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-pub")]
     pub name: String,
+    /// When the broker goes away (crash, restart), wait this long for it to come back and take this client over, then carry on; 0: exit at once
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub reconnect_timeout: Duration,
     /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
     #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
     pub bus_owner: Option<u32>,
@@ -221,6 +224,9 @@ pub struct SubArgs {
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-sub")]
     pub name: String,
+    /// When the broker goes away (crash, restart), wait this long for it to come back and take this client over, then carry on; 0: exit at once
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub reconnect_timeout: Duration,
     /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
     #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
     pub bus_owner: Option<u32>,

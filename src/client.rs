@@ -62,6 +62,19 @@ pub enum ClientError {
     Closed,
     #[error("unexpected reply from the broker: {0}")]
     Unexpected(String),
+    /// The client directory, or a FIFO in it, is gone: the broker ended
+    /// this client (its teardown removes the directory before closing the
+    /// FIFOs), a broker that came back did not take it over, or someone
+    /// removed it. Nothing can continue there.
+    #[error("client directory {0} is gone: the broker ended this client, did not take it back after a restart, or the directory was removed; connect again")]
+    Gone(PathBuf),
+    /// Something other than the FIFO the broker gave this client is at its
+    /// path now; it is not opened.
+    #[error("{path} is not the FIFO the broker gave this client any more ({what}); not reconnecting to it (connect again)")]
+    Changed { path: PathBuf, what: String },
+    /// No broker served the client directory again within the wait.
+    #[error("no broker took client directory {dir} back within {waited:?}; start one (fifobus serve --dir <bus directory>) or give a longer --reconnect-timeout")]
+    NotBack { dir: PathBuf, waited: Duration },
     /// Refused before sending: the broker would not read it back as given.
     #[error("cannot send this: {0}")]
     Encode(#[from] EncodeError),
@@ -251,6 +264,18 @@ fn wait_fd(
     }
 }
 
+/// Opens a directory as `O_PATH`, not following a link at its last
+/// component.
+fn open_path_dir(path: &Path) -> nix::Result<OwnedFd> {
+    let raw = nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: `raw` was just returned by open and is owned by nothing else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
 /// Opens `path` with `O_NONBLOCK` and either `O_WRONLY` or `O_RDONLY` (std
 /// adds `O_CLOEXEC`).
 fn open_nonblocking(path: &Path, write: bool) -> io::Result<OwnedFd> {
@@ -274,7 +299,41 @@ pub struct Client {
     dir: PathBuf,
     send: File,
     recv: LineReader,
+    /// What the broker gave us at the handshake, so that after a broker
+    /// restart only those very FIFOs are opened again.
+    given: Given,
 }
+
+/// The identity (device, inode) and owner of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdent {
+    dev: u64,
+    ino: u64,
+    uid: u32,
+}
+
+impl FileIdent {
+    fn of(st: &FileStat) -> FileIdent {
+        FileIdent {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            uid: st.st_uid,
+        }
+    }
+}
+
+/// The client directory and its FIFOs as the handshake found them.
+#[derive(Debug, Clone, Copy)]
+struct Given {
+    dir_uid: u32,
+    send: FileIdent,
+    recv: FileIdent,
+}
+
+/// How often [`Client::wait_for_broker`] looks again even without an
+/// inotify event (when the watch could not be added, or an event was
+/// missed): a safety net, not the way the broker's return is noticed.
+const REPROBE_EVERY: Duration = Duration::from_secs(1);
 
 impl Client {
     /// Performs the handshake on `bus_dir/hello` and opens the client's FIFOs,
@@ -383,11 +442,21 @@ impl Client {
         set_blocking(&send)?;
         let recv =
             open_nonblocking(&recv_path, false).map_err(|e| at_path(e, "open", &recv_path))?;
+        let fst = |fd: &OwnedFd, path: &Path| {
+            nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| at_path(e, "stat", path))
+        };
+        let dir_st = nix::sys::stat::stat(&dir).map_err(|e| at_path(e, "stat", &dir))?;
+        let given = Given {
+            dir_uid: dir_st.st_uid,
+            send: FileIdent::of(&fst(&send, &send_path)?),
+            recv: FileIdent::of(&fst(&recv, &recv_path)?),
+        };
         Ok(Client {
             id,
             dir,
             send: File::from(send),
             recv: LineReader::new(recv),
+            given,
         })
     }
 
@@ -408,8 +477,230 @@ impl Client {
         self.send.write_all(bytes)
     }
 
-    /// Sends one command.
+    /// Writes what `send` takes of `bytes` in one `write(2)` (blocking):
+    /// for callers that must know how much went out before the broker left
+    /// (`EPIPE`), to send the rest once it is back.
     ///
+    /// # Errors
+    /// `BrokenPipe` when the broker has gone.
+    pub fn write_some(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.send.write(bytes)
+    }
+
+    /// After EOF on `recv` or `EPIPE` on `send`: whether the broker went
+    /// away leaving this client's directory and FIFOs in place (it crashed,
+    /// or was killed), so that a broker coming back may serve them again.
+    /// `false` when the client was ended: the broker removes the directory
+    /// before it closes the FIFOs, so EOF after an ending finds it gone.
+    pub fn broker_away(&self) -> bool {
+        self.probe_files().is_ok()
+    }
+
+    /// Waits until a broker serves this client's directory again (a broker
+    /// restarted on the bus takes over the client directories of live
+    /// clients and opens their FIFOs), then continues on the same FIFOs.
+    ///
+    /// The broker's return shows in the FIFOs themselves: it holds both
+    /// open, so `send` can be opened for writing without blocking (no
+    /// reader gives `ENXIO`), and a read of `recv` finds data or `EAGAIN`
+    /// instead of EOF. An inotify watch on the directory wakes the wait when
+    /// anything there is opened, removed or renamed; without a broker,
+    /// nothing is written. Before anything is opened, the directory and
+    /// both FIFOs are checked to be what the handshake gave (FIFOs, same
+    /// owners), opened relative to the directory without following links,
+    /// and checked again once open. `recv` is kept open throughout when it
+    /// is the same FIFO, so the lines in it are not lost.
+    ///
+    /// Call it after EOF on `recv` once every buffered line was taken, or
+    /// after `EPIPE` on `send`.
+    ///
+    /// # Errors
+    /// [`ClientError::Gone`] when the directory or a FIFO is removed (no
+    /// broker can serve it again); [`ClientError::Changed`] when something
+    /// else took a FIFO's place; [`ClientError::NotBack`] after `timeout`.
+    pub fn wait_for_broker(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        let deadline = Instant::now() + timeout;
+        // Added before the first look, so nothing that happens after it
+        // goes unnoticed. Without it (the watch limit), the periodic look
+        // still finds the broker.
+        let watch = nix::sys::inotify::Inotify::init(
+            nix::sys::inotify::InitFlags::IN_NONBLOCK | nix::sys::inotify::InitFlags::IN_CLOEXEC,
+        )
+        .ok()
+        .filter(|i| {
+            use nix::sys::inotify::AddWatchFlags as W;
+            i.add_watch(
+                &self.dir,
+                W::IN_OPEN
+                    | W::IN_ATTRIB
+                    | W::IN_CREATE
+                    | W::IN_DELETE
+                    | W::IN_MOVED_FROM
+                    | W::IN_MOVED_TO
+                    | W::IN_DELETE_SELF
+                    | W::IN_MOVE_SELF
+                    | W::IN_DONT_FOLLOW
+                    | W::IN_ONLYDIR,
+            )
+            .is_ok()
+        });
+        // What followed the last newline before EOF is a line the broker
+        // never finished: among what the crash lost (the broker that takes
+        // over says so first, `DROPPED ? restart`). Kept, it would be glued
+        // to the front of that line.
+        match memchr::memrchr(b'\n', &self.recv.buf) {
+            Some(i) => self.recv.buf.truncate(i + 1),
+            None => self.recv.buf.clear(),
+        }
+        // `send`, once it opens, is held across looks: every open of ours
+        // is an inotify event that would wake this wait again.
+        let mut send = None;
+        loop {
+            if self.try_resume(&mut send)? {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::NotBack {
+                    dir: self.dir.clone(),
+                    waited: timeout,
+                });
+            }
+            let wait = (deadline - now).min(REPROBE_EVERY);
+            let wait = PollTimeout::try_from(wait.as_millis() as i32).unwrap_or(PollTimeout::MAX);
+            match &watch {
+                Some(i) => {
+                    let mut fds = [PollFd::new(i.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, wait) {
+                        // Drained so the next poll waits for new events.
+                        Ok(n) if n > 0 => {
+                            while matches!(i.read_events(), Ok(ev) if !ev.is_empty()) {}
+                        }
+                        Ok(_) | Err(Errno::EINTR) => {}
+                        Err(e) => return Err(io::Error::from(e).into()),
+                    }
+                }
+                None => match poll(&mut [], wait) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(io::Error::from(e).into()),
+                },
+            }
+        }
+    }
+
+    /// Checks the directory and both FIFOs against what the handshake gave,
+    /// without opening any FIFO. Returns the directory, opened `O_PATH`.
+    fn probe_files(&self) -> Result<OwnedFd, ClientError> {
+        let gone = || ClientError::Gone(self.dir.clone());
+        let dir = match open_path_dir(&self.dir) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => return Err(gone()),
+            Err(e) => return Err(at_path(e, "open", &self.dir)),
+        };
+        let st =
+            nix::sys::stat::fstat(dir.as_raw_fd()).map_err(|e| at_path(e, "stat", &self.dir))?;
+        if st.st_uid != self.given.dir_uid {
+            return Err(ClientError::Changed {
+                path: self.dir.clone(),
+                what: format!(
+                    "the directory now belongs to uid {}, not {}",
+                    st.st_uid, self.given.dir_uid
+                ),
+            });
+        }
+        for (name, want) in [("send", self.given.send), ("recv", self.given.recv)] {
+            match nix::sys::stat::fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            {
+                Ok(st) => self.check_fifo(name, &st, want)?,
+                Err(Errno::ENOENT) => return Err(gone()),
+                Err(e) => return Err(at_path(e, "stat", &self.dir.join(name))),
+            }
+        }
+        Ok(dir)
+    }
+
+    /// A FIFO at `name` owned as the one the handshake gave (it may be
+    /// another inode: then it is opened anew).
+    fn check_fifo(&self, name: &str, st: &FileStat, want: FileIdent) -> Result<(), ClientError> {
+        let path = self.dir.join(name);
+        if file_type(st) != SFlag::S_IFIFO {
+            return Err(ClientError::Changed {
+                path,
+                what: format!("it is {} now", type_name(st)),
+            });
+        }
+        if st.st_uid != want.uid {
+            return Err(ClientError::Changed {
+                path,
+                what: format!("it belongs to uid {} now, not {}", st.st_uid, want.uid),
+            });
+        }
+        Ok(())
+    }
+
+    /// One look: `Ok(true)` once a broker holds both FIFOs again, with this
+    /// client's descriptors switched to them. `send` keeps a `send` opened
+    /// by an earlier look while it is still the FIFO at its path.
+    fn try_resume(&mut self, send: &mut Option<OwnedFd>) -> Result<bool, ClientError> {
+        let dir = self.probe_files()?;
+        let open_checked = |name: &str,
+                            flags: OFlag,
+                            want: FileIdent|
+         -> Result<Option<OwnedFd>, ClientError> {
+            let flags =
+                flags | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+            let raw = match nix::fcntl::openat(Some(dir.as_raw_fd()), name, flags, Mode::empty()) {
+                Ok(fd) => fd,
+                // `send` has no reader: no broker yet.
+                Err(Errno::ENXIO) => return Ok(None),
+                Err(Errno::ENOENT) => return Err(ClientError::Gone(self.dir.clone())),
+                Err(e) => return Err(at_path(e, "open", &self.dir.join(name))),
+            };
+            // SAFETY: `raw` was just returned by openat and is owned by
+            // nothing else.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+            let st = nix::sys::stat::fstat(fd.as_raw_fd())
+                .map_err(|e| at_path(e, "stat", &self.dir.join(name)))?;
+            self.check_fifo(name, &st, want)?;
+            Ok(Some(fd))
+        };
+        let send_st =
+            nix::sys::stat::fstatat(Some(dir.as_raw_fd()), "send", AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| at_path(e, "stat", &self.dir.join("send")))?;
+        let still = send.as_ref().is_some_and(|fd| {
+            nix::sys::stat::fstat(fd.as_raw_fd())
+                .is_ok_and(|st| (st.st_dev, st.st_ino) == (send_st.st_dev, send_st.st_ino))
+        });
+        if !still {
+            *send = open_checked("send", OFlag::O_WRONLY, self.given.send)?;
+        }
+        let Some(opened) = send.as_ref() else {
+            return Ok(false);
+        };
+        // `recv`: the same FIFO is read on through the descriptor already
+        // held (what is in it stays readable); another one at its path is
+        // opened, and the new one is read from now on.
+        let st =
+            nix::sys::stat::fstatat(Some(dir.as_raw_fd()), "recv", AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| at_path(e, "stat", &self.dir.join("recv")))?;
+        let held = nix::sys::stat::fstat(self.recv.fd.as_raw_fd()).map_err(io::Error::from)?;
+        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino) {
+            let Some(fd) = open_checked("recv", OFlag::O_RDONLY, self.given.recv)? else {
+                return Ok(false);
+            };
+            self.recv = LineReader::new(fd);
+        }
+        // A read of `recv` says whether it has a writer again: EOF if not,
+        // data or EAGAIN if so.
+        self.recv.eof = false;
+        self.recv.fill()?;
+        if self.recv.eof {
+            return Ok(false);
+        }
+        set_blocking(opened)?;
+        self.send = File::from(send.take().expect("checked above"));
+        Ok(true)
+    }
     /// # Errors
     /// [`ClientError::Encode`] for a payload or token the broker could not
     /// read back as given (nothing is sent); `Io` when the broker has gone.

@@ -20,6 +20,35 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Exit status when `sub --timeout` or `--idle` ends it, as timeout(1) uses.
 pub const EXIT_TIMEOUT: u8 = 124;
 
+/// A broker that went away (crashed, killed, restarting) may come back and
+/// take this client over: `pub` and `sub` wait for it, for at most
+/// `--reconnect-timeout`. With a zero timeout they exit at once, as before.
+/// `who` names the command in the messages on stderr; `cause` (EOF,
+/// `EPIPE`) is the error when it does not wait.
+fn ride_out(
+    client: &mut Client,
+    timeout: Duration,
+    who: &str,
+    cause: impl Into<CommandError>,
+) -> Result<(), CommandError> {
+    if timeout.is_zero() {
+        return Err(cause.into());
+    }
+    if !client.broker_away() {
+        return Err(ClientError::Gone(client.dir().to_owned()).into());
+    }
+    eprintln!(
+        "fifobus {who}: the broker went away; waiting up to {} for it to come back (--reconnect-timeout)",
+        humantime::format_duration(timeout)
+    );
+    client.wait_for_broker(timeout)?;
+    eprintln!(
+        "fifobus {who}: the broker is back; carrying on in {}",
+        client.dir().display()
+    );
+    Ok(())
+}
+
 /// A failure to report in one line on stderr.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -165,12 +194,11 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
     };
     let mut client = Client::connect_with(dir, &opts, ANSWER_TIMEOUT, &handshake(args.bus_owner))?;
     let mut refusals = Refusals::default();
-    let sent = if args.message.is_some() {
-        client.send_raw(&message_line).map_err(CommandError::from)
-    } else {
-        publish_lines(&mut client, &topic, &mut refusals)
-    };
-    sent.map_err(|e| match e {
+    let reconnect = args.reconnect_timeout;
+    // Said when the broker went away for good (or at once, with
+    // --reconnect-timeout 0), instead of "Broken pipe".
+    let gone = |e: CommandError| {
+        match e {
         CommandError::Io(e) if e.kind() == io::ErrorKind::BrokenPipe => {
             CommandError::Usage(format!(
                 "the broker on {} went away (nobody reads our send FIFO any more): has it stopped? Start one with: fifobus serve --dir {}",
@@ -179,8 +207,26 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
             ))
         }
         e => e,
-    })?;
-    for line in client.ping("pub-done", ANSWER_TIMEOUT)? {
+    }
+    };
+    if args.message.is_some() {
+        send_riding(&mut client, &message_line, reconnect).map_err(gone)?;
+    } else {
+        publish_lines(&mut client, &topic, &mut refusals, reconnect).map_err(gone)?;
+    }
+    // The barrier: once PONG is back, every message was routed. A broker
+    // that went away meanwhile may have taken the PING with it: ask again.
+    let before = loop {
+        match client.ping("pub-done", ANSWER_TIMEOUT) {
+            Ok(lines) => break lines,
+            Err(e @ ClientError::Closed) => ride_out(&mut client, reconnect, "pub", e)?,
+            Err(ClientError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                ride_out(&mut client, reconnect, "pub", e).map_err(gone)?
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    for line in before {
         refusals.note(&line);
     }
     for line in client.bye(ANSWER_TIMEOUT)? {
@@ -227,6 +273,7 @@ fn publish_lines(
     client: &mut Client,
     topic: &Topic,
     refusals: &mut Refusals,
+    reconnect: Duration,
 ) -> Result<(), CommandError> {
     use std::io::Read;
     let mut input = io::stdin().lock();
@@ -252,7 +299,7 @@ fn publish_lines(
             pending.clear();
         }
         if !out.is_empty() {
-            client.send_raw(&out)?;
+            send_riding(client, &out, reconnect)?;
             out.clear();
             // Refusals arrive on recv; report them as they come.
             client.fill()?;
@@ -264,6 +311,28 @@ fn publish_lines(
             return Ok(());
         }
     }
+}
+
+/// Writes all of `bytes` to `send`; when the broker goes away (`EPIPE`),
+/// waits for it to come back and writes the rest. Bytes already in the FIFO
+/// stay there for the broker that comes back (this process holds it open);
+/// what the old broker had read but not routed is lost with it.
+fn send_riding(
+    client: &mut Client,
+    mut bytes: &[u8],
+    reconnect: Duration,
+) -> Result<(), CommandError> {
+    while !bytes.is_empty() {
+        match client.write_some(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                ride_out(client, reconnect, "pub", e)?
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// One stdin line as a `PUB`. One trailing `\r` is dropped, as the broker
@@ -348,7 +417,18 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
         if let Err(e) = out.flush() {
             return reader_gone(e, client);
         }
-        // Every complete line has been handled; only now does EOF end us.
+        // Every complete line has been handled; only now does EOF end us,
+        // unless the broker only went away (its directory is still here)
+        // and comes back in time.
+        if client.at_eof() && args.reconnect_timeout > Duration::ZERO && client.broker_away() {
+            ride_out(
+                &mut client,
+                args.reconnect_timeout,
+                "sub",
+                ClientError::Closed,
+            )?;
+            continue;
+        }
         if client.at_eof() {
             if !client.partial_line().is_empty() {
                 eprintln!(

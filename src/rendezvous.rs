@@ -212,6 +212,12 @@ impl Drop for Seat {
     }
 }
 
+/// How long a deleted `hello` stays missing before it is put back: longer
+/// than `rm -rf` takes to empty a bus directory, so that removing the whole
+/// directory ends the broker (which a supervisor then restarts) instead of
+/// racing it. A `hello` replaced by something else is put back at once.
+const HELLO_REPUBLISH_GRACE: Duration = Duration::from_millis(200);
+
 /// Serves `hello` until shutdown, then removes it first of all.
 pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
     let pending = Pending::new();
@@ -237,7 +243,22 @@ pub async fn run(mut bus: BusDir, ctx: Arc<Context>) -> BusDir {
                 match bus.check_hello() {
                     // Our own publishing, or a rescan that found it intact.
                     HelloCheck::Ours => continue,
-                    HelloCheck::Missing => tracing::warn!("{} was deleted; putting it back", path.display()),
+                    HelloCheck::Missing => {
+                        // `rm -rf` of the bus directory takes `hello` first: a
+                        // `hello` put back at once would make its final rmdir
+                        // fail, and leave a directory without clients/ or pid
+                        // file. So wait briefly; if the directory goes, the
+                        // broker stops instead (`FsWatcher::bus_dir_gone`).
+                        tokio::select! {
+                            () = tokio::time::sleep(HELLO_REPUBLISH_GRACE) => {}
+                            () = ctx.watcher.bus_dir_gone() => continue,
+                            () = ctx.cancel.cancelled() => break,
+                        }
+                        if bus.check_hello() == HelloCheck::Ours {
+                            continue;
+                        }
+                        tracing::warn!("{} was deleted; putting it back", path.display())
+                    }
                     HelloCheck::Impostor(what) => tracing::warn!(
                         "{} was replaced by {what}; putting the broker's own back (whoever did this may have read HELLOs written in between)",
                         path.display()

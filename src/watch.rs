@@ -6,7 +6,9 @@
 //! - [`PidWatch`]: a pidfd for the `pid=` a client gave; it becomes readable
 //!   when that process exits (even before it is reaped).
 //! - [`FsWatcher`]: one inotify instance for the whole broker, watching the
-//!   bus directory (a deleted or replaced `hello` is put back) and each client directory
+//!   bus directory (a deleted or replaced `hello` is put back), its parent
+//!   (the bus directory itself removed or renamed ends the broker, see
+//!   [`FsWatcher::bus_dir_gone`]) and each client directory
 //!   (a deleted or renamed directory, `send` or `recv` ends that client).
 //!
 //! Both are file descriptors in tokio's reactor: an idle broker sleeps in
@@ -14,12 +16,13 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::registry::Registry;
 use crate::router::CloseReason;
@@ -108,6 +111,14 @@ pub struct FsWatcher {
     /// The live clients, each with the watch on its directory.
     clients: Arc<Registry>,
     hello_changed: Notify,
+    /// The bus directory's path and identity, and a watch on its parent:
+    /// `rmdir` of a directory the broker holds open raises no
+    /// `IN_DELETE_SELF` (that waits for the last close), but its parent
+    /// sees `IN_DELETE` at once.
+    bus_path: PathBuf,
+    bus_id: crate::fifo::FileId,
+    parent: Option<WatchDescriptor>,
+    bus_gone: CancellationToken,
 }
 
 const CLIENT_EVENTS: AddWatchFlags = AddWatchFlags::IN_DELETE
@@ -120,11 +131,16 @@ impl FsWatcher {
     /// Watches the bus directory for a deleted, renamed or replaced
     /// `hello`, and the directories of `clients` as they are added. Give
     /// `bus_dir` as `/proc/self/fd/N` of the locked directory, so the watch
-    /// is on the directory the broker holds.
+    /// is on the directory the broker holds; `bus_path` is its name, whose
+    /// parent is watched for the directory's removal.
     ///
     /// # Errors
     /// When inotify is unavailable or the directory cannot be watched.
-    pub fn new(bus_dir: &Path, clients: Arc<Registry>) -> io::Result<Arc<FsWatcher>> {
+    pub fn new(
+        bus_dir: &Path,
+        bus_path: &Path,
+        clients: Arc<Registry>,
+    ) -> io::Result<Arc<FsWatcher>> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         let wd = inotify.add_watch(
             bus_dir,
@@ -132,14 +148,59 @@ impl FsWatcher {
                 | AddWatchFlags::IN_MOVED_FROM
                 | AddWatchFlags::IN_MOVED_TO
                 | AddWatchFlags::IN_CREATE
+                | AddWatchFlags::IN_MOVE_SELF
+                | AddWatchFlags::IN_DELETE_SELF
                 | AddWatchFlags::IN_ONLYDIR,
         )?;
+        let bus_id = crate::fifo::FileId::of(&nix::sys::stat::stat(bus_dir)?);
+        let parent = bus_path.parent().filter(|p| !p.as_os_str().is_empty());
+        let parent = match parent.map(|p| {
+            inotify.add_watch(
+                p,
+                AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_ONLYDIR,
+            )
+        }) {
+            Some(Ok(wd)) => Some(wd),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "cannot watch {} with inotify: {e}; a removed bus directory will only be noticed when it is renamed",
+                    bus_path.parent().unwrap_or(bus_path).display()
+                );
+                None
+            }
+            None => None,
+        };
         Ok(Arc::new(FsWatcher {
             inotify: register(InotifyFd(inotify))?,
             bus_dir: wd,
             clients,
             hello_changed: Notify::new(),
+            bus_path: bus_path.to_owned(),
+            bus_id,
+            parent,
+            bus_gone: CancellationToken::new(),
         }))
+    }
+
+    /// Resolves once the bus directory was removed or renamed: its path no
+    /// longer leads to the directory the broker holds.
+    ///
+    /// The broker then stops (and exits non-zero) rather than re-creating
+    /// it: every client directory went with it, so there is nobody left to
+    /// serve, and no client could reach a broker whose `hello` is gone. A
+    /// supervisor (`Restart=on-failure`) starts a new broker, which sets the
+    /// directory up through the one code path that does it at start-up.
+    pub async fn bus_dir_gone(&self) {
+        self.bus_gone.cancelled().await
+    }
+
+    /// Whether the bus directory's path still leads to the directory held.
+    fn check_bus_path(&self) {
+        let here = nix::sys::stat::lstat(&self.bus_path)
+            .is_ok_and(|st| crate::fifo::FileId::of(&st) == self.bus_id);
+        if !here {
+            self.bus_gone.cancel();
+        }
     }
 
     /// Starts watching a client directory: once the client is registered
@@ -198,7 +259,19 @@ impl FsWatcher {
         }
         let gone = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM;
         let name = ev.name.as_deref().and_then(|n| n.to_str());
+        if Some(ev.wd) == self.parent {
+            if ev.name.as_deref() == self.bus_path.file_name() {
+                self.check_bus_path();
+            }
+            return;
+        }
         if ev.wd == self.bus_dir {
+            if ev
+                .mask
+                .intersects(AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_DELETE_SELF)
+            {
+                self.check_bus_path();
+            }
             let arrived = AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CREATE;
             if ev.mask.intersects(gone | arrived) && name == Some("hello") {
                 self.hello_changed.notify_one();
@@ -223,7 +296,8 @@ impl FsWatcher {
     /// unreported: look at the files themselves. (The rendezvous puts
     /// `hello` back only if it is really missing or not the broker's.)
     fn rescan(&self) {
-        tracing::warn!("inotify queue overflowed; checking hello and every client directory");
+        tracing::warn!("inotify queue overflowed; checking the bus directory, hello and every client directory");
+        self.check_bus_path();
         self.hello_changed.notify_one();
         self.clients.for_each(|client| {
             let intact = ["send", "recv"]
