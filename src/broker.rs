@@ -192,7 +192,7 @@ async fn serve(
         None => None,
     };
     let ctx = Arc::new(Context {
-        router: RouterHandle::spawn(counters.clone(), config.max_subscriptions),
+        router: RouterHandle::spawn(counters.clone(), config.max_subscriptions, config.retain),
         clients,
         watcher,
         counters,

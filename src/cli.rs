@@ -45,12 +45,12 @@ pub enum Command {
     Connect(ConnectArgs),
     /// Publish one message, or one message per line of stdin
     #[command(
-        after_help = "Examples:\n  fifobus pub chat.room 'hello'\n  printf 'a\\nb\\n' | fifobus pub chat.room"
+        after_help = "Examples:\n  fifobus pub chat.room 'hello'\n  printf 'a\\nb\\n' | fifobus pub chat.room\n  fifobus pub --retain sensors.temp 21.5   # later subscribers get it first\n  fifobus pub --retain sensors.temp ''     # clears it"
     )]
     Pub(PubArgs),
     /// Print messages matching patterns until COUNT messages, a timeout, or SIGINT
     #[command(
-        after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5) || echo 'no answer'\n\nExit status: 0 when done, 124 when --timeout passes without a message, 1 on errors."
+        after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  fifobus sub 'jobs.>' --queue workers        # share the jobs with the other workers\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5) || echo 'no answer'\n\nExit status: 0 when done, 124 when --timeout passes without a message, 1 on errors."
     )]
     Sub(SubArgs),
     /// Show the broker's throughput, backlogs, drops and errors (from its /metrics)
@@ -89,6 +89,12 @@ pub struct ServeArgs {
     /// Subscriptions one client may hold; beyond it SUB gets ERR too-many-subscriptions and the client stays connected
     #[arg(long, default_value_t = 10_000)]
     pub max_subscriptions: usize,
+    /// Topics that may have a retained message (RETAIN) at once; beyond it RETAIN on a new topic gets ERR retained-full
+    #[arg(long, default_value_t = 10_000)]
+    pub max_retained: usize,
+    /// Bytes all retained messages may take (topic, payload and 64 bytes each; also counted in --max-memory)
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub max_retained_bytes: usize,
     /// What to do when a client's backlog is full
     #[arg(long, default_value = "drop-oldest", value_parser = overflow_parser())]
     pub overflow: OverflowPolicy,
@@ -185,6 +191,9 @@ pub struct PubArgs {
     pub topic: String,
     /// The message; without it, every line of stdin is one message
     pub message: Option<String>,
+    /// Keep the message as the topic's retained one: every later subscription matching it gets it first. An empty MESSAGE clears it
+    #[arg(long)]
+    pub retain: bool,
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-pub")]
     pub name: String,
@@ -207,6 +216,9 @@ pub struct SubArgs {
     /// Exit with status 124 when no message arrives for this many seconds
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    /// Join the queue group NAME with these patterns: each message goes to one member of the group (round robin, passing over members that are behind)
+    #[arg(long, value_name = "NAME")]
+    pub queue: Option<String>,
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-sub")]
     pub name: String,

@@ -141,6 +141,8 @@ pub struct BrokerConfig {
     pub max_memory: usize,
     /// `--max-subscriptions`: patterns one client may hold.
     pub max_subscriptions: usize,
+    /// `--max-retained`, `--max-retained-bytes`.
+    pub retain: crate::router::RetainLimits,
 }
 
 /// The smallest default budget: enough for a few busy clients on a tiny
@@ -199,6 +201,7 @@ impl BrokerConfig {
             acl: None,
             max_memory: usize::MAX,
             max_subscriptions: crate::router::MAX_SUBSCRIPTIONS,
+            retain: crate::router::RetainLimits::default(),
         }
     }
 }

@@ -302,6 +302,10 @@ pub struct Counters {
     pub latency: Latency,
     /// `--max-memory`, and what clients hold against it.
     pub memory: Arc<MemoryBudget>,
+    /// Topics with a retained message, and the bytes charged for them
+    /// (also held against `memory`); set by the router.
+    pub retained_messages: AtomicU64,
+    pub retained_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -322,6 +326,8 @@ impl Counters {
             folded_clients: AtomicU64::new(0),
             latency: Latency::default(),
             memory: Arc::default(),
+            retained_messages: AtomicU64::new(0),
+            retained_bytes: AtomicU64::new(0),
         })
     }
 

@@ -86,6 +86,10 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         acl: args.acl.clone(),
         max_memory: args.max_memory.unwrap_or_else(machine_memory_budget),
         max_subscriptions: args.max_subscriptions,
+        retain: fifobus::router::RetainLimits {
+            messages: args.max_retained,
+            bytes: args.max_retained_bytes,
+        },
         ..BrokerConfig::new(dir)
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

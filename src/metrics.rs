@@ -76,7 +76,7 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("fifobus_delivered_bytes_total", "Payload bytes queued for subscribers, by topic.", MetricType::COUNTER, Some("topic")),
     ("fifobus_messages_unrouted_total", "Messages published to a topic nobody was subscribed to.", MetricType::COUNTER, None),
     ("fifobus_messages_dropped_total", "Lines discarded instead of delivered, by reason (every one is also reported to its client as DROPPED <n>, except client-gone).", MetricType::COUNTER, Some("reason")),
-    ("fifobus_subscriptions", "Subscriptions (pattern, client pairs) in force.", MetricType::GAUGE, None),
+    ("fifobus_subscriptions", "Subscriptions (pattern, client pairs, and queue-group memberships) in force.", MetricType::GAUGE, None),
     ("fifobus_topics", "Distinct topics published to since start that have their own series (at most --metrics-topic-limit).", MetricType::GAUGE, None),
     ("fifobus_handshakes_accepted_total", "HELLOs answered with WELCOME.", MetricType::COUNTER, None),
     ("fifobus_handshakes_rejected_total", "HELLOs refused or abandoned, by reason.", MetricType::COUNTER, Some("reason")),
@@ -90,6 +90,8 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("fifobus_clients", "Clients connected.", MetricType::GAUGE, None),
     ("fifobus_memory_held_bytes", "Bytes all clients hold in the broker against --max-memory: backlogs (with a per-line overhead), batches being written, partial lines.", MetricType::GAUGE, None),
     ("fifobus_memory_limit_bytes", "The broker-wide memory budget (--max-memory).", MetricType::GAUGE, None),
+    ("fifobus_retained_messages", "Topics with a retained message (at most --max-retained).", MetricType::GAUGE, None),
+    ("fifobus_retained_bytes", "Bytes retained messages take (at most --max-retained-bytes; also held against --max-memory).", MetricType::GAUGE, None),
 ];
 
 impl Exporter {
@@ -182,6 +184,8 @@ impl Collector for Exporter {
         self.backlogs(&mut f[13..18]);
         f[18].add(None, c.memory.held() as u64);
         f[19].add(None, c.memory.limit().min(u64::MAX as usize) as u64);
+        f[20].add(None, c.retained_messages.load(Relaxed));
+        f[21].add(None, c.retained_bytes.load(Relaxed));
         f.into_iter()
             .map(|f| f.mf)
             .filter(|mf| !mf.get_metric().is_empty())

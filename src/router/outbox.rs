@@ -517,6 +517,16 @@ impl Outbox {
         self.budget.credit(bytes + lines * ENTRY_COST);
     }
 
+    /// Whether a line of `line_len` bytes would be queued without the
+    /// overflow policy acting: how a queue group passes over a busy member.
+    pub fn has_room(&self, line_len: usize) -> bool {
+        let s = self.lock();
+        s.end.is_none()
+            && (s.bytes == 0
+                || (s.queue.len() < self.limits.messages
+                    && s.bytes + line_len <= self.limits.bytes))
+    }
+
     /// Bytes queued that [`Outbox::shed`] could free now (not those in the
     /// writer's hand), for the router to find the largest backlogs.
     pub fn sheddable(&self) -> usize {

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{ClientKey, RouterCore};
+use super::core::{ClientKey, RetainLimits, RouterCore};
 use super::outbox::Outbox;
 use crate::acl::{Identity, Policy};
 use crate::counters::Counters;
@@ -70,11 +70,17 @@ pub struct RouterHandle {
 
 impl RouterHandle {
     /// Starts the router task and returns a handle to it. It enforces the
-    /// memory budget in `counters` and `max_subscriptions` per client.
-    pub fn spawn(counters: Arc<Counters>, max_subscriptions: usize) -> RouterHandle {
+    /// memory budget in `counters`, `max_subscriptions` per client and
+    /// the retained-message limits.
+    pub fn spawn(
+        counters: Arc<Counters>,
+        max_subscriptions: usize,
+        retain: RetainLimits,
+    ) -> RouterHandle {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let mut core = RouterCore::new(counters);
         core.set_max_subscriptions(max_subscriptions);
+        core.set_retain_limits(retain);
         tokio::spawn(run(rx, core));
         RouterHandle { tx }
     }
