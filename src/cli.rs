@@ -50,7 +50,7 @@ pub enum Command {
     Pub(PubArgs),
     /// Print messages matching patterns until COUNT messages, a timeout, or SIGINT
     #[command(
-        after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  fifobus sub 'jobs.>' --queue workers        # share the jobs with the other workers\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5) || echo 'no answer'\n\nExit status: 0 when done, 124 when --timeout passes without a message, 1 on errors."
+        after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  fifobus sub 'jobs.>' --queue workers        # share the jobs with the other workers\n  fifobus sub --lossless logs.app | slow-tool  # every line, in order; slows the publishers down to its pace\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5) || echo 'no answer'\n\nExit status: 0 when done, 124 when --timeout passes without a message, 1 on errors."
     )]
     Sub(SubArgs),
     /// Show the broker's throughput, backlogs, drops and errors (from its /metrics)
@@ -219,6 +219,9 @@ pub struct SubArgs {
     /// Join the queue group NAME with these patterns: each message goes to one member of the group (round robin, passing over members that are behind)
     #[arg(long, value_name = "NAME")]
     pub queue: Option<String>,
+    /// Never drop a message: when this reader falls behind by a full backlog, the broker stops reading the publishers of these topics until it catches up (their writes block, as on a pipe)
+    #[arg(long, conflicts_with = "queue")]
+    pub lossless: bool,
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-sub")]
     pub name: String,

@@ -280,12 +280,15 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
         ),
         None => None,
     };
-    // Queue subscriptions are SUB lines after the handshake (sub= in HELLO
-    // takes plain patterns); the PONG after them says they are in force.
-    let (subs, queued) = match queue {
-        None => (patterns, Vec::new()),
-        Some(q) => {
-            let opts = SubOptions { queue: Some(q) };
+    // Subscriptions with options are SUB lines after the handshake (sub= in
+    // HELLO takes plain patterns); the PONG after them says they are in force.
+    let opts = SubOptions {
+        queue,
+        lossless: args.lossless,
+    };
+    let (subs, queued) = match opts.is_plain() {
+        true => (patterns, Vec::new()),
+        false => {
             let lines = patterns
                 .into_iter()
                 .map(|p| Command::SubWith(p, opts.clone()))

@@ -306,6 +306,9 @@ pub struct Counters {
     /// (also held against `memory`); set by the router.
     pub retained_messages: AtomicU64,
     pub retained_bytes: AtomicU64,
+    /// Times a publisher was stalled because it filled a lossless
+    /// subscriber's backlog.
+    pub lossless_stalls: AtomicU64,
 }
 
 impl Counters {
@@ -328,6 +331,7 @@ impl Counters {
             memory: Arc::default(),
             retained_messages: AtomicU64::new(0),
             retained_bytes: AtomicU64::new(0),
+            lossless_stalls: AtomicU64::new(0),
         })
     }
 

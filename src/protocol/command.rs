@@ -26,7 +26,7 @@ pub enum Command {
     /// The token is echoed back verbatim in `PONG`.
     Ping(Option<Bytes>),
     Bye,
-    /// `SUB <pattern> queue=<name>`: a subscription with options. A `SUB`
+    /// `SUB <pattern> [queue=<name>] [lossless]`: a subscription with options. A `SUB`
     /// without options parses as [`Command::Sub`], so that code that only
     /// knows plain subscriptions keeps seeing them as before.
     SubWith(Pattern, SubOptions),
@@ -46,11 +46,15 @@ pub struct SubOptions {
     /// `queue=<name>`: the subscription joins this queue group, whose
     /// members share the matching messages (one member gets each).
     pub queue: Option<QueueName>,
+    /// `lossless`: when the client's backlog is full, the broker stops
+    /// reading the publishers of matching messages instead of dropping.
+    /// Not with `queue=`.
+    pub lossless: bool,
 }
 
 impl SubOptions {
     pub fn is_plain(&self) -> bool {
-        self.queue.is_none()
+        self.queue.is_none() && !self.lossless
     }
 }
 
@@ -270,6 +274,9 @@ fn encode_with_options(out: &mut Vec<u8>, keyword: &[u8], p: &Pattern, opts: &Su
         out.extend_from_slice(b" queue=");
         out.extend_from_slice(q.as_str().as_bytes());
     }
+    if opts.lossless {
+        out.extend_from_slice(b" lossless");
+    }
     out.push(b'\n');
 }
 
@@ -347,7 +354,7 @@ fn pattern_and_options(
     if args == line.len() {
         return Err(ProtocolError::new(
             ErrorCode::BadSyntax,
-            format!("{keyword} needs a pattern: {keyword} <pattern> [queue=<name>]"),
+            format!("{keyword} needs a pattern: {keyword} <pattern> [queue=<name>] [lossless]"),
         ));
     }
     let end = token_end(line, args);
@@ -368,16 +375,30 @@ fn pattern_and_options(
             let name = QueueName::from_bytes(line.slice(i + 6..end))
                 .map_err(|e| ProtocolError::new(ErrorCode::BadSyntax, e))?;
             opts.queue = Some(name);
+        } else if word == b"lossless" {
+            if opts.lossless {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadSyntax,
+                    format!("{keyword} takes lossless once"),
+                ));
+            }
+            opts.lossless = true;
         } else {
             return Err(ProtocolError::new(
                 ErrorCode::BadSyntax,
                 format!(
-                    "{keyword} takes one pattern and options (queue=<name>), not '{}'; send one {keyword} line per pattern",
+                    "{keyword} takes one pattern and options (queue=<name>, lossless), not '{}'; send one {keyword} line per pattern",
                     escape_for_display(word, 64)
                 ),
             ));
         }
         i = skip_spaces(line, end);
+    }
+    if opts.lossless && opts.queue.is_some() {
+        return Err(ProtocolError::new(
+            ErrorCode::BadSyntax,
+            format!("{keyword}: lossless and queue= cannot be combined (a queue group passes over a full member instead)"),
+        ));
     }
     Ok((pattern, opts))
 }
@@ -533,6 +554,7 @@ mod tests {
             Just(Command::Bye),
             (pattern(), queue_name()).prop_map(|(p, q)| Command::SubWith(p, queued(q))),
             (pattern(), queue_name()).prop_map(|(p, q)| Command::UnsubWith(p, queued(q))),
+            pattern().prop_map(|p| Command::SubWith(p, lossless())),
             (topic(), payload()).prop_map(|(topic, p)| Command::Retain {
                 topic,
                 payload: Bytes::from(p)
@@ -541,7 +563,39 @@ mod tests {
     }
 
     fn queued(q: QueueName) -> SubOptions {
-        SubOptions { queue: Some(q) }
+        SubOptions {
+            queue: Some(q),
+            lossless: false,
+        }
+    }
+
+    fn lossless() -> SubOptions {
+        SubOptions {
+            queue: None,
+            lossless: true,
+        }
+    }
+
+    #[test]
+    fn lossless_is_a_word_after_the_pattern() {
+        let p = Pattern::parse(b"logs.>").unwrap();
+        assert_eq!(
+            parse(b"SUB logs.> lossless").unwrap(),
+            Some(Command::SubWith(p.clone(), lossless()))
+        );
+        assert_eq!(
+            parse(b"UNSUB logs.>  lossless").unwrap(),
+            Some(Command::UnsubWith(p, lossless()))
+        );
+        for bad in [
+            &b"SUB t lossless lossless"[..],
+            b"SUB t lossless queue=w",
+            b"SUB t queue=w lossless",
+            b"SUB t LOSSLESS",
+            b"SUB t lossless=1",
+        ] {
+            assert_eq!(code(bad), ErrorCode::BadSyntax, "{bad:?}");
+        }
     }
 
     #[test]

@@ -15,6 +15,9 @@
 //! Queue groups (`SUB <pattern> queue=<name>`) are kept beside the plain
 //! subscriptions, in an index of their own, and resolved into the same
 //! cached route; a topic without groups pays one emptiness check for them.
+//! Lossless subscribers (`SUB <pattern> lossless`) are kept apart in the
+//! route too: their lines are never dropped, and a publisher that fills one
+//! is stalled (its reader stops reading `send`) until it drains.
 //! Retained messages (`RETAIN`) are a bounded map from topic to payload,
 //! charged to the memory budget and replayed into a new subscription.
 
@@ -54,6 +57,9 @@ struct Client {
     patterns: HashSet<Pattern>,
     /// Queue groups this client is a member of.
     queues: HashSet<GroupKey>,
+    /// Those of `patterns` subscribed `lossless`: while there is one, the
+    /// client's outbox is lossless.
+    lossless: HashSet<Pattern>,
     who: Identity,
 }
 
@@ -138,6 +144,8 @@ struct Route {
     publishers: FastMap<ClientKey, bool>,
     /// Queue groups matching the topic (usually none: no allocation).
     groups: Box<[QueueRoute]>,
+    /// Subscribers with a lossless outbox (not in `subscribers`).
+    lossless: Box<[Arc<Outbox>]>,
 }
 
 pub struct RouterCore {
@@ -169,6 +177,10 @@ pub struct RouterCore {
     retained: FastMap<Topic, Bytes>,
     retained_bytes: usize,
     retain_limits: RetainLimits,
+    /// Clients holding a lossless subscription.
+    lossless_clients: HashSet<ClientKey>,
+    /// Lossless outboxes the current command filled: its publisher stalls.
+    stalls: Vec<Arc<Outbox>>,
 }
 
 impl RouterCore {
@@ -194,6 +206,8 @@ impl RouterCore {
             retained: FastMap::default(),
             retained_bytes: 0,
             retain_limits: RetainLimits::default(),
+            lossless_clients: HashSet::new(),
+            stalls: Vec::new(),
         }
     }
 
@@ -358,6 +372,7 @@ impl RouterCore {
                 outbox,
                 patterns: HashSet::new(),
                 queues: HashSet::new(),
+                lossless: HashSet::new(),
                 who,
             },
         );
@@ -379,6 +394,7 @@ impl RouterCore {
             for g in &client.queues {
                 self.remove_member(g, key);
             }
+            self.lossless_clients.remove(&key);
             if let Some(u) = self.per_user.get_mut(&client.who.uid) {
                 u.clients -= 1;
                 u.subscriptions -= client.subscriptions();
@@ -403,6 +419,13 @@ impl RouterCore {
         read_at: Instant,
     ) -> Delivery {
         let d = self.apply_one(key, item, read_at);
+        if !self.stalls.is_empty() {
+            if let Some(c) = self.clients.get(&key) {
+                c.outbox.stall_on(&self.stalls);
+                self.counters.lossless_stalls.fetch_add(1, Relaxed);
+            }
+            self.stalls.clear();
+        }
         let lost = self.reclaim();
         Delivery {
             dropped: d.dropped + lost,
@@ -446,7 +469,7 @@ impl RouterCore {
                     }
                 }
             }
-            Ok(Command::UnsubWith(p, SubOptions { queue })) => match queue {
+            Ok(Command::UnsubWith(p, SubOptions { queue, .. })) => match queue {
                 Some(q) => self.leave_queue(key, &p, &q),
                 None => self.unsubscribe(key, &p),
             },
@@ -479,6 +502,7 @@ impl RouterCore {
                 topic,
                 payload,
                 read_at,
+                &mut self.stalls,
             );
         }
         self.resolve(topic);
@@ -490,6 +514,7 @@ impl RouterCore {
             topic,
             payload,
             read_at,
+            &mut self.stalls,
         )
     }
 
@@ -525,6 +550,7 @@ impl RouterCore {
                 topic,
                 payload,
                 read_at,
+                &mut self.stalls,
             );
         }
         self.resolve(topic);
@@ -546,6 +572,7 @@ impl RouterCore {
             topic,
             payload,
             read_at,
+            &mut self.stalls,
         )
     }
 
@@ -568,13 +595,26 @@ impl RouterCore {
         // A partial subscription matches topics its client may not receive:
         // they are left out here, once per topic.
         let open = self.policy.is_open();
+        let lossless_clients = &self.lossless_clients;
         let subscribers: Arc<[Arc<Outbox>]> = self
             .scratch
             .iter()
+            .filter(|k| lossless_clients.is_empty() || !lossless_clients.contains(k))
             .filter_map(|k| self.clients.get(k))
             .filter(|c| open || self.policy.may_receive(&c.who, topic))
             .map(|c| c.outbox.clone())
             .collect();
+        let lossless: Box<[Arc<Outbox>]> = if lossless_clients.is_empty() {
+            Box::default()
+        } else {
+            self.scratch
+                .iter()
+                .filter(|k| lossless_clients.contains(k))
+                .filter_map(|k| self.clients.get(k))
+                .filter(|c| open || self.policy.may_receive(&c.who, topic))
+                .map(|c| c.outbox.clone())
+                .collect()
+        };
         let counters = match self.topics.get(topic) {
             Some(c) => c.clone(),
             None => match self.counters.topic(topic.as_str()) {
@@ -612,6 +652,7 @@ impl RouterCore {
             counters,
             publishers: FastMap::default(),
             groups,
+            lossless,
         };
         self.cache.insert(topic.detached(), route);
     }
@@ -655,6 +696,9 @@ impl RouterCore {
         opts: SubOptions,
     ) -> Result<(), ProtocolError> {
         let Some(q) = opts.queue else {
+            if opts.lossless {
+                return self.subscribe_lossless(key, p);
+            }
             return self.subscribe(key, p);
         };
         let Some(client) = self.clients.get(&key) else {
@@ -696,6 +740,30 @@ impl RouterCore {
             .subscriptions += 1;
         self.queue_members += 1;
         self.interest_changed();
+        Ok(())
+    }
+
+    /// `SUB <pattern> lossless`: a plain subscription (an existing one is
+    /// made lossless), and the client's outbox becomes lossless.
+    fn subscribe_lossless(&mut self, key: ClientKey, p: Pattern) -> Result<(), ProtocolError> {
+        let Some(client) = self.clients.get(&key) else {
+            return Ok(());
+        };
+        if client.lossless.contains(&p) {
+            return Ok(());
+        }
+        if !client.patterns.contains(&p) {
+            self.subscribe(key, p.clone())?;
+        }
+        let client = self.clients.get_mut(&key).expect("checked above");
+        if !client.patterns.contains(&p) {
+            return Ok(()); // the client is gone
+        }
+        client.lossless.insert(p.detached());
+        if self.lossless_clients.insert(key) {
+            client.outbox.set_lossless(true);
+            self.interest_changed();
+        }
         Ok(())
     }
 
@@ -748,7 +816,12 @@ impl RouterCore {
                     line: encode::msg(topic, payload),
                     published: Some(now),
                 };
-                client.outbox.push_entry(entry);
+                // Bounded by the retained limits: no publisher to stall.
+                if client.outbox.is_lossless() {
+                    client.outbox.push_lossless(entry);
+                } else {
+                    client.outbox.push_entry(entry);
+                }
             }
         };
         if p.is_literal() {
@@ -876,6 +949,10 @@ impl RouterCore {
 
     fn unsubscribe(&mut self, key: ClientKey, p: &Pattern) {
         if let Some(client) = self.clients.get_mut(&key) {
+            if client.lossless.remove(p) && client.lossless.is_empty() {
+                self.lossless_clients.remove(&key);
+                client.outbox.set_lossless(false);
+            }
             if client.patterns.remove(p) {
                 self.index.remove(p, key);
                 if let Some(u) = self.per_user.get_mut(&client.who.uid) {
@@ -969,12 +1046,14 @@ fn deliver(
     topic: &Topic,
     payload: &Bytes,
     read_at: Instant,
+    stalls: &mut Vec<Arc<Outbox>>,
 ) -> Delivery {
     let mut d = Delivery::default();
     // Which policy dropped is told by the outcome, so the core needs no
     // knowledge of the configured policy to count it.
     let (mut oldest, mut newest) = (0, 0);
-    let routed = !route.subscribers.is_empty() || !route.groups.is_empty();
+    let routed =
+        !route.subscribers.is_empty() || !route.groups.is_empty() || !route.lossless.is_empty();
     if routed {
         let line = encode::msg_into(arena, topic, payload);
         let mut count = |push| match push {
@@ -995,12 +1074,31 @@ fn deliver(
             };
             count(outbox.push_entry(entry));
         }
+        let mut lossless = |outbox: &Arc<Outbox>, entry| {
+            let (push, full) = outbox.push_lossless(entry);
+            if full {
+                stalls.push(outbox.clone());
+            }
+            push
+        };
         for group in route.groups.iter() {
             let entry = Entry {
                 line: line.clone(),
                 published: Some(read_at),
             };
-            count(choose(group, line.len()).push_entry(entry));
+            let member = choose(group, line.len());
+            count(if member.is_lossless() {
+                lossless(member, entry)
+            } else {
+                member.push_entry(entry)
+            });
+        }
+        for outbox in route.lossless.iter() {
+            let entry = Entry {
+                line: line.clone(),
+                published: Some(read_at),
+            };
+            count(lossless(outbox, entry));
         }
     }
     d.dropped = oldest + newest;
@@ -1377,6 +1475,76 @@ mod tests {
             let got = lines(&a);
             assert_eq!(got.len(), 1, "{got:?}");
             assert!(got[0].starts_with("ERR too-many-subscriptions "), "{got:?}");
+        }
+    }
+
+    mod lossless {
+        use super::*;
+
+        fn small() -> BacklogLimits {
+            BacklogLimits {
+                messages: 4,
+                ..BacklogLimits::default()
+            }
+        }
+
+        fn join(core: &mut RouterCore, key: ClientKey, limits: BacklogLimits) -> Arc<Outbox> {
+            let o = Arc::new(Outbox::with_budget(limits, core.counters.memory.clone()));
+            core.attach(key, o.clone(), Vec::new());
+            o
+        }
+
+        #[test]
+        fn a_full_lossless_subscriber_stalls_its_publisher_and_loses_nothing() {
+            let mut core = RouterCore::new(Counters::new(100));
+            let l = join(&mut core, 1, small());
+            let plain = join(&mut core, 2, small());
+            let p = join(&mut core, 9, BacklogLimits::default());
+            let other = join(&mut core, 8, BacklogLimits::default());
+            core.now(1, cmd("SUB t lossless"));
+            core.now(2, cmd("SUB t"));
+            for i in 0..3 {
+                core.now(9, cmd(&format!("PUB t {i}")));
+            }
+            assert!(!p.is_stalled(), "room left");
+            // The fourth fills it: the publisher is stalled, not the other one.
+            let d = core.now(9, cmd("PUB t 3"));
+            assert_eq!(d.dropped, 0);
+            assert!(p.is_stalled());
+            assert!(l.is_lossless_full());
+            core.now(8, cmd("PUB u x"));
+            assert!(!other.is_stalled(), "unrelated publishers go on");
+            // What was in flight is still queued, beyond the cap.
+            core.now(9, cmd("PUB t 4"));
+            let got = lines(&l);
+            assert_eq!(got.len(), 5, "{got:?}");
+            assert_eq!(got[4], "MSG t 4");
+            assert!(!p.is_stalled(), "drained: the publisher may go on");
+            // A plain subscriber keeps its own policy.
+            let plain_got = lines(&plain);
+            assert!(plain_got[0].starts_with("DROPPED"), "{plain_got:?}");
+            assert_eq!(core.counters.lossless_stalls.load(Relaxed), 2);
+        }
+
+        #[test]
+        fn unsub_makes_it_an_ordinary_subscriber_again_and_the_budget_never_sheds_it() {
+            let counters = Counters::new(100);
+            counters.memory.set_limit(200);
+            let mut core = RouterCore::new(counters);
+            let l = join(&mut core, 1, BacklogLimits::default());
+            join(&mut core, 9, BacklogLimits::default());
+            core.now(1, cmd("SUB t"));
+            core.now(1, cmd("SUB t lossless")); // an upgrade, not a second one
+            assert_eq!(core.subscription_count(), 1);
+            assert!(l.is_lossless());
+            for i in 0..10 {
+                core.now(9, cmd(&format!("PUB t {i:04}")));
+            }
+            assert!(core.counters.memory.over(), "held, not shed");
+            assert_eq!(lines(&l).len(), 10);
+            core.now(1, cmd("UNSUB t"));
+            assert!(!l.is_lossless());
+            assert_eq!(core.subscription_count(), 0);
         }
     }
 
