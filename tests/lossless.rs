@@ -181,3 +181,68 @@ fn a_lossless_reader_that_leaves_releases_its_publishers() {
     wait_metric(&bus, "fifobus_publishers_stalled", |v| v == 0.0);
     assert_eq!(publisher.join().unwrap(), Vec::<String>::new());
 }
+
+/// On a shared bus a lossless reader holds back only its own user's
+/// publishers: another user's publisher is never stalled by it (its lines
+/// are dropped for that reader, reported as `DROPPED`), so one user cannot
+/// stop another's publishing by subscribing losslessly and not reading.
+#[test]
+#[ignore = "needs root: creates throwaway users"]
+fn a_lossless_reader_cannot_stall_another_users_publishers() {
+    use fifobus_testkit::users::User;
+    use std::os::unix::fs::PermissionsExt;
+    let (alice, bob) = (User::create("alice"), User::create("bob"));
+    let mut bus = TempBus::new(BusOptions::default()).unwrap();
+    std::fs::set_permissions(bus.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    bus.spawn(&["--shared", "--backlog-bytes", "16KiB"]);
+    let as_user = |u: &User, args: &[&str]| {
+        let mut c = u.command(bin());
+        c.arg("--dir")
+            .arg(&bus.dir)
+            .args(args)
+            .current_dir("/")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    // Alice subscribes losslessly and never reads (its stdout is a pipe
+    // nobody reads).
+    let mut stuck = as_user(&alice, &["sub", "--lossless", "t"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_metric(&bus, "fifobus_subscriptions", |v| v == 1.0);
+    let lines: String = (0..3000)
+        .map(|i| format!("{i:06} {}\n", "x".repeat(200)))
+        .collect();
+    let publish = |u: &User| {
+        let mut p = as_user(u, &["pub", "t"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = p.stdin.take().unwrap();
+        let data = lines.clone();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(data.as_bytes());
+        });
+        p
+    };
+    // Bob's 600 KB go through, far more than alice's pipes and backlog hold.
+    let mut bob_pub = publish(&bob);
+    let status = wait_child(&mut bob_pub, T).expect("bob's publisher is not held back");
+    let err = std::io::read_to_string(bob_pub.stderr.take().unwrap()).unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    assert_eq!(metric(&bus, "fifobus_lossless_stalls_total"), Some(0.0));
+    // Alice's own publisher is held back by her reader, as she asked.
+    let mut alice_pub = publish(&alice);
+    wait_metric(&bus, "fifobus_publishers_stalled", |v| v == 1.0);
+    assert!(
+        alice_pub.try_wait().unwrap().is_none(),
+        "alice's publisher waits"
+    );
+    // Her reader goes: her publisher finishes.
+    stuck.kill().unwrap();
+    stuck.wait().unwrap();
+    let status = wait_child(&mut alice_pub, T).expect("released when the reader left");
+    assert!(status.success(), "{status:?}");
+}

@@ -144,8 +144,18 @@ struct Route {
     publishers: FastMap<ClientKey, bool>,
     /// Queue groups matching the topic (usually none: no allocation).
     groups: Box<[QueueRoute]>,
-    /// Subscribers with a lossless outbox (not in `subscribers`).
-    lossless: Box<[Arc<Outbox>]>,
+    /// Subscribers with a lossless outbox (not in `subscribers`), with
+    /// their uid: they may stall only their own user's publishers.
+    lossless: Box<[(Arc<Outbox>, u32)]>,
+}
+
+/// The lossless subscribers one command filled, whose publisher stalls;
+/// and who that publisher is.
+#[derive(Default)]
+struct Stalls {
+    /// `None`: a publish not made for a client (tests, benchmarks).
+    uid: Option<u32>,
+    full: Vec<Arc<Outbox>>,
 }
 
 pub struct RouterCore {
@@ -180,7 +190,7 @@ pub struct RouterCore {
     /// Clients holding a lossless subscription.
     lossless_clients: HashSet<ClientKey>,
     /// Lossless outboxes the current command filled: its publisher stalls.
-    stalls: Vec<Arc<Outbox>>,
+    stalls: Stalls,
 }
 
 impl RouterCore {
@@ -207,7 +217,7 @@ impl RouterCore {
             retained_bytes: 0,
             retain_limits: RetainLimits::default(),
             lossless_clients: HashSet::new(),
-            stalls: Vec::new(),
+            stalls: Stalls::default(),
         }
     }
 
@@ -419,12 +429,12 @@ impl RouterCore {
         read_at: Instant,
     ) -> Delivery {
         let d = self.apply_one(key, item, read_at);
-        if !self.stalls.is_empty() {
+        if !self.stalls.full.is_empty() {
             if let Some(c) = self.clients.get(&key) {
-                c.outbox.stall_on(&self.stalls);
+                c.outbox.stall_on(&self.stalls.full);
                 self.counters.lossless_stalls.fetch_add(1, Relaxed);
             }
-            self.stalls.clear();
+            self.stalls.full.clear();
         }
         let lost = self.reclaim();
         Delivery {
@@ -447,6 +457,7 @@ impl RouterCore {
                 client.outbox.push(encode::err(&e));
             }
             Ok(Command::Pub { topic, payload }) => {
+                self.stalls.uid = Some(client.who.uid);
                 if self.policy.is_open() {
                     return self.publish(&topic, &payload, read_at);
                 }
@@ -474,6 +485,7 @@ impl RouterCore {
                 None => self.unsubscribe(key, &p),
             },
             Ok(Command::Retain { topic, payload }) => {
+                self.stalls.uid = Some(client.who.uid);
                 return self.retain(key, &topic, &payload, read_at);
             }
             Ok(Command::Ping(token)) => {
@@ -604,7 +616,7 @@ impl RouterCore {
             .filter(|c| open || self.policy.may_receive(&c.who, topic))
             .map(|c| c.outbox.clone())
             .collect();
-        let lossless: Box<[Arc<Outbox>]> = if lossless_clients.is_empty() {
+        let lossless: Box<[(Arc<Outbox>, u32)]> = if lossless_clients.is_empty() {
             Box::default()
         } else {
             self.scratch
@@ -612,7 +624,7 @@ impl RouterCore {
                 .filter(|k| lossless_clients.contains(k))
                 .filter_map(|k| self.clients.get(k))
                 .filter(|c| open || self.policy.may_receive(&c.who, topic))
-                .map(|c| c.outbox.clone())
+                .map(|c| (c.outbox.clone(), c.who.uid))
                 .collect()
         };
         let counters = match self.topics.get(topic) {
@@ -1046,7 +1058,7 @@ fn deliver(
     topic: &Topic,
     payload: &Bytes,
     read_at: Instant,
-    stalls: &mut Vec<Arc<Outbox>>,
+    stalls: &mut Stalls,
 ) -> Delivery {
     let mut d = Delivery::default();
     // Which policy dropped is told by the outcome, so the core needs no
@@ -1077,7 +1089,7 @@ fn deliver(
         let mut lossless = |outbox: &Arc<Outbox>, entry| {
             let (push, full) = outbox.push_lossless(entry);
             if full {
-                stalls.push(outbox.clone());
+                stalls.full.push(outbox.clone());
             }
             push
         };
@@ -1087,18 +1099,26 @@ fn deliver(
                 published: Some(read_at),
             };
             let member = choose(group, line.len());
+            // A lossless member (lossless by a subscription of its own) is
+            // never full here unless all are: it loses, not stalls, then.
             count(if member.is_lossless() {
-                lossless(member, entry)
+                member.push_unstallable(entry)
             } else {
                 member.push_entry(entry)
             });
         }
-        for outbox in route.lossless.iter() {
+        for (outbox, uid) in route.lossless.iter() {
             let entry = Entry {
                 line: line.clone(),
                 published: Some(read_at),
             };
-            count(lossless(outbox, entry));
+            // One user's lossless reader must not hold back another's
+            // publishers (a shared bus): their lines may be dropped for it.
+            count(if stalls.uid.is_none_or(|p| p == *uid) {
+                lossless(outbox, entry)
+            } else {
+                outbox.push_unstallable(entry)
+            });
         }
     }
     d.dropped = oldest + newest;
@@ -1524,6 +1544,40 @@ mod tests {
             let plain_got = lines(&plain);
             assert!(plain_got[0].starts_with("DROPPED"), "{plain_got:?}");
             assert_eq!(core.counters.lossless_stalls.load(Relaxed), 2);
+        }
+
+        #[test]
+        fn a_lossless_reader_holds_back_only_its_own_users_publishers() {
+            let mut core = RouterCore::new(Counters::new(100));
+            let mut join_as = |key, uid, limits| {
+                let o = Arc::new(Outbox::new(limits));
+                core.attach_as(key, o.clone(), Identity::new(uid, vec![uid]), Vec::new())
+                    .unwrap();
+                o
+            };
+            let l = join_as(1, 1000, small());
+            let own = join_as(2, 1000, BacklogLimits::default());
+            let other = join_as(3, 2000, BacklogLimits::default());
+            core.now(1, cmd("SUB t lossless"));
+            for i in 0..7 {
+                core.now(3, cmd(&format!("PUB t other-{i}")));
+            }
+            assert!(!other.is_stalled(), "another user's publisher goes on");
+            core.now(2, cmd("PUB t own"));
+            assert!(own.is_stalled(), "its own user's is held back");
+            let got = lines(&l);
+            assert_eq!(
+                got,
+                [
+                    "MSG t other-0",
+                    "MSG t other-1",
+                    "MSG t other-2",
+                    "MSG t other-3",
+                    "DROPPED 3",
+                    "MSG t own"
+                ],
+                "the gap reported where it is, in one line"
+            );
         }
 
         #[test]

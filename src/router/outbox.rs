@@ -341,6 +341,33 @@ impl Outbox {
         (Push::Queued, full)
     }
 
+    /// Queues a line for a lossless client from a publisher it may not
+    /// hold back (another user's): queued while there is room; once full,
+    /// discarded, with one `DROPPED <n>` kept at the back of the queue where
+    /// the gap is (consecutive losses add up in it, so it costs one line).
+    /// Nothing already queued is touched.
+    pub fn push_unstallable(&self, entry: Entry) -> Push {
+        let mut s = self.lock();
+        if s.end.is_some() {
+            return Push::Closed;
+        }
+        if !self.full(&s) {
+            drop(s);
+            return self.push_lossless(entry).0;
+        }
+        let before = match s.queue.back().and_then(gap_marker) {
+            Some(n) => {
+                let old = s.queue.pop_back().expect("just seen");
+                s.bytes -= old.line.len();
+                self.budget.credit(old.line.len() + ENTRY_COST);
+                n
+            }
+            None => 0,
+        };
+        s.push_back(Entry::control(encode::dropped(before + 1)), &self.budget);
+        Push::Dropped
+    }
+
     /// At or over either cap.
     fn full(&self, s: &State) -> bool {
         s.queue.len() + s.in_hand_lines >= self.limits.messages || s.bytes >= self.limits.bytes
