@@ -216,6 +216,7 @@ async fn serve(
     let router = RouterHandle::spawn_tracking(
         counters.clone(),
         config.max_subscriptions,
+        config.retain,
         Some(state_changed.clone()),
     );
     let state = StateStore::new(bus.take_state(), counters.clone());

@@ -49,12 +49,12 @@ pub enum Command {
     Connect(ConnectArgs),
     /// Publish one message, or one message per line of stdin
     #[command(
-        after_help = "Examples:\n  fifobus pub chat.room 'hello'\n  printf 'a\\nb\\n' | fifobus pub chat.room\n\nExit status: 0 when the broker took every message; 1 when it refused one, when no broker\nruns or it went away, or on other errors; 2 on a bad command line."
+        after_help = "Examples:\n  fifobus pub chat.room 'hello'\n  printf 'a\\nb\\n' | fifobus pub chat.room\n  fifobus pub --retain sensors.temp 21.5   # later subscribers get it first\n  fifobus pub --retain sensors.temp ''     # clears it\n\nExit status: 0 when the broker took every message; 1 when it refused one, when no broker\nruns or it went away, or on other errors; 2 on a bad command line."
     )]
     Pub(PubArgs),
     /// Print messages matching patterns until COUNT messages, a time limit, or SIGINT
     #[command(
-        after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5s) || echo 'no answer'\n  fifobus sub 'logs.>' --idle 30s   # until the logs go quiet for 30 s\n\nExit status: 0 after COUNT messages, or when the reader of stdout goes away; 124 when\n--timeout or --idle ends it first (as timeout(1)); 1 when no broker runs, the broker\nstops or goes away, or on other errors; 2 on a bad command line."
+        after_help = "Examples:\n  fifobus sub 'chat.>' -v\n  fifobus sub 'jobs.>' --queue workers        # share the jobs with the other workers\n  fifobus sub --lossless logs.app | slow-tool  # every line, in order, at its pace\n  reply=$(fifobus sub 'rpc.reply.42' -n 1 --timeout 5s) || echo 'no answer'\n  fifobus sub 'logs.>' --idle 30s   # until the logs go quiet for 30 s\n\nExit status: 0 after COUNT messages, or when the reader of stdout goes away; 124 when\n--timeout or --idle ends it first (as timeout(1)); 1 when no broker runs, the broker\nstops or goes away, or on other errors; 2 on a bad command line."
     )]
     Sub(SubArgs),
     /// Show the broker's throughput, backlogs, drops and errors (from its /metrics)
@@ -96,6 +96,12 @@ pub struct ServeArgs {
     /// Subscriptions one client may hold; beyond it SUB gets ERR too-many-subscriptions and the client stays connected
     #[arg(long, default_value_t = 10_000)]
     pub max_subscriptions: usize,
+    /// Topics that may have a retained message (RETAIN) at once; beyond it RETAIN on a new topic gets ERR retained-full
+    #[arg(long, default_value_t = 10_000)]
+    pub max_retained: usize,
+    /// Bytes all retained messages may take (topic, payload and 64 bytes each; also counted in --max-memory)
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub max_retained_bytes: usize,
     /// What to do when a client's backlog is full
     #[arg(long, default_value = "drop-oldest", value_parser = overflow_parser())]
     pub overflow: OverflowPolicy,
@@ -193,6 +199,9 @@ pub struct PubArgs {
     pub topic: String,
     /// The message; without it, every line of stdin is one message
     pub message: Option<String>,
+    /// Keep the message as the topic's retained one: every later subscription matching it gets it first. An empty MESSAGE clears it
+    #[arg(long)]
+    pub retain: bool,
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-pub")]
     pub name: String,
@@ -221,6 +230,12 @@ pub struct SubArgs {
     /// Stop with status 124 when no message arrives for this long (e.g. 30s)
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle: Option<Duration>,
+    /// Join the queue group NAME with these patterns: each message goes to one member of the group (round robin, passing over members that are behind)
+    #[arg(long, value_name = "NAME")]
+    pub queue: Option<String>,
+    /// Never drop a message: when this reader falls behind by a full backlog, the broker stops reading the publishers of these topics until it catches up (their writes block, as on a pipe)
+    #[arg(long, conflicts_with = "queue")]
+    pub lossless: bool,
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-sub")]
     pub name: String,

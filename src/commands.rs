@@ -12,11 +12,15 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::cli::{ConnectArgs, PubArgs, SubArgs};
 use crate::client::{Client, ClientError, ConnectOptions, Handshake};
-use crate::protocol::{encode_pub, EncodeError, Reply};
+use crate::protocol::{
+    encode_pub, encode_retain, Command, EncodeError, QueueName, Reply, SubOptions,
+};
 use crate::topic::{Pattern, Topic};
 
 /// How long to wait for the broker's answer to a handshake or a barrier.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The `PING` token after `sub --queue`'s SUB lines.
+const READY: &[u8] = b"fifobus-sub-ready";
 /// Exit status when `sub --timeout` or `--idle` ends it, as timeout(1) uses.
 pub const EXIT_TIMEOUT: u8 = 124;
 
@@ -179,7 +183,12 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
     // Encoded before connecting, so that bad input fails on its own.
     let mut message_line = Vec::new();
     if let Some(m) = &args.message {
-        encode_pub(&mut message_line, &topic, m.as_bytes()).map_err(|e| match e {
+        let encode = if args.retain {
+            encode_retain
+        } else {
+            encode_pub
+        };
+        encode(&mut message_line, &topic, m.as_bytes()).map_err(|e| match e {
             EncodeError::Newline { .. } => CommandError::Usage(
                 "the message contains a newline; to send one message per line, pipe them to stdin"
                     .into(),
@@ -212,7 +221,7 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
     if args.message.is_some() {
         send_riding(&mut client, &message_line, reconnect).map_err(gone)?;
     } else {
-        publish_lines(&mut client, &topic, &mut refusals, reconnect).map_err(gone)?;
+        publish_lines(&mut client, &topic, args.retain, &mut refusals, reconnect).map_err(gone)?;
     }
     // The barrier: once PONG is back, every message was routed. A broker
     // that went away meanwhile may have taken the PING with it: ask again.
@@ -272,6 +281,7 @@ impl Refusals {
 fn publish_lines(
     client: &mut Client,
     topic: &Topic,
+    retain: bool,
     refusals: &mut Refusals,
     reconnect: Duration,
 ) -> Result<(), CommandError> {
@@ -289,13 +299,13 @@ fn publish_lines(
         pending.extend_from_slice(&chunk[..n]);
         let mut start = 0;
         while let Some(i) = memchr::memchr(b'\n', &pending[start..]) {
-            push_pub(&mut out, topic, &pending[start..start + i]);
+            push_pub(&mut out, topic, &pending[start..start + i], retain);
             start += i + 1;
         }
         pending.drain(..start);
         if n == 0 && !pending.is_empty() {
             // A last line without its newline is still a message.
-            push_pub(&mut out, topic, &pending);
+            push_pub(&mut out, topic, &pending, retain);
             pending.clear();
         }
         if !out.is_empty() {
@@ -337,10 +347,11 @@ fn send_riding(
 
 /// One stdin line as a `PUB`. One trailing `\r` is dropped, as the broker
 /// drops it from the lines it reads, so that CRLF input publishes the same
-/// payloads as LF input.
-fn push_pub(out: &mut Vec<u8>, topic: &Topic, line: &[u8]) {
+/// payloads as LF input. With `--retain`, a `RETAIN` (the last line stays).
+fn push_pub(out: &mut Vec<u8>, topic: &Topic, line: &[u8], retain: bool) {
     let payload = line.strip_suffix(b"\r").unwrap_or(line);
-    encode_pub(out, topic, payload).expect("a line split at newlines holds none");
+    let encode = if retain { encode_retain } else { encode_pub };
+    encode(out, topic, payload).expect("a line split at newlines holds none");
 }
 
 pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
@@ -348,16 +359,51 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
     // does; --idle restarts with every message.
     let start = Instant::now();
     let deadline = args.timeout.map(|t| start + t);
+    let patterns = patterns(&args.patterns)?;
+    let queue = match &args.queue {
+        Some(q) => Some(
+            QueueName::parse(q.as_bytes())
+                .map_err(|e| CommandError::Usage(format!("--queue: {e}")))?,
+        ),
+        None => None,
+    };
+    // Subscriptions with options are SUB lines after the handshake (sub= in
+    // HELLO takes plain patterns); the PONG after them says they are in force.
+    let opts = SubOptions {
+        queue,
+        lossless: args.lossless,
+    };
+    let (subs, queued) = match opts.is_plain() {
+        true => (patterns, Vec::new()),
+        false => {
+            let lines = patterns
+                .into_iter()
+                .map(|p| Command::SubWith(p, opts.clone()))
+                .collect();
+            (Vec::new(), lines)
+        }
+    };
     let opts = ConnectOptions {
         name: Some(args.name.clone()),
         pid: Some(std::process::id() as i32),
-        subs: patterns(&args.patterns)?,
+        subs,
     };
     let answer = args
         .timeout
         .map_or(ANSWER_TIMEOUT, |t| t.min(ANSWER_TIMEOUT));
     let mut client = Client::connect_with(dir, &opts, answer, &handshake(args.bus_owner))?;
     let mut last_message = Instant::now();
+    let mut ready = queued.is_empty();
+    if !ready {
+        let mut lines = Vec::new();
+        for c in &queued {
+            c.encode(&mut lines).expect("validated words");
+        }
+        Command::Ping(Some(READY.into()))
+            .encode(&mut lines)
+            .expect("a valid token");
+        client.send_raw(&lines)?;
+    }
     // Buffered: a burst of messages becomes one write(2); it is flushed
     // before every wait, so each line still shows as soon as it arrives.
     let stdout = io::stdout();
@@ -404,8 +450,14 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                 }
                 Reply::Err { code, text } => {
                     let _ = out.flush();
-                    eprintln!("fifobus sub: broker error: {code} {text}")
+                    eprintln!("fifobus sub: broker error: {code} {text}");
+                    if !ready {
+                        // A SUB of ours was refused.
+                        leave(client);
+                        return Ok(ExitCode::FAILURE);
+                    }
                 }
+                Reply::Pong(Some(READY)) => ready = true,
                 Reply::Bye => {
                     let _ = out.flush();
                     eprintln!("fifobus sub: the broker is shutting down");

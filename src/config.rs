@@ -139,6 +139,8 @@ pub struct BrokerConfig {
     pub max_subscriptions: usize,
     /// `serve --replace`: take over from the broker running on `dir`.
     pub replace: bool,
+    /// `--max-retained`, `--max-retained-bytes`.
+    pub retain: crate::router::RetainLimits,
 }
 
 /// The smallest default budget: enough for a few busy clients on a tiny
@@ -186,6 +188,7 @@ impl BrokerConfig {
             max_memory: usize::MAX,
             max_subscriptions: crate::router::MAX_SUBSCRIPTIONS,
             replace: false,
+            retain: crate::router::RetainLimits::default(),
         }
     }
 }

@@ -304,6 +304,13 @@ pub struct Counters {
     pub memory: Arc<MemoryBudget>,
     /// Client state files that could not be written (full disk, I/O error).
     pub state_write_errors: AtomicU64,
+    /// Topics with a retained message, and the bytes charged for them
+    /// (also held against `memory`); set by the router.
+    pub retained_messages: AtomicU64,
+    pub retained_bytes: AtomicU64,
+    /// Times a publisher was stalled because it filled a lossless
+    /// subscriber's backlog.
+    pub lossless_stalls: AtomicU64,
 }
 
 impl Counters {
@@ -325,6 +332,9 @@ impl Counters {
             latency: Latency::default(),
             memory: Arc::default(),
             state_write_errors: AtomicU64::new(0),
+            retained_messages: AtomicU64::new(0),
+            retained_bytes: AtomicU64::new(0),
+            lossless_stalls: AtomicU64::new(0),
         })
     }
 

@@ -92,6 +92,10 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         max_memory: args.max_memory.unwrap_or_else(machine_memory_budget),
         max_subscriptions: args.max_subscriptions,
         replace: args.replace,
+        retain: fifobus::router::RetainLimits {
+            messages: args.max_retained,
+            bytes: args.max_retained_bytes,
+        },
         ..BrokerConfig::new(dir)
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -76,7 +76,7 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("fifobus_delivered_bytes_total", "Payload bytes queued for subscribers, by topic.", MetricType::COUNTER, Some("topic")),
     ("fifobus_messages_unrouted_total", "Messages published to a topic nobody was subscribed to.", MetricType::COUNTER, None),
     ("fifobus_messages_dropped_total", "Lines discarded instead of delivered, by reason (every one is also reported to its client as DROPPED <n>, except client-gone).", MetricType::COUNTER, Some("reason")),
-    ("fifobus_subscriptions", "Subscriptions (pattern, client pairs) in force.", MetricType::GAUGE, None),
+    ("fifobus_subscriptions", "Subscriptions (pattern, client pairs, and queue-group memberships) in force.", MetricType::GAUGE, None),
     ("fifobus_topics", "Distinct topics published to since start that have their own series (at most --metrics-topic-limit).", MetricType::GAUGE, None),
     ("fifobus_handshakes_accepted_total", "HELLOs answered with WELCOME.", MetricType::COUNTER, None),
     ("fifobus_handshakes_rejected_total", "HELLOs refused or abandoned, by reason.", MetricType::COUNTER, Some("reason")),
@@ -91,6 +91,11 @@ const FAMILIES: &[(&str, &str, MetricType, Option<&str>)] = &[
     ("fifobus_memory_held_bytes", "Bytes all clients hold in the broker against --max-memory: backlogs (with a per-line overhead), batches being written, partial lines, subscriptions (about 400 bytes each).", MetricType::GAUGE, None),
     ("fifobus_memory_limit_bytes", "The broker-wide memory budget (--max-memory).", MetricType::GAUGE, None),
     ("fifobus_state_write_errors_total", "Client state files (<bus>/state/) that could not be written; such clients would not survive a crash until a retry succeeds.", MetricType::COUNTER, None),
+    ("fifobus_retained_messages", "Topics with a retained message (at most --max-retained).", MetricType::GAUGE, None),
+    ("fifobus_retained_bytes", "Bytes retained messages take (at most --max-retained-bytes; also held against --max-memory).", MetricType::GAUGE, None),
+    ("fifobus_lossless_stalls_total", "Times the broker stopped reading a publisher because its messages filled a lossless subscriber's backlog.", MetricType::COUNTER, None),
+    ("fifobus_publishers_stalled", "Clients whose send FIFO the broker is not reading now, until a lossless subscriber they filled drains.", MetricType::GAUGE, None),
+    ("fifobus_client_lossless_full", "1 for a lossless subscriber whose backlog is full now: it holds up the publishers of its topics. By client.", MetricType::GAUGE, Some("client")),
 ];
 
 impl Exporter {
@@ -184,6 +189,10 @@ impl Collector for Exporter {
         f[18].add(None, c.memory.held() as u64);
         f[19].add(None, c.memory.limit().min(u64::MAX as usize) as u64);
         f[20].add(None, c.state_write_errors.load(Relaxed));
+        f[21].add(None, c.retained_messages.load(Relaxed));
+        f[22].add(None, c.retained_bytes.load(Relaxed));
+        f[23].add(None, c.lossless_stalls.load(Relaxed));
+        self.stalls(&mut f[24..26]);
         f.into_iter()
             .map(|f| f.mf)
             .filter(|mf| !mf.get_metric().is_empty())
@@ -192,6 +201,23 @@ impl Collector for Exporter {
 }
 
 impl Exporter {
+    /// Publishers stalled now, and the lossless subscribers holding them up.
+    fn stalls(&self, f: &mut [Family]) {
+        let mut stalled = 0;
+        let mut full: HashMap<String, u64> = HashMap::new();
+        self.clients.for_each(|client| {
+            stalled += u64::from(client.outbox.is_stalled());
+            if client.outbox.is_lossless() {
+                *full.entry(client.series.clone()).or_default() +=
+                    u64::from(client.outbox.is_lossless_full());
+            }
+        });
+        f[0].add(None, stalled);
+        for (label, n) in &full {
+            f[1].add(Some(label), *n);
+        }
+    }
+
     /// Per-client (by series label) and total backlog, and the client
     /// count, read from the live outboxes now.
     fn backlogs(&self, f: &mut [Family]) {

@@ -356,6 +356,9 @@ mod tests {
                 Ok(Some(Command::Pub { .. })) => "pub",
                 Ok(Some(Command::Ping(_))) => "ping",
                 Ok(Some(Command::Bye)) => "bye",
+                Ok(Some(Command::SubWith(..))) => "sub-with",
+                Ok(Some(Command::UnsubWith(..))) => "unsub-with",
+                Ok(Some(Command::Retain { .. })) => "retain",
                 Ok(None) => "empty",
                 Err(_) => "error",
             };
@@ -363,7 +366,18 @@ mod tests {
         }
         assert_eq!(
             kinds.into_iter().collect::<Vec<_>>(),
-            ["bye", "empty", "error", "ping", "pub", "sub", "unsub"]
+            [
+                "bye",
+                "empty",
+                "error",
+                "ping",
+                "pub",
+                "retain",
+                "sub",
+                "sub-with",
+                "unsub",
+                "unsub-with"
+            ]
         );
         let full = corpus("hello").into_iter().any(|f| {
             let h = Hello::parse(&std::fs::read(&f).unwrap());

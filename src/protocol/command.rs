@@ -26,6 +26,94 @@ pub enum Command {
     /// The token is echoed back verbatim in `PONG`.
     Ping(Option<Bytes>),
     Bye,
+    /// `SUB <pattern> [queue=<name>] [lossless]`: a subscription with options. A `SUB`
+    /// without options parses as [`Command::Sub`], so that code that only
+    /// knows plain subscriptions keeps seeing them as before.
+    SubWith(Pattern, SubOptions),
+    /// `UNSUB <pattern> queue=<name>`: leaves that queue group.
+    UnsubWith(Pattern, SubOptions),
+    /// `RETAIN <topic> <payload>`: publish, and keep the message as the
+    /// topic's retained one (an empty payload clears it instead).
+    Retain {
+        topic: Topic,
+        payload: Bytes,
+    },
+}
+
+/// What may follow a `SUB` or `UNSUB` pattern, as `key=value` words.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct SubOptions {
+    /// `queue=<name>`: the subscription joins this queue group, whose
+    /// members share the matching messages (one member gets each).
+    pub queue: Option<QueueName>,
+    /// `lossless`: when the client's backlog is full, the broker stops
+    /// reading the publishers of matching messages instead of dropping.
+    /// Not with `queue=`.
+    pub lossless: bool,
+}
+
+impl SubOptions {
+    pub fn is_plain(&self) -> bool {
+        self.queue.is_none() && !self.lossless
+    }
+}
+
+/// The name of a queue group: 1 to [`QueueName::MAX_LEN`] bytes of ASCII
+/// letters, digits and `_ - . :`, so that it is one word on any line and
+/// safe in a log or a metric label.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueName(Bytes);
+
+impl QueueName {
+    pub const MAX_LEN: usize = 64;
+
+    /// # Errors
+    /// A text saying what is wrong with `raw`, for an `ERR` line.
+    pub fn parse(raw: &[u8]) -> Result<QueueName, String> {
+        Self::from_bytes(Bytes::copy_from_slice(raw))
+    }
+
+    fn from_bytes(raw: Bytes) -> Result<QueueName, String> {
+        if raw.is_empty() || raw.len() > Self::MAX_LEN {
+            return Err(format!(
+                "a queue name has 1 to {} bytes, not {}",
+                Self::MAX_LEN,
+                raw.len()
+            ));
+        }
+        if let Some(&b) = raw
+            .iter()
+            .find(|&&b| !(b.is_ascii_alphanumeric() || b"_-.:".contains(&b)))
+        {
+            return Err(format!(
+                "queue name '{}': '{}' is not allowed (letters, digits and _ - . : are)",
+                escape_for_display(&raw, 64),
+                escape_for_display(&[b], 4)
+            ));
+        }
+        Ok(QueueName(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("validated ASCII")
+    }
+
+    /// A copy that does not keep the line it was parsed from alive.
+    pub fn detached(&self) -> QueueName {
+        QueueName(Bytes::copy_from_slice(&self.0))
+    }
+}
+
+impl std::fmt::Display for QueueName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for QueueName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
 }
 
 impl Command {
@@ -47,9 +135,22 @@ impl Command {
         if is("PUB") {
             parse_pub(&line, args).map(Some)
         } else if is("SUB") {
-            one_pattern(&line, args, "SUB").map(|p| Some(Command::Sub(p)))
+            let (p, opts) = pattern_and_options(&line, args, "SUB")?;
+            Ok(Some(if opts.is_plain() {
+                Command::Sub(p)
+            } else {
+                Command::SubWith(p, opts)
+            }))
         } else if is("UNSUB") {
-            one_pattern(&line, args, "UNSUB").map(|p| Some(Command::Unsub(p)))
+            let (p, opts) = pattern_and_options(&line, args, "UNSUB")?;
+            Ok(Some(if opts.is_plain() {
+                Command::Unsub(p)
+            } else {
+                Command::UnsubWith(p, opts)
+            }))
+        } else if is("RETAIN") {
+            let (topic, payload) = topic_and_payload(&line, args, "RETAIN")?;
+            Ok(Some(Command::Retain { topic, payload }))
         } else if is("PING") {
             let token = (args < line.len()).then(|| line.slice(args..));
             Ok(Some(Command::Ping(token)))
@@ -65,7 +166,7 @@ impl Command {
             Err(ProtocolError::new(
                 ErrorCode::UnknownCommand,
                 format!(
-                    "unknown command '{}' (expected SUB, UNSUB, PUB, PING or BYE)",
+                    "unknown command '{}' (expected SUB, UNSUB, PUB, RETAIN, PING or BYE)",
                     escape_for_display(keyword, 32)
                 ),
             ))
@@ -87,6 +188,11 @@ impl Command {
             Command::Pub { topic, payload } => return encode_pub(out, topic, payload),
             Command::Ping(token) => return encode_ping(out, token.as_deref()),
             Command::Bye => out.extend_from_slice(b"BYE\n"),
+            Command::SubWith(p, opts) => encode_with_options(out, b"SUB ", p, opts),
+            Command::UnsubWith(p, opts) => encode_with_options(out, b"UNSUB ", p, opts),
+            Command::Retain { topic, payload } => {
+                return encode_topic_payload(out, b"RETAIN ", topic, payload)
+            }
         }
         Ok(())
     }
@@ -101,12 +207,32 @@ impl Command {
 /// the message there and read the rest as a command of its own. `out` is then
 /// unchanged.
 pub fn encode_pub(out: &mut Vec<u8>, topic: &Topic, payload: &[u8]) -> Result<(), EncodeError> {
+    encode_topic_payload(out, b"PUB ", topic, payload)
+}
+
+/// Appends `RETAIN <topic> <payload>`: published like `PUB`, and kept as the
+/// topic's retained message; an empty payload clears it.
+///
+/// # Errors
+/// As [`encode_pub`].
+pub fn encode_retain(out: &mut Vec<u8>, topic: &Topic, payload: &[u8]) -> Result<(), EncodeError> {
+    encode_topic_payload(out, b"RETAIN ", topic, payload)
+}
+
+/// `PUB`'s and `RETAIN`'s shape: keyword, topic, the payload as the rest of
+/// the line.
+fn encode_topic_payload(
+    out: &mut Vec<u8>,
+    keyword: &[u8],
+    topic: &Topic,
+    payload: &[u8],
+) -> Result<(), EncodeError> {
     if memchr::memchr(b'\n', payload).is_some() {
         return Err(EncodeError::Newline { field: "payload" });
     }
     let topic = topic.as_bytes();
-    out.reserve(4 + topic.len() + 1 + payload.len() + 2);
-    out.extend_from_slice(b"PUB ");
+    out.reserve(keyword.len() + topic.len() + 1 + payload.len() + 2);
+    out.extend_from_slice(keyword);
     out.extend_from_slice(topic);
     out.push(b' ');
     out.extend_from_slice(payload);
@@ -138,6 +264,20 @@ pub fn encode_ping(out: &mut Vec<u8>, token: Option<&[u8]>) -> Result<(), Encode
     out.extend_from_slice(token);
     end_line(out);
     Ok(())
+}
+
+/// A keyword, a pattern and its options, all validated words.
+fn encode_with_options(out: &mut Vec<u8>, keyword: &[u8], p: &Pattern, opts: &SubOptions) {
+    out.extend_from_slice(keyword);
+    out.extend_from_slice(p.as_bytes());
+    if let Some(q) = &opts.queue {
+        out.extend_from_slice(b" queue=");
+        out.extend_from_slice(q.as_str().as_bytes());
+    }
+    if opts.lossless {
+        out.extend_from_slice(b" lossless");
+    }
+    out.push(b'\n');
 }
 
 /// A keyword and one validated word (a pattern): nothing to refuse.
@@ -178,10 +318,19 @@ pub fn pub_parts(line: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 fn parse_pub(line: &Bytes, args: usize) -> Result<Command, ProtocolError> {
+    let (topic, payload) = topic_and_payload(line, args, "PUB")?;
+    Ok(Command::Pub { topic, payload })
+}
+
+fn topic_and_payload(
+    line: &Bytes,
+    args: usize,
+    keyword: &str,
+) -> Result<(Topic, Bytes), ProtocolError> {
     if args == line.len() {
         return Err(ProtocolError::new(
             ErrorCode::BadSyntax,
-            "PUB needs a topic: PUB <topic> <payload>",
+            format!("{keyword} needs a topic: {keyword} <topic> <payload>"),
         ));
     }
     let topic_end = token_end(line, args);
@@ -192,25 +341,66 @@ fn parse_pub(line: &Bytes, args: usize) -> Result<Command, ProtocolError> {
     } else {
         Bytes::new()
     };
-    Ok(Command::Pub { topic, payload })
+    Ok((topic, payload))
 }
 
-fn one_pattern(line: &Bytes, args: usize, keyword: &str) -> Result<Pattern, ProtocolError> {
+/// `<pattern> [queue=<name>]`: the pattern, then option words in any order,
+/// each at most once.
+fn pattern_and_options(
+    line: &Bytes,
+    args: usize,
+    keyword: &str,
+) -> Result<(Pattern, SubOptions), ProtocolError> {
     if args == line.len() {
         return Err(ProtocolError::new(
             ErrorCode::BadSyntax,
-            format!("{keyword} needs a pattern: {keyword} <pattern>"),
+            format!("{keyword} needs a pattern: {keyword} <pattern> [queue=<name>] [lossless]"),
         ));
     }
     let end = token_end(line, args);
-    if skip_spaces(line, end) != line.len() {
+    let pattern = Pattern::from_bytes(line.slice(args..end))
+        .map_err(|e| ProtocolError::new(ErrorCode::BadPattern, e.to_string()))?;
+    let mut opts = SubOptions::default();
+    let mut i = skip_spaces(line, end);
+    while i < line.len() {
+        let end = token_end(line, i);
+        let word = &line[i..end];
+        if word.starts_with(b"queue=") {
+            if opts.queue.is_some() {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadSyntax,
+                    format!("{keyword} takes one queue= option"),
+                ));
+            }
+            let name = QueueName::from_bytes(line.slice(i + 6..end))
+                .map_err(|e| ProtocolError::new(ErrorCode::BadSyntax, e))?;
+            opts.queue = Some(name);
+        } else if word == b"lossless" {
+            if opts.lossless {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadSyntax,
+                    format!("{keyword} takes lossless once"),
+                ));
+            }
+            opts.lossless = true;
+        } else {
+            return Err(ProtocolError::new(
+                ErrorCode::BadSyntax,
+                format!(
+                    "{keyword} takes one pattern and options (queue=<name>, lossless), not '{}'; send one {keyword} line per pattern",
+                    escape_for_display(word, 64)
+                ),
+            ));
+        }
+        i = skip_spaces(line, end);
+    }
+    if opts.lossless && opts.queue.is_some() {
         return Err(ProtocolError::new(
             ErrorCode::BadSyntax,
-            format!("{keyword} takes one pattern; send one {keyword} line per pattern"),
+            format!("{keyword}: lossless and queue= cannot be combined (a queue group passes over a full member instead)"),
         ));
     }
-    Pattern::from_bytes(line.slice(args..end))
-        .map_err(|e| ProtocolError::new(ErrorCode::BadPattern, e.to_string()))
+    Ok((pattern, opts))
 }
 
 fn skip_spaces(b: &[u8], mut i: usize) -> usize {
@@ -227,7 +417,7 @@ fn token_end(b: &[u8], i: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::strategies::{pattern, payload, token, topic};
+    use crate::protocol::strategies::{pattern, payload, queue_name, token, topic};
     use crate::protocol::{Line, LineSplitter};
     use bytes::BytesMut;
     use proptest::prelude::*;
@@ -362,7 +552,99 @@ mod tests {
             }),
             proptest::option::of(token()).prop_map(Command::Ping),
             Just(Command::Bye),
+            (pattern(), queue_name()).prop_map(|(p, q)| Command::SubWith(p, queued(q))),
+            (pattern(), queue_name()).prop_map(|(p, q)| Command::UnsubWith(p, queued(q))),
+            pattern().prop_map(|p| Command::SubWith(p, lossless())),
+            (topic(), payload()).prop_map(|(topic, p)| Command::Retain {
+                topic,
+                payload: Bytes::from(p)
+            }),
         ]
+    }
+
+    fn queued(q: QueueName) -> SubOptions {
+        SubOptions {
+            queue: Some(q),
+            lossless: false,
+        }
+    }
+
+    fn lossless() -> SubOptions {
+        SubOptions {
+            queue: None,
+            lossless: true,
+        }
+    }
+
+    #[test]
+    fn lossless_is_a_word_after_the_pattern() {
+        let p = Pattern::parse(b"logs.>").unwrap();
+        assert_eq!(
+            parse(b"SUB logs.> lossless").unwrap(),
+            Some(Command::SubWith(p.clone(), lossless()))
+        );
+        assert_eq!(
+            parse(b"UNSUB logs.>  lossless").unwrap(),
+            Some(Command::UnsubWith(p, lossless()))
+        );
+        for bad in [
+            &b"SUB t lossless lossless"[..],
+            b"SUB t lossless queue=w",
+            b"SUB t queue=w lossless",
+            b"SUB t LOSSLESS",
+            b"SUB t lossless=1",
+        ] {
+            assert_eq!(code(bad), ErrorCode::BadSyntax, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sub_options_follow_the_pattern() {
+        let q = |s: &str| queued(QueueName::parse(s.as_bytes()).unwrap());
+        let p = Pattern::parse(b"jobs.>").unwrap();
+        assert_eq!(
+            parse(b"SUB jobs.> queue=workers").unwrap(),
+            Some(Command::SubWith(p.clone(), q("workers")))
+        );
+        assert_eq!(
+            parse(b"unsub  jobs.>   queue=w-1.a:b ").unwrap(),
+            Some(Command::UnsubWith(p.clone(), q("w-1.a:b")))
+        );
+        // No option: the plain command, as before.
+        assert_eq!(parse(b"SUB jobs.> ").unwrap(), Some(Command::Sub(p)));
+        for bad in [
+            &b"SUB t queue="[..],
+            b"SUB t queue=a queue=b",
+            b"SUB t queue=a b",
+            b"SUB t lossy",
+            b"SUB t queue=\xff",
+            b"SUB t queue=a/b",
+        ] {
+            assert_eq!(code(bad), ErrorCode::BadSyntax, "{bad:?}");
+        }
+        let long = format!("SUB t queue={}", "q".repeat(QueueName::MAX_LEN + 1));
+        assert_eq!(code(long.as_bytes()), ErrorCode::BadSyntax);
+        assert_eq!(code(b"SUB a.>.b queue=w"), ErrorCode::BadPattern);
+    }
+
+    #[test]
+    fn retain_is_pub_with_another_keyword() {
+        assert_eq!(
+            parse(b"retain sensors.temp  21.5").unwrap(),
+            Some(Command::Retain {
+                topic: Topic::parse(b"sensors.temp").unwrap(),
+                payload: Bytes::from_static(b" 21.5"),
+            })
+        );
+        let Some(Command::Retain { payload, .. }) = parse(b"RETAIN t").unwrap() else {
+            panic!("not a RETAIN")
+        };
+        assert!(payload.is_empty(), "an empty payload (it clears)");
+        assert_eq!(code(b"RETAIN"), ErrorCode::BadSyntax);
+        assert_eq!(code(b"RETAIN a.* x"), ErrorCode::BadTopic);
+        let mut out = Vec::new();
+        encode_retain(&mut out, &Topic::parse(b"t").unwrap(), b"x").unwrap();
+        assert_eq!(out, b"RETAIN t x\n");
     }
 
     #[test]

@@ -24,10 +24,12 @@ pub enum ErrorCode {
     Forbidden,
     /// The user's clients hold as many subscriptions as the ACL allows it.
     TooManySubscriptions,
+    /// A `RETAIN` the retained-message limits (or the memory budget) cannot hold.
+    RetainedFull,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::UnknownCommand,
         ErrorCode::BadSyntax,
         ErrorCode::BadTopic,
@@ -41,6 +43,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::Forbidden,
         ErrorCode::TooManySubscriptions,
+        ErrorCode::RetainedFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal-error",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TooManySubscriptions => "too-many-subscriptions",
+            ErrorCode::RetainedFull => "retained-full",
         }
     }
 

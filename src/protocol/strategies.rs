@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 
+use super::command::QueueName;
 use crate::topic::{Pattern, Topic, MAX_TOPIC_LEN};
 
 /// One segment from the whole alphabet (letters, digits, `_ - :`).
@@ -64,4 +65,9 @@ pub fn text() -> impl Strategy<Value = String> {
 /// One non-empty word: no space, no newline.
 pub fn word() -> impl Strategy<Value = String> {
     "[^ \n]{1,40}"
+}
+
+/// Valid queue-group names, up to the length limit.
+pub fn queue_name() -> impl Strategy<Value = QueueName> {
+    "[A-Za-z0-9_.:-]{1,64}".prop_map(|q| QueueName::parse(q.as_bytes()).expect("valid"))
 }

@@ -11,9 +11,18 @@
 //! [`RouterCore::set_policy`]); its decisions are kept per topic beside the
 //! route, so under an ACL a message costs one more small lookup, and
 //! without one nothing at all.
+//!
+//! Queue groups (`SUB <pattern> queue=<name>`) are kept beside the plain
+//! subscriptions, in an index of their own, and resolved into the same
+//! cached route; a topic without groups pays one emptiness check for them.
+//! Lossless subscribers (`SUB <pattern> lossless`) are kept apart in the
+//! route too: their lines are never dropped, and a publisher that fills one
+//! is stalled (its reader stops reading `send`) until it drains.
+//! Retained messages (`RETAIN`) are a bounded map from topic to payload,
+//! charged to the memory budget and replayed into a new subscription.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,7 +31,7 @@ use bytes::Bytes;
 use super::outbox::{CloseReason, Entry, Outbox, Push};
 use crate::acl::{Identity, Policy, Sub};
 use crate::counters::{Counters, DropReason, TopicCounters};
-use crate::protocol::{encode, Command, ErrorCode, ProtocolError};
+use crate::protocol::{encode, Command, ErrorCode, ProtocolError, QueueName, SubOptions};
 use crate::topic::{Pattern, PatternIndex, Topic};
 
 /// Identifies a connected client inside the router (cheaper than its uuid).
@@ -46,7 +55,64 @@ const RECLAIM_ROUNDS: usize = 64;
 struct Client {
     outbox: Arc<Outbox>,
     patterns: HashSet<Pattern>,
+    /// Queue groups this client is a member of.
+    queues: HashSet<GroupKey>,
+    /// Those of `patterns` subscribed `lossless`: while there is one, the
+    /// client's outbox is lossless.
+    lossless: HashSet<Pattern>,
     who: Identity,
+}
+
+impl Client {
+    /// Subscriptions held, plain and queue, for the limits.
+    fn subscriptions(&self) -> usize {
+        self.patterns.len() + self.queues.len()
+    }
+}
+
+/// A queue group is its pattern and its name: members that subscribed the
+/// same pattern under the same name share its messages.
+type GroupKey = (Pattern, QueueName);
+type GroupId = u64;
+
+struct Group {
+    key: GroupKey,
+    /// In the order they joined.
+    members: Vec<ClientKey>,
+    /// Where the round robin goes on; kept across route rebuilds so that a
+    /// change of interest elsewhere does not send the next message to the
+    /// first member again.
+    cursor: Arc<AtomicUsize>,
+}
+
+/// A queue group as a route sees it: the members that may receive the topic.
+#[derive(Clone)]
+struct QueueRoute {
+    members: Arc<[Arc<Outbox>]>,
+    cursor: Arc<AtomicUsize>,
+}
+
+/// `--max-retained` and `--max-retained-bytes`: what `RETAIN` may make the
+/// broker keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainLimits {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+impl Default for RetainLimits {
+    fn default() -> Self {
+        RetainLimits {
+            messages: 10_000,
+            bytes: 16 << 20,
+        }
+    }
+}
+
+/// What one retained message costs against the limits and the budget:
+/// topic, payload, and the map entry.
+fn retained_cost(topic: &Topic, payload: &[u8]) -> usize {
+    topic.as_bytes().len() + payload.len() + super::outbox::ENTRY_COST
 }
 
 /// What one uid holds, for the ACL's per-user limits.
@@ -76,6 +142,20 @@ struct Route {
     counters: Arc<TopicCounters>,
     /// Under an ACL: whether each client that published here may.
     publishers: FastMap<ClientKey, bool>,
+    /// Queue groups matching the topic (usually none: no allocation).
+    groups: Box<[QueueRoute]>,
+    /// Subscribers with a lossless outbox (not in `subscribers`), with
+    /// their uid: they may stall only their own user's publishers.
+    lossless: Box<[(Arc<Outbox>, u32)]>,
+}
+
+/// The lossless subscribers one command filled, whose publisher stalls;
+/// and who that publisher is.
+#[derive(Default)]
+struct Stalls {
+    /// `None`: a publish not made for a client (tests, benchmarks).
+    uid: Option<u32>,
+    full: Vec<Arc<Outbox>>,
 }
 
 pub struct RouterCore {
@@ -103,6 +183,21 @@ pub struct RouterCore {
     /// since the state writer last took them, and how to wake it. `None`
     /// when nothing is kept on disk (unit tests, benchmarks).
     durable: Option<Durable>,
+    group_index: PatternIndex<GroupId>,
+    groups: FastMap<GroupId, Group>,
+    group_ids: FastMap<GroupKey, GroupId>,
+    next_group: GroupId,
+    group_scratch: Vec<GroupId>,
+    /// Queue memberships in force, for the subscription gauge.
+    queue_members: usize,
+    /// The last retained payload per topic (copied out of the read buffer).
+    retained: FastMap<Topic, Bytes>,
+    retained_bytes: usize,
+    retain_limits: RetainLimits,
+    /// Clients holding a lossless subscription.
+    lossless_clients: HashSet<ClientKey>,
+    /// Lossless outboxes the current command filled: its publisher stalls.
+    stalls: Stalls,
 }
 
 /// What one subscription costs the broker beyond its pattern's text: its
@@ -137,6 +232,17 @@ impl RouterCore {
             max_subscriptions: MAX_SUBSCRIPTIONS,
             subscription_bytes: 0,
             durable: None,
+            group_index: PatternIndex::default(),
+            groups: FastMap::default(),
+            group_ids: FastMap::default(),
+            next_group: 0,
+            group_scratch: Vec::new(),
+            queue_members: 0,
+            retained: FastMap::default(),
+            retained_bytes: 0,
+            retain_limits: RetainLimits::default(),
+            lossless_clients: HashSet::new(),
+            stalls: Stalls::default(),
         }
     }
 
@@ -180,6 +286,11 @@ impl RouterCore {
             }
             d.dirty.insert(key);
         }
+    }
+
+    /// Sets `--max-retained` and `--max-retained-bytes`.
+    pub fn set_retain_limits(&mut self, limits: RetainLimits) {
+        self.retain_limits = limits;
     }
 
     /// Sets `--max-subscriptions`, the most patterns one client may hold.
@@ -250,8 +361,23 @@ impl RouterCore {
                 }
             }
         }
+        let mut dropped_queues = Vec::new();
+        for (&key, client) in &self.clients {
+            for g in &client.queues {
+                if self.policy.may_subscribe(&client.who, &g.0) == Sub::Denied {
+                    dropped_queues.push((key, g.clone()));
+                }
+            }
+        }
         for (key, p) in dropped {
             self.unsubscribe(key, &p);
+            if let Some(c) = self.clients.get(&key) {
+                c.outbox.push(encode::err(&forbidden(&p)));
+                self.counters.protocol_error(ErrorCode::Forbidden);
+            }
+        }
+        for (key, (p, q)) in dropped_queues {
+            self.leave_queue(key, &p, &q);
             if let Some(c) = self.clients.get(&key) {
                 c.outbox.push(encode::err(&forbidden(&p)));
                 self.counters.protocol_error(ErrorCode::Forbidden);
@@ -323,12 +449,16 @@ impl RouterCore {
             Client {
                 outbox,
                 patterns: HashSet::new(),
+                queues: HashSet::new(),
+                lossless: HashSet::new(),
                 who,
             },
         );
         for p in subs {
             // Checked above, all together.
-            self.add_subscription(key, p);
+            if self.add_subscription(key, p.clone()) {
+                self.send_retained(key, &p);
+            }
         }
         Ok(())
     }
@@ -344,14 +474,18 @@ impl RouterCore {
                 self.subscription_bytes -= subscription_cost(p);
                 self.counters.memory.credit(subscription_cost(p));
             }
+            for g in &client.queues {
+                self.remove_member(g, key);
+            }
+            self.lossless_clients.remove(&key);
             if let Some(u) = self.per_user.get_mut(&client.who.uid) {
                 u.clients -= 1;
-                u.subscriptions -= client.patterns.len();
+                u.subscriptions -= client.subscriptions();
                 if u.clients == 0 {
                     self.per_user.remove(&client.who.uid);
                 }
             }
-            if !client.patterns.is_empty() {
+            if client.subscriptions() > 0 {
                 self.interest_changed();
             }
         }
@@ -368,6 +502,13 @@ impl RouterCore {
         read_at: Instant,
     ) -> Delivery {
         let d = self.apply_one(key, item, read_at);
+        if !self.stalls.full.is_empty() {
+            if let Some(c) = self.clients.get(&key) {
+                c.outbox.stall_on(&self.stalls.full);
+                self.counters.lossless_stalls.fetch_add(1, Relaxed);
+            }
+            self.stalls.full.clear();
+        }
         let lost = self.reclaim();
         Delivery {
             dropped: d.dropped + lost,
@@ -389,6 +530,7 @@ impl RouterCore {
                 client.outbox.push(encode::err(&e));
             }
             Ok(Command::Pub { topic, payload }) => {
+                self.stalls.uid = Some(client.who.uid);
                 if self.policy.is_open() {
                     return self.publish(&topic, &payload, read_at);
                 }
@@ -403,6 +545,22 @@ impl RouterCore {
                 }
             }
             Ok(Command::Unsub(p)) => self.unsubscribe(key, &p),
+            Ok(Command::SubWith(p, opts)) => {
+                if let Err(e) = self.subscribe_with(key, p, opts) {
+                    self.counters.protocol_error(e.code);
+                    if let Some(client) = self.clients.get(&key) {
+                        client.outbox.push(encode::err(&e));
+                    }
+                }
+            }
+            Ok(Command::UnsubWith(p, SubOptions { queue, .. })) => match queue {
+                Some(q) => self.leave_queue(key, &p, &q),
+                None => self.unsubscribe(key, &p),
+            },
+            Ok(Command::Retain { topic, payload }) => {
+                self.stalls.uid = Some(client.who.uid);
+                return self.retain(key, &topic, &payload, read_at);
+            }
             Ok(Command::Ping(token)) => {
                 client.outbox.push(encode::pong(token.as_deref()));
             }
@@ -429,6 +587,7 @@ impl RouterCore {
                 topic,
                 payload,
                 read_at,
+                &mut self.stalls,
             );
         }
         self.resolve(topic);
@@ -440,6 +599,7 @@ impl RouterCore {
             topic,
             payload,
             read_at,
+            &mut self.stalls,
         )
     }
 
@@ -475,6 +635,7 @@ impl RouterCore {
                 topic,
                 payload,
                 read_at,
+                &mut self.stalls,
             );
         }
         self.resolve(topic);
@@ -496,6 +657,7 @@ impl RouterCore {
             topic,
             payload,
             read_at,
+            &mut self.stalls,
         )
     }
 
@@ -503,8 +665,14 @@ impl RouterCore {
         self.clients.len()
     }
 
+    /// Subscriptions in force: plain ones and queue memberships.
     pub fn subscription_count(&self) -> usize {
-        self.index.len()
+        self.index.len() + self.queue_members
+    }
+
+    /// Topics with a retained message, and the bytes they are charged.
+    pub fn retained(&self) -> (usize, usize) {
+        (self.retained.len(), self.retained_bytes)
     }
 
     fn resolve(&mut self, topic: &Topic) {
@@ -512,13 +680,26 @@ impl RouterCore {
         // A partial subscription matches topics its client may not receive:
         // they are left out here, once per topic.
         let open = self.policy.is_open();
+        let lossless_clients = &self.lossless_clients;
         let subscribers: Arc<[Arc<Outbox>]> = self
             .scratch
             .iter()
+            .filter(|k| lossless_clients.is_empty() || !lossless_clients.contains(k))
             .filter_map(|k| self.clients.get(k))
             .filter(|c| open || self.policy.may_receive(&c.who, topic))
             .map(|c| c.outbox.clone())
             .collect();
+        let lossless: Box<[(Arc<Outbox>, u32)]> = if lossless_clients.is_empty() {
+            Box::default()
+        } else {
+            self.scratch
+                .iter()
+                .filter(|k| lossless_clients.contains(k))
+                .filter_map(|k| self.clients.get(k))
+                .filter(|c| open || self.policy.may_receive(&c.who, topic))
+                .map(|c| (c.outbox.clone(), c.who.uid))
+                .collect()
+        };
         let counters = match self.topics.get(topic) {
             Some(c) => c.clone(),
             None => match self.counters.topic(topic.as_str()) {
@@ -532,10 +713,31 @@ impl RouterCore {
         if self.cache.len() >= MATCH_CACHE_MAX {
             self.cache.clear();
         }
+        self.group_index.matches(topic, &mut self.group_scratch);
+        let groups: Box<[QueueRoute]> = self
+            .group_scratch
+            .iter()
+            .filter_map(|id| self.groups.get(id))
+            .filter_map(|g| {
+                let members: Arc<[Arc<Outbox>]> = g
+                    .members
+                    .iter()
+                    .filter_map(|k| self.clients.get(k))
+                    .filter(|c| open || self.policy.may_receive(&c.who, topic))
+                    .map(|c| c.outbox.clone())
+                    .collect();
+                (!members.is_empty()).then(|| QueueRoute {
+                    members,
+                    cursor: g.cursor.clone(),
+                })
+            })
+            .collect();
         let route = Route {
             subscribers,
             counters,
             publishers: FastMap::default(),
+            groups,
+            lossless,
         };
         self.cache.insert(topic.detached(), route);
     }
@@ -544,7 +746,258 @@ impl RouterCore {
         self.cache.clear();
         self.counters
             .subscriptions
-            .store(self.index.len() as u64, Relaxed);
+            .store(self.subscription_count() as u64, Relaxed);
+    }
+
+    /// The limits and the policy's word on one more subscription to `p` for
+    /// `client`, plain or queue.
+    fn may_add(&self, client: &Client, p: &Pattern) -> Result<(), ProtocolError> {
+        if client.subscriptions() >= self.max_subscriptions {
+            return Err(too_many_for_client(self.max_subscriptions));
+        }
+        self.subscriptions_fit(subscription_cost(p))?;
+        if self.policy.is_open() {
+            return Ok(());
+        }
+        if self.policy.may_subscribe(&client.who, p) == Sub::Denied {
+            return Err(forbidden(p));
+        }
+        if let Some(max) = self.policy.limits(&client.who).subscriptions {
+            let held = self
+                .per_user
+                .get(&client.who.uid)
+                .map_or(0, |u| u.subscriptions);
+            if held >= max {
+                return Err(too_many_subscriptions(&client.who, max));
+            }
+        }
+        Ok(())
+    }
+
+    /// `SUB <pattern> <options>`: for now, options name a queue group.
+    fn subscribe_with(
+        &mut self,
+        key: ClientKey,
+        p: Pattern,
+        opts: SubOptions,
+    ) -> Result<(), ProtocolError> {
+        let Some(q) = opts.queue else {
+            if opts.lossless {
+                return self.subscribe_lossless(key, p);
+            }
+            return self.subscribe(key, p);
+        };
+        let Some(client) = self.clients.get(&key) else {
+            return Ok(());
+        };
+        let g = (p.detached(), q.detached());
+        if client.queues.contains(&g) {
+            return Ok(());
+        }
+        self.may_add(client, &p)?;
+        let id = match self.group_ids.get(&g) {
+            Some(&id) => id,
+            None => {
+                let id = self.next_group;
+                self.next_group += 1;
+                self.group_index.insert(&g.0, id);
+                self.group_ids.insert(g.clone(), id);
+                self.groups.insert(
+                    id,
+                    Group {
+                        key: g.clone(),
+                        members: Vec::new(),
+                        cursor: Arc::default(),
+                    },
+                );
+                id
+            }
+        };
+        self.groups
+            .get_mut(&id)
+            .expect("just found or made")
+            .members
+            .push(key);
+        let client = self.clients.get_mut(&key).expect("checked above");
+        client.queues.insert(g);
+        self.per_user
+            .entry(client.who.uid)
+            .or_default()
+            .subscriptions += 1;
+        self.queue_members += 1;
+        self.interest_changed();
+        Ok(())
+    }
+
+    /// `SUB <pattern> lossless`: a plain subscription (an existing one is
+    /// made lossless), and the client's outbox becomes lossless.
+    fn subscribe_lossless(&mut self, key: ClientKey, p: Pattern) -> Result<(), ProtocolError> {
+        let Some(client) = self.clients.get(&key) else {
+            return Ok(());
+        };
+        if client.lossless.contains(&p) {
+            return Ok(());
+        }
+        if !client.patterns.contains(&p) {
+            self.subscribe(key, p.clone())?;
+        }
+        let client = self.clients.get_mut(&key).expect("checked above");
+        if !client.patterns.contains(&p) {
+            return Ok(()); // the client is gone
+        }
+        client.lossless.insert(p.detached());
+        if self.lossless_clients.insert(key) {
+            client.outbox.set_lossless(true);
+            self.interest_changed();
+        }
+        Ok(())
+    }
+
+    /// `UNSUB <pattern> queue=<name>`: the others take over at once.
+    fn leave_queue(&mut self, key: ClientKey, p: &Pattern, q: &QueueName) {
+        let g = (p.clone(), q.clone());
+        let Some(client) = self.clients.get_mut(&key) else {
+            return;
+        };
+        if !client.queues.remove(&g) {
+            return;
+        }
+        if let Some(u) = self.per_user.get_mut(&client.who.uid) {
+            u.subscriptions -= 1;
+        }
+        self.remove_member(&g, key);
+        self.interest_changed();
+    }
+
+    /// Takes `key` out of group `g`; the last member out removes the group.
+    fn remove_member(&mut self, g: &GroupKey, key: ClientKey) {
+        let Some(&id) = self.group_ids.get(g) else {
+            return;
+        };
+        let group = self.groups.get_mut(&id).expect("ids and groups agree");
+        let before = group.members.len();
+        group.members.retain(|&k| k != key);
+        self.queue_members -= before - group.members.len();
+        if group.members.is_empty() {
+            let group = self.groups.remove(&id).expect("just seen");
+            self.group_index.remove(&group.key.0, id);
+            self.group_ids.remove(g);
+        }
+    }
+
+    /// Queues every retained message whose topic `p` matches (and the
+    /// client may receive) for client `key`: the start of a new subscription.
+    fn send_retained(&mut self, key: ClientKey, p: &Pattern) {
+        if self.retained.is_empty() {
+            return;
+        }
+        let Some(client) = self.clients.get(&key) else {
+            return;
+        };
+        let open = self.policy.is_open();
+        let now = Instant::now();
+        let send = |topic: &Topic, payload: &Bytes| {
+            if open || self.policy.may_receive(&client.who, topic) {
+                let entry = Entry {
+                    line: encode::msg(topic, payload),
+                    published: Some(now),
+                };
+                // Bounded by the retained limits: no publisher to stall.
+                if client.outbox.is_lossless() {
+                    client.outbox.push_lossless(entry);
+                } else {
+                    client.outbox.push_entry(entry);
+                }
+            }
+        };
+        if p.is_literal() {
+            let topic = Topic::parse(p.as_bytes()).expect("a literal pattern is a topic");
+            if let Some(payload) = self.retained.get(&topic) {
+                send(&topic, payload);
+            }
+            return;
+        }
+        // Bounded by --max-retained; in topic order, so that what a client
+        // sees does not depend on the map's hashing.
+        let mut matching: Vec<(&Topic, &Bytes)> =
+            self.retained.iter().filter(|(t, _)| p.matches(t)).collect();
+        matching.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (topic, payload) in matching {
+            send(topic, payload);
+        }
+    }
+
+    /// `RETAIN <topic> <payload>`: with a payload, published as `PUB` and
+    /// kept as the topic's retained message; empty, the retained message is
+    /// cleared and nothing is published. All or nothing: one the limits
+    /// cannot hold is refused with `ERR retained-full` and not published.
+    fn retain(
+        &mut self,
+        key: ClientKey,
+        topic: &Topic,
+        payload: &Bytes,
+        read_at: Instant,
+    ) -> Delivery {
+        let Some(client) = self.clients.get(&key) else {
+            return Delivery::default();
+        };
+        if !self.policy.is_open() && !self.policy.may_publish(&client.who, topic) {
+            client.outbox.push(encode::err(&forbidden(topic)));
+            self.counters.protocol_error(ErrorCode::Forbidden);
+            return Delivery::default();
+        }
+        let old = self
+            .retained
+            .get(topic)
+            .map_or(0, |p| retained_cost(topic, p));
+        if payload.is_empty() {
+            if self.retained.remove(topic).is_some() {
+                self.retained_bytes -= old;
+                self.counters.memory.credit(old);
+                self.retained_changed();
+            }
+            return Delivery::default();
+        }
+        let new = retained_cost(topic, payload);
+        let count = self.retained.len() + usize::from(old == 0);
+        let bytes = self.retained_bytes - old + new;
+        let budget = self.counters.memory.clone();
+        let refusal = if count > self.retain_limits.messages {
+            Some(format!(
+                "{} topics already have a retained message (the broker's --max-retained); clear one with an empty RETAIN, or PUB instead",
+                self.retain_limits.messages
+            ))
+        } else if bytes > self.retain_limits.bytes {
+            Some(format!(
+                "retained messages would take {bytes} bytes, over the broker's --max-retained-bytes {}; clear some with an empty RETAIN, or PUB instead",
+                self.retain_limits.bytes
+            ))
+        } else if new > old && budget.held() + (new - old) > budget.limit() {
+            Some("the broker's memory budget (--max-memory) is full; try again later, or PUB instead".to_owned())
+        } else {
+            None
+        };
+        if let Some(text) = refusal {
+            let e = ProtocolError::new(ErrorCode::RetainedFull, text);
+            client.outbox.push(encode::err(&e));
+            self.counters.protocol_error(e.code);
+            return Delivery::default();
+        }
+        let d = self.publish(topic, payload, read_at);
+        self.retained
+            .insert(topic.detached(), Bytes::copy_from_slice(payload));
+        self.retained_bytes = bytes;
+        budget.charge(new);
+        budget.credit(old);
+        self.retained_changed();
+        d
+    }
+
+    fn retained_changed(&self) {
+        let c = &self.counters;
+        c.retained_messages
+            .store(self.retained.len() as u64, Relaxed);
+        c.retained_bytes.store(self.retained_bytes as u64, Relaxed);
     }
 
     /// `SUB`, as the policy allows: refused when it denies every topic of
@@ -556,30 +1009,12 @@ impl RouterCore {
         if client.patterns.contains(&p) {
             return Ok(());
         }
-        if client.patterns.len() >= self.max_subscriptions {
-            return Err(too_many_for_client(self.max_subscriptions));
-        }
-        self.subscriptions_fit(subscription_cost(&p))?;
-        if self.policy.is_open() {
-            self.add_subscription(key, p);
+        self.may_add(client, &p)?;
+        if self.add_subscription(key, p.clone()) {
             // Not at attach: the session writes a new client's file itself.
             self.mark_dirty(key);
-            return Ok(());
+            self.send_retained(key, &p);
         }
-        if self.policy.may_subscribe(&client.who, &p) == Sub::Denied {
-            return Err(forbidden(&p));
-        }
-        if let Some(max) = self.policy.limits(&client.who).subscriptions {
-            let held = self
-                .per_user
-                .get(&client.who.uid)
-                .map_or(0, |u| u.subscriptions);
-            if held >= max {
-                return Err(too_many_subscriptions(&client.who, max));
-            }
-        }
-        self.add_subscription(key, p);
-        self.mark_dirty(key);
         Ok(())
     }
 
@@ -600,7 +1035,8 @@ impl RouterCore {
         ))
     }
 
-    fn add_subscription(&mut self, key: ClientKey, p: Pattern) {
+    /// Returns whether the subscription is new.
+    fn add_subscription(&mut self, key: ClientKey, p: Pattern) -> bool {
         if let Some(client) = self.clients.get_mut(&key) {
             let p = p.detached();
             if client.patterns.insert(p.clone()) {
@@ -612,12 +1048,18 @@ impl RouterCore {
                     .or_default()
                     .subscriptions += 1;
                 self.interest_changed();
+                return true;
             }
         }
+        false
     }
 
     fn unsubscribe(&mut self, key: ClientKey, p: &Pattern) {
         if let Some(client) = self.clients.get_mut(&key) {
+            if client.lossless.remove(p) && client.lossless.is_empty() {
+                self.lossless_clients.remove(&key);
+                client.outbox.set_lossless(false);
+            }
             if client.patterns.remove(p) {
                 self.index.remove(p, key);
                 self.subscription_bytes -= subscription_cost(p);
@@ -685,6 +1127,25 @@ fn too_many_subscriptions(who: &Identity, max: usize) -> ProtocolError {
     )
 }
 
+/// The member of a queue group that gets the next message: round robin,
+/// skipping members whose backlog has no room for the line (a busy member
+/// gets no more until it has read some), so that the ones keeping up take
+/// the work. When none has room, the next in turn gets it and its overflow
+/// policy applies, as for a plain subscriber.
+fn choose(group: &QueueRoute, line_len: usize) -> &Arc<Outbox> {
+    let n = group.members.len();
+    let start = group.cursor.load(Relaxed) % n;
+    for i in 0..n {
+        let j = (start + i) % n;
+        if group.members[j].has_room(line_len) {
+            group.cursor.store(j + 1, Relaxed);
+            return &group.members[j];
+        }
+    }
+    group.cursor.store(start + 1, Relaxed);
+    &group.members[start]
+}
+
 /// Encodes the message once into `arena` and queues the same buffer for
 /// every subscriber of `route`; counts it. A free function over the
 /// router's fields so that the route can stay borrowed from the cache.
@@ -695,29 +1156,67 @@ fn deliver(
     topic: &Topic,
     payload: &Bytes,
     read_at: Instant,
+    stalls: &mut Stalls,
 ) -> Delivery {
     let mut d = Delivery::default();
     // Which policy dropped is told by the outcome, so the core needs no
     // knowledge of the configured policy to count it.
     let (mut oldest, mut newest) = (0, 0);
-    if !route.subscribers.is_empty() {
+    let routed =
+        !route.subscribers.is_empty() || !route.groups.is_empty() || !route.lossless.is_empty();
+    if routed {
         let line = encode::msg_into(arena, topic, payload);
+        let mut count = |push| match push {
+            Push::Queued => d.delivered += 1,
+            Push::QueuedDropping(n) => {
+                d.delivered += 1;
+                oldest += n;
+            }
+            Push::Dropped => newest += 1,
+            Push::Skipped(n) => oldest += n,
+            Push::Disconnected(n) => d.disconnected += n + 1,
+            Push::Closed => {}
+        };
         for outbox in route.subscribers.iter() {
             let entry = Entry {
                 line: line.clone(),
                 published: Some(read_at),
             };
-            match outbox.push_entry(entry) {
-                Push::Queued => d.delivered += 1,
-                Push::QueuedDropping(n) => {
-                    d.delivered += 1;
-                    oldest += n;
-                }
-                Push::Dropped => newest += 1,
-                Push::Skipped(n) => oldest += n,
-                Push::Disconnected(n) => d.disconnected += n + 1,
-                Push::Closed => {}
+            count(outbox.push_entry(entry));
+        }
+        let mut lossless = |outbox: &Arc<Outbox>, entry| {
+            let (push, full) = outbox.push_lossless(entry);
+            if full {
+                stalls.full.push(outbox.clone());
             }
+            push
+        };
+        for group in route.groups.iter() {
+            let entry = Entry {
+                line: line.clone(),
+                published: Some(read_at),
+            };
+            let member = choose(group, line.len());
+            // A lossless member (lossless by a subscription of its own) is
+            // never full here unless all are: it loses, not stalls, then.
+            count(if member.is_lossless() {
+                member.push_unstallable(entry)
+            } else {
+                member.push_entry(entry)
+            });
+        }
+        for (outbox, uid) in route.lossless.iter() {
+            let entry = Entry {
+                line: line.clone(),
+                published: Some(read_at),
+            };
+            // One user's lossless reader must not hold back another's
+            // publishers (a shared bus): their lines may be dropped for it.
+            count(if stalls.uid.is_none_or(|p| p == *uid) {
+                lossless(outbox, entry)
+            } else {
+                outbox.push_unstallable(entry)
+            });
         }
     }
     d.dropped = oldest + newest;
@@ -725,7 +1224,7 @@ fn deliver(
     let tc = &route.counters;
     tc.published.fetch_add(1, Relaxed);
     tc.published_bytes.fetch_add(len, Relaxed);
-    if route.subscribers.is_empty() {
+    if !routed {
         counters.unrouted.fetch_add(1, Relaxed);
     } else {
         tc.delivered.fetch_add(d.delivered as u64, Relaxed);
@@ -999,6 +1498,303 @@ mod tests {
             core.set_policy(Arc::new(Policy::open()));
             core.now(1, cmd("PUB chat.public.x 3"));
             assert_eq!(lines(&b), ["MSG chat.public.x 3"]);
+        }
+    }
+
+    mod queues {
+        use super::*;
+
+        /// A client with these limits; and the publisher (key 9) once.
+        fn member(core: &mut RouterCore, key: ClientKey, limits: BacklogLimits) -> Arc<Outbox> {
+            if !core.clients.contains_key(&9) {
+                client(core, 9, &[]);
+            }
+            let o = Arc::new(Outbox::new(limits));
+            core.attach(key, o.clone(), Vec::new());
+            o
+        }
+
+        #[test]
+        fn each_message_goes_to_one_member_of_each_group_and_to_every_plain_subscriber() {
+            let mut core = RouterCore::new(Counters::new(100));
+            let w1 = member(&mut core, 2, BacklogLimits::default());
+            let w2 = member(&mut core, 3, BacklogLimits::default());
+            let other = member(&mut core, 4, BacklogLimits::default());
+            core.now(2, cmd("SUB jobs.> queue=w"));
+            core.now(3, cmd("SUB jobs.> queue=w"));
+            core.now(3, cmd("SUB jobs.> queue=w")); // held already
+            core.now(4, cmd("SUB jobs.* queue=w")); // another pattern: another group
+            let plain = client(&mut core, 1, &["jobs.>"]);
+            assert_eq!(core.subscription_count(), 4);
+            for i in 0..6 {
+                core.now(9, cmd(&format!("PUB jobs.x {i}")));
+            }
+            assert_eq!(lines(&plain).len(), 6);
+            let (a, b) = (lines(&w1), lines(&w2));
+            assert_eq!(a, ["MSG jobs.x 0", "MSG jobs.x 2", "MSG jobs.x 4"]);
+            assert_eq!(b, ["MSG jobs.x 1", "MSG jobs.x 3", "MSG jobs.x 5"]);
+            assert_eq!(lines(&other).len(), 6, "alone in its group");
+        }
+
+        #[test]
+        fn a_member_whose_backlog_is_full_is_passed_over() {
+            let mut core = RouterCore::new(Counters::new(100));
+            let small = BacklogLimits {
+                messages: 3,
+                ..BacklogLimits::default()
+            };
+            let busy = member(&mut core, 1, small);
+            let idle = member(&mut core, 2, small);
+            core.now(1, cmd("SUB t queue=w"));
+            core.now(2, cmd("SUB t queue=w"));
+            let mut got_idle = Vec::new();
+            for i in 0..30 {
+                let d = core.now(9, cmd(&format!("PUB t {i}")));
+                assert_eq!(d.dropped, 0, "message {i}");
+                // The idle one reads everything at once; the busy one nothing.
+                got_idle.extend(lines(&idle));
+            }
+            let got_busy = lines(&busy);
+            assert_eq!(got_busy.len(), 3, "its backlog's worth: {got_busy:?}");
+            assert_eq!(got_busy.len() + got_idle.len(), 30);
+        }
+
+        #[test]
+        fn when_a_member_leaves_the_others_take_over() {
+            let mut core = RouterCore::new(Counters::new(100));
+            let w1 = member(&mut core, 1, BacklogLimits::default());
+            let w2 = member(&mut core, 2, BacklogLimits::default());
+            let w3 = member(&mut core, 3, BacklogLimits::default());
+            for k in 1..=3 {
+                core.now(k, cmd("SUB t queue=w"));
+            }
+            core.detach(1);
+            core.now(2, cmd("UNSUB t queue=w"));
+            core.now(2, cmd("UNSUB t")); // not a plain subscriber: nothing
+            for i in 0..4 {
+                core.now(9, cmd(&format!("PUB t {i}")));
+            }
+            assert!(lines(&w1).is_empty());
+            assert!(lines(&w2).is_empty());
+            assert_eq!(lines(&w3).len(), 4);
+            core.detach(3);
+            assert_eq!(core.subscription_count(), 0);
+            assert!(core.groups.is_empty() && core.group_ids.is_empty());
+            assert!(core.group_index.is_empty());
+        }
+
+        #[test]
+        fn queue_memberships_count_against_max_subscriptions() {
+            let mut core = RouterCore::new(Counters::new(100));
+            core.set_max_subscriptions(2);
+            let a = client(&mut core, 1, &["x"]);
+            core.now(1, cmd("SUB t queue=a"));
+            core.now(1, cmd("SUB t queue=b"));
+            let got = lines(&a);
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert!(got[0].starts_with("ERR too-many-subscriptions "), "{got:?}");
+        }
+    }
+
+    mod lossless {
+        use super::*;
+
+        fn small() -> BacklogLimits {
+            BacklogLimits {
+                messages: 4,
+                ..BacklogLimits::default()
+            }
+        }
+
+        fn join(core: &mut RouterCore, key: ClientKey, limits: BacklogLimits) -> Arc<Outbox> {
+            let o = Arc::new(Outbox::with_budget(limits, core.counters.memory.clone()));
+            core.attach(key, o.clone(), Vec::new());
+            o
+        }
+
+        #[test]
+        fn a_full_lossless_subscriber_stalls_its_publisher_and_loses_nothing() {
+            let mut core = RouterCore::new(Counters::new(100));
+            let l = join(&mut core, 1, small());
+            let plain = join(&mut core, 2, small());
+            let p = join(&mut core, 9, BacklogLimits::default());
+            let other = join(&mut core, 8, BacklogLimits::default());
+            core.now(1, cmd("SUB t lossless"));
+            core.now(2, cmd("SUB t"));
+            for i in 0..3 {
+                core.now(9, cmd(&format!("PUB t {i}")));
+            }
+            assert!(!p.is_stalled(), "room left");
+            // The fourth fills it: the publisher is stalled, not the other one.
+            let d = core.now(9, cmd("PUB t 3"));
+            assert_eq!(d.dropped, 0);
+            assert!(p.is_stalled());
+            assert!(l.is_lossless_full());
+            core.now(8, cmd("PUB u x"));
+            assert!(!other.is_stalled(), "unrelated publishers go on");
+            // What was in flight is still queued, beyond the cap.
+            core.now(9, cmd("PUB t 4"));
+            let got = lines(&l);
+            assert_eq!(got.len(), 5, "{got:?}");
+            assert_eq!(got[4], "MSG t 4");
+            assert!(!p.is_stalled(), "drained: the publisher may go on");
+            // A plain subscriber keeps its own policy.
+            let plain_got = lines(&plain);
+            assert!(plain_got[0].starts_with("DROPPED"), "{plain_got:?}");
+            assert_eq!(core.counters.lossless_stalls.load(Relaxed), 2);
+        }
+
+        #[test]
+        fn a_lossless_reader_holds_back_only_its_own_users_publishers() {
+            let mut core = RouterCore::new(Counters::new(100));
+            let mut join_as = |key, uid, limits| {
+                let o = Arc::new(Outbox::new(limits));
+                core.attach_as(key, o.clone(), Identity::new(uid, vec![uid]), Vec::new())
+                    .unwrap();
+                o
+            };
+            let l = join_as(1, 1000, small());
+            let own = join_as(2, 1000, BacklogLimits::default());
+            let other = join_as(3, 2000, BacklogLimits::default());
+            core.now(1, cmd("SUB t lossless"));
+            for i in 0..7 {
+                core.now(3, cmd(&format!("PUB t other-{i}")));
+            }
+            assert!(!other.is_stalled(), "another user's publisher goes on");
+            core.now(2, cmd("PUB t own"));
+            assert!(own.is_stalled(), "its own user's is held back");
+            let got = lines(&l);
+            assert_eq!(
+                got,
+                [
+                    "MSG t other-0",
+                    "MSG t other-1",
+                    "MSG t other-2",
+                    "MSG t other-3",
+                    "DROPPED 3",
+                    "MSG t own"
+                ],
+                "the gap reported where it is, in one line"
+            );
+        }
+
+        #[test]
+        fn unsub_makes_it_an_ordinary_subscriber_again_and_the_budget_never_sheds_it() {
+            let counters = Counters::new(100);
+            counters.memory.set_limit(200);
+            let mut core = RouterCore::new(counters);
+            let l = join(&mut core, 1, BacklogLimits::default());
+            join(&mut core, 9, BacklogLimits::default());
+            core.now(1, cmd("SUB t"));
+            core.now(1, cmd("SUB t lossless")); // an upgrade, not a second one
+            assert_eq!(core.subscription_count(), 1);
+            assert!(l.is_lossless());
+            for i in 0..10 {
+                core.now(9, cmd(&format!("PUB t {i:04}")));
+            }
+            assert!(core.counters.memory.over(), "held, not shed");
+            assert_eq!(lines(&l).len(), 10);
+            core.now(1, cmd("UNSUB t"));
+            assert!(!l.is_lossless());
+            assert_eq!(core.subscription_count(), 0);
+        }
+    }
+
+    mod retained {
+        use super::*;
+
+        fn core_with(limits: RetainLimits) -> RouterCore {
+            let mut core = RouterCore::new(Counters::new(100));
+            core.set_retain_limits(limits);
+            core
+        }
+
+        #[test]
+        fn a_new_subscription_gets_the_last_retained_message_first() {
+            let mut core = core_with(RetainLimits::default());
+            let p = client(&mut core, 9, &[]);
+            let early = client(&mut core, 1, &["s.>"]);
+            core.now(9, cmd("RETAIN s.a 1"));
+            core.now(9, cmd("RETAIN s.a 2"));
+            core.now(9, cmd("RETAIN s.b 3"));
+            core.now(9, cmd("PUB s.c live"));
+            assert_eq!(
+                lines(&early),
+                ["MSG s.a 1", "MSG s.a 2", "MSG s.b 3", "MSG s.c live"],
+                "a retained message is also published"
+            );
+            let late = client(&mut core, 2, &["s.a"]);
+            core.now(2, cmd("SUB s.*"));
+            core.now(2, cmd("SUB s.*")); // not new: nothing again
+            core.now(9, cmd("PUB s.a 4"));
+            assert_eq!(
+                lines(&late),
+                ["MSG s.a 2", "MSG s.a 2", "MSG s.b 3", "MSG s.a 4"]
+            );
+            // An empty payload clears, and is not published.
+            core.now(9, cmd("RETAIN s.a"));
+            core.now(9, cmd("RETAIN s.never"));
+            assert!(lines(&early).len() == 1, "only PUB s.a 4");
+            let later = client(&mut core, 3, &["s.>"]);
+            assert_eq!(lines(&later), ["MSG s.b 3"]);
+            assert!(lines(&p).is_empty());
+            assert_eq!(core.retained().0, 1);
+        }
+
+        #[test]
+        fn retained_messages_are_bounded_in_count_and_bytes() {
+            let mut core = core_with(RetainLimits {
+                messages: 2,
+                bytes: 2 * retained_cost(&topic("t.1"), b"xx"),
+            });
+            let sub = client(&mut core, 1, &["t.>"]);
+            let p = client(&mut core, 9, &[]);
+            core.now(9, cmd("RETAIN t.1 x"));
+            core.now(9, cmd("RETAIN t.2 x"));
+            core.now(9, cmd("RETAIN t.3 x")); // a third topic
+            core.now(9, cmd("RETAIN t.1 xx")); // replaces: fits
+            core.now(9, cmd("RETAIN t.2 xxx")); // one byte too many
+            let errs = lines(&p);
+            assert_eq!(errs.len(), 2, "{errs:?}");
+            assert!(
+                errs[0].starts_with("ERR retained-full 2 topics"),
+                "{errs:?}"
+            );
+            assert!(errs[1].contains("--max-retained-bytes"), "{errs:?}");
+            assert_eq!(
+                lines(&sub),
+                ["MSG t.1 x", "MSG t.2 x", "MSG t.1 xx"],
+                "a refused RETAIN is not published either"
+            );
+            assert_eq!(
+                core.retained(),
+                (
+                    2,
+                    retained_cost(&topic("t.1"), b"xx") + retained_cost(&topic("t.2"), b"x")
+                )
+            );
+            assert_eq!(core.counters.protocol_errors(ErrorCode::RetainedFull), 2);
+        }
+
+        #[test]
+        fn retained_bytes_are_held_against_the_memory_budget() {
+            let counters = Counters::new(100);
+            let cost = retained_cost(&topic("t"), b"hello");
+            counters.memory.set_limit(cost + 10);
+            let mut core = RouterCore::new(counters);
+            let p = client(&mut core, 9, &[]);
+            core.now(9, cmd("RETAIN t hello"));
+            assert_eq!(core.counters.memory.held(), cost);
+            core.now(9, cmd("RETAIN u hello"));
+            let got = lines(&p);
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert!(got[0].contains("--max-memory"), "{got:?}");
+            core.now(9, cmd("RETAIN t"));
+            assert_eq!(core.counters.memory.held(), 0, "cleared: credited back");
+        }
+
+        fn topic(s: &str) -> Topic {
+            s.parse().unwrap()
         }
     }
 

@@ -10,6 +10,6 @@ pub mod core;
 pub mod outbox;
 pub mod task;
 
-pub use self::core::{ClientKey, RouterCore, MAX_SUBSCRIPTIONS};
+pub use self::core::{ClientKey, RetainLimits, RouterCore, MAX_SUBSCRIPTIONS};
 pub use outbox::{BacklogLimits, CloseReason, Entry, Outbox, OverflowPolicy, Push};
 pub use task::{AttachError, RouterHandle, RouterMsg};

@@ -17,12 +17,19 @@
 //! ([`Outbox::written`]): a slow reader cannot hold more than its cap by
 //! having its writer hold the rest.
 //!
+//! A client holding a lossless subscription (`SUB <pattern> lossless`) has a
+//! lossless outbox: lines are never dropped for it ([`Outbox::push_lossless`]);
+//! instead, once it is full, the publishers of those lines are told to stop
+//! ([`Outbox::stall_on`]): their readers stop reading `send` until it has
+//! drained to half its caps ([`Outbox::until_unstalled`]).
+//!
 //! Every queued line is also charged to the broker-wide
 //! [`MemoryBudget`], at its length plus [`ENTRY_COST`]. The router enforces
 //! the budget by calling [`Outbox::shed`] on the largest backlogs.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -268,6 +275,14 @@ pub struct Outbox {
     closing: Notify,
     limits: BacklogLimits,
     budget: Arc<MemoryBudget>,
+    /// The client holds a lossless subscription: nothing is dropped for it.
+    lossless: AtomicBool,
+    /// Woken when a lossless outbox drains to half its caps, or closes.
+    room: Notify,
+    /// Lossless outboxes this client's published lines filled: its reader
+    /// reads nothing more until they have room. Weak: two clients may
+    /// publish to each other.
+    stalled_on: Mutex<Vec<Weak<Outbox>>>,
 }
 
 impl Outbox {
@@ -284,6 +299,143 @@ impl Outbox {
             closing: Notify::new(),
             limits,
             budget,
+            lossless: AtomicBool::new(false),
+            room: Notify::new(),
+            stalled_on: Mutex::default(),
+        }
+    }
+
+    /// Makes this a lossless outbox (the client holds a lossless
+    /// subscription), or an ordinary one again. Only the router calls it.
+    pub fn set_lossless(&self, on: bool) {
+        self.lossless.store(on, Relaxed);
+        if !on {
+            self.room.notify_waiters();
+        }
+    }
+
+    pub fn is_lossless(&self) -> bool {
+        self.lossless.load(Relaxed)
+    }
+
+    /// Queues a line for a lossless client: never dropped, whatever the
+    /// caps. Returns the outcome and whether the backlog is now full, in
+    /// which case the caller stalls the line's publisher on this outbox.
+    /// The caps are passed only by what publishers had sent before they
+    /// were stalled (bounded by the router's channel).
+    pub fn push_lossless(&self, mut entry: Entry) -> (Push, bool) {
+        let mut s = self.lock();
+        if s.end.is_some() {
+            return (Push::Closed, false);
+        }
+        if s.queue.len() >= PIN_LINES {
+            entry.line = Bytes::copy_from_slice(&entry.line);
+        }
+        let was_empty = s.queue.is_empty();
+        s.push_back(entry, &self.budget);
+        let full = self.full(&s);
+        drop(s);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        (Push::Queued, full)
+    }
+
+    /// Queues a line for a lossless client from a publisher it may not
+    /// hold back (another user's): queued while there is room; once full,
+    /// discarded, with one `DROPPED <n>` kept at the back of the queue where
+    /// the gap is (consecutive losses add up in it, so it costs one line).
+    /// Nothing already queued is touched.
+    pub fn push_unstallable(&self, entry: Entry) -> Push {
+        let mut s = self.lock();
+        if s.end.is_some() {
+            return Push::Closed;
+        }
+        if !self.full(&s) {
+            drop(s);
+            return self.push_lossless(entry).0;
+        }
+        let before = match s.queue.back().and_then(gap_marker) {
+            Some(n) => {
+                let old = s.queue.pop_back().expect("just seen");
+                s.bytes -= old.line.len();
+                self.budget.credit(old.line.len() + ENTRY_COST);
+                n
+            }
+            None => 0,
+        };
+        s.push_back(Entry::control(encode::dropped(before + 1)), &self.budget);
+        Push::Dropped
+    }
+
+    /// At or over either cap.
+    fn full(&self, s: &State) -> bool {
+        s.queue.len() + s.in_hand_lines >= self.limits.messages || s.bytes >= self.limits.bytes
+    }
+
+    /// Over half of either cap: a stalled publisher waits for less.
+    fn above_half(&self, s: &State) -> bool {
+        s.queue.len() + s.in_hand_lines > self.limits.messages / 2
+            || s.bytes > self.limits.bytes / 2
+    }
+
+    /// Whether a publisher stalled on this outbox must go on waiting.
+    fn blocks(&self) -> bool {
+        let s = self.lock();
+        s.end.is_none() && self.is_lossless() && self.above_half(&s)
+    }
+
+    /// Whether this is a lossless client whose backlog is full now: it is
+    /// holding up its publishers (for `/metrics`).
+    pub fn is_lossless_full(&self) -> bool {
+        let s = self.lock();
+        s.end.is_none() && self.is_lossless() && self.full(&s)
+    }
+
+    /// Stops this client's reader until every outbox in `full` has drained
+    /// to half its caps (or ended).
+    pub fn stall_on(&self, full: &[Arc<Outbox>]) {
+        let mut list = self.stalled_on.lock().unwrap_or_else(|p| p.into_inner());
+        for o in full {
+            let w = Arc::downgrade(o);
+            if !list.iter().any(|x| x.ptr_eq(&w)) {
+                list.push(w);
+            }
+        }
+    }
+
+    /// Whether this client's reader is stopped by a lossless outbox it
+    /// filled (one that has drained to half since, or ended, no longer
+    /// counts).
+    pub fn is_stalled(&self) -> bool {
+        let mut list = self.stalled_on.lock().unwrap_or_else(|p| p.into_inner());
+        if list.is_empty() {
+            return false;
+        }
+        list.retain(|w| w.upgrade().is_some_and(|o| o.blocks()));
+        !list.is_empty()
+    }
+
+    /// Resolves once no lossless outbox this client filled still blocks it.
+    pub async fn until_unstalled(&self) {
+        loop {
+            let blocker = {
+                let mut list = self.stalled_on.lock().unwrap_or_else(|p| p.into_inner());
+                list.retain(|w| w.upgrade().is_some_and(|o| o.blocks()));
+                match list.first() {
+                    None => return,
+                    Some(w) => w.upgrade(),
+                }
+            };
+            let Some(blocker) = blocker else { continue };
+            let notified = blocker.room.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a drain in between is not missed.
+            notified.as_mut().enable();
+            if !blocker.blocks() {
+                continue;
+            }
+            notified.await;
         }
     }
 
@@ -411,6 +563,7 @@ impl Outbox {
         drop(s);
         self.wake.notify_one();
         self.closing.notify_waiters();
+        self.room.notify_waiters();
         freed
     }
 
@@ -447,6 +600,7 @@ impl Outbox {
         drop(s);
         self.wake.notify_one();
         self.closing.notify_waiters();
+        self.room.notify_waiters();
         Some(discarded)
     }
 
@@ -513,15 +667,31 @@ impl Outbox {
         s.bytes -= bytes;
         s.in_hand -= bytes;
         s.in_hand_lines -= lines;
+        let room = self.is_lossless() && !self.above_half(&s);
         drop(s);
         self.budget.credit(bytes + lines * ENTRY_COST);
+        if room {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Whether a line of `line_len` bytes would be queued without the
+    /// overflow policy acting: how a queue group passes over a busy member.
+    pub fn has_room(&self, line_len: usize) -> bool {
+        let s = self.lock();
+        s.end.is_none()
+            && (s.bytes == 0
+                || (s.queue.len() < self.limits.messages
+                    && s.bytes + line_len <= self.limits.bytes))
     }
 
     /// Bytes queued that [`Outbox::shed`] could free now (not those in the
     /// writer's hand), for the router to find the largest backlogs.
     pub fn sheddable(&self) -> usize {
         let s = self.lock();
-        if s.end.is_some() {
+        // A lossless client's lines are never discarded; it is bounded by
+        // stalling its publishers instead.
+        if s.end.is_some() || self.is_lossless() {
             return 0;
         }
         s.charged() - s.in_hand_charged()

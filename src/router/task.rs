@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{ClientKey, RouterCore};
+use super::core::{ClientKey, RetainLimits, RouterCore};
 use super::outbox::Outbox;
 use crate::acl::{Identity, Policy};
 use crate::counters::Counters;
@@ -73,9 +73,14 @@ pub struct RouterHandle {
 
 impl RouterHandle {
     /// Starts the router task and returns a handle to it. It enforces the
-    /// memory budget in `counters` and `max_subscriptions` per client.
-    pub fn spawn(counters: Arc<Counters>, max_subscriptions: usize) -> RouterHandle {
-        Self::spawn_tracking(counters, max_subscriptions, None)
+    /// memory budget in `counters`, `max_subscriptions` per client and
+    /// the retained-message limits.
+    pub fn spawn(
+        counters: Arc<Counters>,
+        max_subscriptions: usize,
+        retain: RetainLimits,
+    ) -> RouterHandle {
+        Self::spawn_tracking(counters, max_subscriptions, retain, None)
     }
 
     /// [`RouterHandle::spawn`], waking `changed` when subscriptions change
@@ -83,6 +88,7 @@ impl RouterHandle {
     pub fn spawn_tracking(
         counters: Arc<Counters>,
         max_subscriptions: usize,
+        retain: RetainLimits,
         changed: Option<Arc<tokio::sync::Notify>>,
     ) -> RouterHandle {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -91,6 +97,7 @@ impl RouterHandle {
         if let Some(changed) = changed {
             core.track_changes(changed);
         }
+        core.set_retain_limits(retain);
         tokio::spawn(run(rx, core));
         RouterHandle { tx }
     }

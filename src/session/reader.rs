@@ -27,6 +27,14 @@
 //! pin `--max-line` each while the broker is short. Backpressure (not
 //! reading) was the alternative; it would not free what a client already
 //! sent, and a hostile client does not mind being blocked.
+//!
+//! Backpressure is what a lossless subscriber asks for, though: when lines
+//! this client published filled a lossless subscriber's backlog, the router
+//! stalls this client's outbox, and the reader reads nothing more (the
+//! client's writes to `send` block once its pipe is full, as on any pipe)
+//! until that backlog has drained to half ([`Outbox::until_unstalled`]).
+//!
+//! [`Outbox::until_unstalled`]: crate::router::Outbox::until_unstalled
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -106,6 +114,14 @@ pub(super) async fn read_commands(
             continue;
         }
         pipe.shrink_if_idle(tokio::time::Instant::now());
+        if s.outbox.is_stalled() {
+            // Being stopped ends the wait: what was sent is then passed on.
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => {}
+                () = s.outbox.until_unstalled() => {}
+            }
+        }
         let last = if std::mem::take(&mut seeded) {
             false
         } else {
@@ -153,7 +169,10 @@ pub(super) async fn read_commands(
                 stop.cancelled().await;
                 return None;
             }
-            if batch.drained || *phase.borrow() != Phase::Serving {
+            if batch.drained
+                || *phase.borrow() != Phase::Serving
+                || (!last && s.outbox.is_stalled())
+            {
                 break;
             }
             tokio::task::yield_now().await;
