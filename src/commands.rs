@@ -315,7 +315,11 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                     eprintln!("fifobus sub: the broker is shutting down");
                     return Ok(ExitCode::FAILURE);
                 }
-                Reply::Pong(_) | Reply::Welcome { .. } | Reply::Unknown(_) => {}
+                Reply::Pong(_)
+                | Reply::Welcome { .. }
+                | Reply::Request { .. }
+                | Reply::Answer { .. }
+                | Reply::Unknown(_) => {}
             }
         }
         if let Err(e) = out.flush() {

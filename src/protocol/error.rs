@@ -24,10 +24,18 @@ pub enum ErrorCode {
     Forbidden,
     /// The user's clients hold as many subscriptions as the ACL allows it.
     TooManySubscriptions,
+    /// A `REQ` matched no `SERVE` pattern, or every responder it reached
+    /// left without answering: the text is exactly the request's id.
+    NoResponders,
+    /// A `REQ` while the client already waits for its most answers: the
+    /// oldest is forgotten; the text is exactly that request's id.
+    TooManyRequests,
+    /// A `REPLY` to a handle this client was never given.
+    UnknownRequest,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::UnknownCommand,
         ErrorCode::BadSyntax,
         ErrorCode::BadTopic,
@@ -41,6 +49,9 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::Forbidden,
         ErrorCode::TooManySubscriptions,
+        ErrorCode::NoResponders,
+        ErrorCode::TooManyRequests,
+        ErrorCode::UnknownRequest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +69,9 @@ impl ErrorCode {
             ErrorCode::Internal => "internal-error",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TooManySubscriptions => "too-many-subscriptions",
+            ErrorCode::NoResponders => "no-responders",
+            ErrorCode::TooManyRequests => "too-many-requests",
+            ErrorCode::UnknownRequest => "unknown-request",
         }
     }
 
@@ -112,6 +126,10 @@ pub enum EncodeError {
     /// A space where the reader splits fields: it would cut this one short.
     #[error("the {field} has a space where the line separates fields")]
     Space { field: &'static str },
+    /// A request id or reply handle with a byte outside printable ASCII,
+    /// or longer than [`super::command::MAX_ID_LEN`].
+    #[error("the {field} must be 1 to 64 printable ASCII characters without spaces")]
+    BadId { field: &'static str },
     /// An [`Unknown`](super::Reply::Unknown) line this version reads as a known one.
     #[error("the line is not unknown: it reads as a known broker line")]
     NotUnknown,
@@ -123,6 +141,7 @@ impl EncodeError {
             EncodeError::Newline { .. } => "newline",
             EncodeError::Empty { .. } => "empty-field",
             EncodeError::Space { .. } => "misplaced-space",
+            EncodeError::BadId { .. } => "bad-id",
             EncodeError::NotUnknown => "known-line",
         }
     }

@@ -24,7 +24,7 @@ pub mod reply;
 #[cfg(test)]
 mod strategies;
 
-pub use command::{encode_ping, encode_pub, Command};
+pub use command::{encode_ping, encode_pub, encode_req, encode_respond, valid_id, Command};
 pub use error::{EncodeError, ErrorCode, ProtocolError};
 pub use hello::Hello;
 pub use lines::{Line, LineSplitter};

@@ -65,3 +65,8 @@ pub fn text() -> impl Strategy<Value = String> {
 pub fn word() -> impl Strategy<Value = String> {
     "[^ \n]{1,40}"
 }
+
+/// Request ids and reply handles: printable ASCII words up to the limit.
+pub fn id() -> impl Strategy<Value = Bytes> {
+    "[!-~]{1,64}".prop_map(|s| Bytes::from(s.into_bytes()))
+}

@@ -12,6 +12,12 @@
 //! route, so under an ACL a message costs one more small lookup, and
 //! without one nothing at all.
 
+mod bus;
+mod requests;
+
+pub use bus::{is_bus_topic, ClientInfo, BUS_PREFIX};
+pub use requests::MAX_PENDING_REQUESTS;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -47,6 +53,10 @@ struct Client {
     outbox: Arc<Outbox>,
     patterns: HashSet<Pattern>,
     who: Identity,
+    /// Its requests and the ones it serves (`requests.rs`).
+    req: requests::ClientRequests,
+    /// Set once it is welcome (`bus.rs`): only then is it announced.
+    info: Option<ClientInfo>,
 }
 
 /// What one uid holds, for the ACL's per-user limits.
@@ -96,6 +106,7 @@ pub struct RouterCore {
     per_user: FastMap<u32, PerUser>,
     /// `--max-subscriptions`: per client, whatever the policy.
     max_subscriptions: usize,
+    requests: requests::Requests,
 }
 
 impl RouterCore {
@@ -112,6 +123,7 @@ impl RouterCore {
             policy: Arc::new(Policy::open()),
             per_user: FastMap::default(),
             max_subscriptions: MAX_SUBSCRIPTIONS,
+            requests: requests::Requests::default(),
         }
     }
 
@@ -256,6 +268,8 @@ impl RouterCore {
                 outbox,
                 patterns: HashSet::new(),
                 who,
+                req: requests::ClientRequests::default(),
+                info: None,
             },
         );
         for p in subs {
@@ -281,6 +295,7 @@ impl RouterCore {
             if !client.patterns.is_empty() {
                 self.interest_changed();
             }
+            self.forget_requests(key, client.req);
         }
     }
 
@@ -316,6 +331,10 @@ impl RouterCore {
                 client.outbox.push(encode::err(&e));
             }
             Ok(Command::Pub { topic, payload }) => {
+                if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(&topic) {
+                    self.refuse(key, forbidden(&topic));
+                    return Delivery::default();
+                }
                 if self.policy.is_open() {
                     return self.publish(&topic, &payload, read_at);
                 }
@@ -335,9 +354,13 @@ impl RouterCore {
             }
             Ok(Command::Bye) => {
                 let outbox = client.outbox.clone();
-                self.detach(key);
+                self.leave(key, CloseReason::Bye.as_str());
                 outbox.close(CloseReason::Bye, Some(encode::bye()));
             }
+            Ok(Command::Req { id, topic, payload }) => self.request(key, id, &topic, &payload),
+            Ok(Command::Respond { handle, payload }) => self.respond(key, &handle, &payload),
+            Ok(Command::Serve(p)) => self.serve(key, p),
+            Ok(Command::Unserve(p)) => self.unserve(key, &p),
         }
         Delivery::default()
     }

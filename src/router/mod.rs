@@ -10,6 +10,9 @@ pub mod core;
 pub mod outbox;
 pub mod task;
 
-pub use self::core::{ClientKey, RouterCore, MAX_SUBSCRIPTIONS};
+pub use self::core::{
+    is_bus_topic, ClientInfo, ClientKey, RouterCore, BUS_PREFIX, MAX_PENDING_REQUESTS,
+    MAX_SUBSCRIPTIONS,
+};
 pub use outbox::{BacklogLimits, CloseReason, Entry, Outbox, OverflowPolicy, Push};
 pub use task::{AttachError, RouterHandle, RouterMsg};

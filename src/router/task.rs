@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{ClientKey, RouterCore};
+use super::core::{ClientInfo, ClientKey, RouterCore};
 use super::outbox::Outbox;
 use crate::acl::{Identity, Policy};
 use crate::counters::Counters;
@@ -50,6 +50,16 @@ pub enum RouterMsg {
     },
     /// A new access-control policy (`--acl`, at start and on reload).
     SetPolicy(Arc<Policy>),
+    /// The client is welcome: announce it on `_bus.client.joined`.
+    Joined {
+        key: ClientKey,
+        info: ClientInfo,
+    },
+    /// [`RouterMsg::Detach`], announced on `_bus.client.left` with why.
+    Leave {
+        key: ClientKey,
+        reason: &'static str,
+    },
 }
 
 /// Why [`RouterHandle::attach`] did not attach a client.
@@ -130,6 +140,17 @@ impl RouterHandle {
     pub async fn detach(&self, key: ClientKey) {
         let _ = self.tx.send(RouterMsg::Detach { key }).await;
     }
+
+    /// The client is welcome: who it is, for `_bus.client.joined` and
+    /// `fifobus ls`.
+    pub async fn joined(&self, key: ClientKey, info: ClientInfo) {
+        let _ = self.tx.send(RouterMsg::Joined { key, info }).await;
+    }
+
+    /// Detaches a client, publishing `_bus.client.left` with `reason`.
+    pub async fn leave(&self, key: ClientKey, reason: &'static str) {
+        let _ = self.tx.send(RouterMsg::Leave { key, reason }).await;
+    }
 }
 
 async fn run(mut rx: mpsc::Receiver<RouterMsg>, mut core: RouterCore) {
@@ -179,6 +200,14 @@ fn handle(core: &mut RouterCore, msg: RouterMsg) -> usize {
         }
         RouterMsg::SetPolicy(policy) => {
             core.set_policy(policy);
+            1
+        }
+        RouterMsg::Joined { key, info } => {
+            core.joined(key, info);
+            1
+        }
+        RouterMsg::Leave { key, reason } => {
+            core.leave(key, reason);
             1
         }
     }

@@ -49,7 +49,7 @@ use crate::counters::DropReason;
 use crate::fifo::FileId;
 use crate::protocol::{encode, ErrorCode, Hello, ProtocolError};
 use crate::registry::Activity;
-use crate::router::{AttachError, ClientKey, CloseReason, Outbox};
+use crate::router::{AttachError, ClientInfo, ClientKey, CloseReason, Outbox};
 use crate::watch::PidWatch;
 use crate::{busdir, fifo, warn_throttled};
 
@@ -175,6 +175,14 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         .is_none()
         .then(|| ctx.clients.track_activity(key, fifos.recv.as_raw_fd()));
     tracing::debug!(client = %label, id = %id, uid, pid = ?hello.pid, "client joined");
+    let info = ClientInfo {
+        uuid: id.clone(),
+        name: hello.name.clone(),
+        pid: hello.pid,
+        uid,
+        since: std::time::Instant::now(),
+    };
+    ctx.router.joined(key, info).await;
     let session = Session {
         key,
         label,
@@ -444,7 +452,7 @@ impl Session {
         if let Err(e) = busdir::remove_client_dir(self.clients.as_raw_fd(), &self.name) {
             tracing::warn!(client = %self.label, "cannot remove {}: {e}", self.dir.display());
         }
-        ctx.router.detach(self.key).await;
+        ctx.router.leave(self.key, reason.as_str()).await;
         let lost = self.outbox.undelivered();
         ctx.counters.dropped(DropReason::ClientGone, lost as u64);
         log_end(&self.label, &reason);
