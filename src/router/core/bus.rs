@@ -154,7 +154,7 @@ impl RouterCore {
             let published = self.topics[&t]
                 .published
                 .load(std::sync::atomic::Ordering::Relaxed);
-            let responders = self.has_responders(&t);
+            let responders = self.responder_count(&t);
             topics.push(json!({
                 "topic": t.as_str(),
                 "subscribers": scratch.len(),

@@ -270,11 +270,11 @@ impl RouterCore {
             .flat_map(|c| c.req.serves.iter())
     }
 
-    /// Clients serving requests on `topic`.
-    pub(super) fn has_responders(&mut self, topic: &Topic) -> bool {
+    /// How many clients serve requests on `topic`.
+    pub(super) fn responder_count(&mut self, topic: &Topic) -> usize {
         let r = &mut self.requests;
         r.responders.matches(topic, &mut r.scratch);
-        !r.scratch.is_empty()
+        r.scratch.len()
     }
 }
 
