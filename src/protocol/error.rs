@@ -28,7 +28,7 @@ pub enum ErrorCode {
     /// left without answering: the text is exactly the request's id.
     NoResponders,
     /// A `REQ` while the client already waits for its most answers: the
-    /// oldest is forgotten; the text is exactly that request's id.
+    /// oldest is forgotten; the text starts with that request's id.
     TooManyRequests,
     /// A `REPLY` to a handle this client was never given.
     UnknownRequest,

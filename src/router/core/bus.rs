@@ -16,8 +16,9 @@ use super::{ClientKey, RouterCore};
 use crate::protocol::ProtocolError;
 use crate::topic::Topic;
 
-/// Topics whose first segment is this belong to the broker.
-pub const BUS_SEGMENT: &str = "_bus";
+/// Topics whose first segment is this belong to the broker (the ACL
+/// keeps the same segment reserved).
+pub const BUS_SEGMENT: &str = crate::acl::RESERVED_PREFIX;
 /// `BUS_SEGMENT` and its dot: what a bus topic starts with.
 pub const BUS_PREFIX: &str = "_bus.";
 
@@ -76,9 +77,33 @@ impl RouterCore {
         }
     }
 
+    /// Delivers one of the broker's own messages. Only to patterns that
+    /// name `_bus` as their first segment: as `#` in MQTT does not match
+    /// `$SYS`, a subscriber to `>` or `*.client.>` asked for the clients'
+    /// traffic, not the broker's, and gets none of it. Not counted as
+    /// published: the metrics and `ls topics` show what clients send.
+    /// Rare (a join or a leave), so matched each time, outside the cache.
     fn publish_bus(&mut self, topic: &'static str, payload: &Bytes) {
         let topic = Topic::parse(topic.as_bytes()).expect("a valid topic");
-        self.publish(&topic, payload, Instant::now());
+        let mut keys = std::mem::take(&mut self.scratch);
+        self.index.matches(&topic, &mut keys);
+        let open = self.policy.is_open();
+        let mut line = None;
+        for k in &keys {
+            let Some(c) = self.clients.get(k) else {
+                continue;
+            };
+            let asked = c
+                .patterns
+                .iter()
+                .any(|p| p.segments().next() == Some(BUS_SEGMENT) && p.matches(&topic));
+            if asked && (open || self.policy.may_receive(&c.who, &topic)) {
+                let line =
+                    line.get_or_insert_with(|| crate::protocol::encode::msg(&topic, payload));
+                c.outbox.push(line.clone());
+            }
+        }
+        self.scratch = keys;
     }
 
     /// A `REQ` on a `_bus.` topic, answered by the broker itself.

@@ -87,12 +87,17 @@ impl RouterCore {
         let Some(client) = self.clients.get(&key) else {
             return;
         };
+        let open = self.policy.is_open();
         if super::is_bus_topic(topic) {
+            // Who is on the bus is for those the ACL lets receive it.
+            if !open && !self.policy.may_receive(&client.who, topic) {
+                self.refuse(key, forbidden(topic));
+                return;
+            }
             let answer = self.bus_request(key, topic);
             self.answer_now(key, &id, answer);
             return;
         }
-        let open = self.policy.is_open();
         if !open && !self.policy.may_publish(&client.who, topic) {
             self.refuse(key, forbidden(topic));
             return;
@@ -466,6 +471,8 @@ mod tests {
             lines(&watcher),
             ["ERR forbidden _bus.client.joined", "ERR forbidden _bus"]
         );
+        // A pattern that does not name _bus first gets none of it.
+        let everything = client(&mut core, 3, &[">", "*.client.>"]);
         client(&mut core, 2, &[]);
         let info = ClientInfo {
             uuid: "u-2".into(),
@@ -484,5 +491,6 @@ mod tests {
                 "MSG _bus.client.left uuid=u-2 name=worker pid=42 uid=1000 reason=bye",
             ]
         );
+        assert!(lines(&everything).is_empty());
     }
 }
