@@ -594,3 +594,61 @@ fn another_user_cannot_forge_presence_or_answers() {
         "{seen:?}"
     );
 }
+
+/// What a client can make the broker hold for requests is bounded:
+/// SERVE patterns under --max-subscriptions, ids of at most 64 bytes.
+#[test]
+fn serve_patterns_and_ids_are_bounded() {
+    let bus = TempBus::start_with(&["--max-subscriptions", "2"]);
+    let mut c = bus.connect("c", &[]);
+    c.send_raw(b"SERVE a\nSERVE b\nSERVE c\n").unwrap();
+    let got = barrier(&mut c);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].starts_with("ERR too-many-subscriptions "), "{got:?}");
+    let long = "i".repeat(65);
+    c.send_raw(format!("REQ {long} z x\nREQ {} z x\n", &long[1..]).as_bytes())
+        .unwrap();
+    let got = barrier(&mut c);
+    assert!(got[0].starts_with("ERR bad-syntax request id"), "{got:?}");
+    assert_eq!(
+        got[1],
+        format!("ERR no-responders {}", &long[1..]),
+        "64 is fine"
+    );
+    assert_eq!(got.len(), 2, "{got:?}");
+}
+
+/// Under an ACL, listing the bus (and hearing presence) needs the right to
+/// receive the `_bus.` topic: a user the ACL denies gets `forbidden`.
+#[test]
+#[ignore = "needs root: creates throwaway users"]
+fn the_acl_decides_who_may_list_the_bus() {
+    use fifobus_testkit::users::User;
+    let (alice, mallory) = (User::create("alice"), User::create("mallory"));
+    let mut bus = TempBus::new(BusOptions::default()).unwrap();
+    std::fs::set_permissions(bus.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let acl = bus.tmp.path().join("fifobus.acl");
+    std::fs::write(
+        &acl,
+        format!("default allow\ndeny sub _bus.> user={}\n", mallory.name),
+    )
+    .unwrap();
+    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    bus.spawn(&["--shared", "--acl", acl.to_str().unwrap()]);
+    let _someone = bus.connect("someone", &["chat.>"]);
+    let ls = |user: &User| {
+        let mut cmd = user.command(bin());
+        cmd.arg("--dir")
+            .arg(&bus.dir)
+            .args(["ls", "--json"])
+            .current_dir("/");
+        run(cmd, b"")
+    };
+    let (status, out, err) = ls(&alice);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("\"name\":\"someone\""), "{out}");
+    let (status, out, err) = ls(&mallory);
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(err.contains("forbidden _bus.ls.clients"), "{err}");
+    assert!(!out.contains("someone"), "{out}");
+}
