@@ -71,7 +71,7 @@ pub enum Command {
     Req(ReqArgs),
     /// Answer requests on a topic, with a fixed text or a command's output
     #[command(
-        after_help = "Examples:\n  fifobus reply svc.ping pong\n  fifobus reply svc.upper --command 'tr a-z A-Z'\n\nThe command runs once per request (sh -c), the payload on its stdin and the topic in\n$FIFOBUS_TOPIC; the first line of its output is the answer. Says 'serving TOPIC' on\nstderr once requests reach it."
+        after_help = "Examples:\n  fifobus reply svc.ping pong\n  fifobus reply svc.upper --command 'tr a-z A-Z'\n\nThe command runs once per request (sh -c), the payload on its stdin and the topic in\n$FIFOBUS_TOPIC; the first line of its output is the answer. Says 'serving PATTERN' on\nstderr once requests reach it."
     )]
     Reply(ReplyArgs),
     /// List the clients on the bus, or its topics (`fifobus ls topics`)
