@@ -107,12 +107,19 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         backlog.bytes = backlog.bytes.min(cap);
     }
     let outbox = Arc::new(Outbox::with_budget(backlog, ctx.counters.memory.clone()));
+    let info = ClientInfo {
+        uuid: id.clone(),
+        name: hello.name.clone(),
+        pid: hello.pid,
+        uid,
+        since: std::time::Instant::now(),
+    };
     // Subscribe before the directory exists: whoever sees the directory
     // (the client after WELCOME, or a script watching clients/) can rely on
     // the sub= patterns being in force.
     match ctx
         .router
-        .attach(key, outbox.clone(), who, hello.subs.clone())
+        .attach_joined(key, outbox.clone(), who, hello.subs.clone(), info)
         .await
     {
         Ok(()) => {}
@@ -127,7 +134,7 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         None => match orphan::make_room(ctx).await {
             Some(p) => p,
             None => {
-                ctx.router.detach(key).await;
+                ctx.router.leave(key, "refused").await;
                 return Err(too_many(ctx.clients.max()));
             }
         },
@@ -147,7 +154,7 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
     let fifos = match made {
         Ok(f) => f,
         Err(e) => {
-            ctx.router.detach(key).await;
+            ctx.router.leave(key, "refused").await;
             return Err(resource_error(&e, ctx));
         }
     };
@@ -175,14 +182,6 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         .is_none()
         .then(|| ctx.clients.track_activity(key, fifos.recv.as_raw_fd()));
     tracing::debug!(client = %label, id = %id, uid, pid = ?hello.pid, "client joined");
-    let info = ClientInfo {
-        uuid: id.clone(),
-        name: hello.name.clone(),
-        pid: hello.pid,
-        uid,
-        since: std::time::Instant::now(),
-    };
-    ctx.router.joined(key, info).await;
     let session = Session {
         key,
         label,

@@ -55,8 +55,8 @@ impl ClientInfo {
 }
 
 impl RouterCore {
-    /// Client `key` is in the table and welcome: remember who it is and
-    /// publish `_bus.client.joined`.
+    /// Client `key` was just attached (its `sub=` in force): remember who
+    /// it is and publish `_bus.client.joined`.
     pub fn joined(&mut self, key: ClientKey, info: ClientInfo) {
         let Some(c) = self.clients.get_mut(&key) else {
             return;
