@@ -285,7 +285,8 @@ pub enum Sub {
 /// A parsed ACL, or the open policy of a broker without `--acl`.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// No ACL at all: everything allowed, `_bus.` included, no limits.
+    /// No ACL at all: everything allowed, no limits. (`_bus.` stays the
+    /// broker's all the same: the router refuses it before asking.)
     open: bool,
     default_allow: bool,
     publish: Vec<Rule>,
@@ -330,7 +331,7 @@ impl Policy {
     }
 
     /// Whether `who` may publish to `topic`. Never under `_bus.` (unless
-    /// the policy is open).
+    /// the policy is open; the router refuses `_bus.` before asking).
     pub fn may_publish(&self, who: &Identity, topic: &Topic) -> bool {
         if self.open {
             return true;

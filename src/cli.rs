@@ -49,7 +49,7 @@ pub enum Command {
     Connect(ConnectArgs),
     /// Publish one message, or one message per line of stdin
     #[command(
-        after_help = "Examples:\n  fifobus pub chat.room 'hello'\n  printf 'a\\nb\\n' | fifobus pub chat.room\n  fifobus pub --retain sensors.temp 21.5   # later subscribers get it first\n  fifobus pub --retain sensors.temp ''     # clears it\n\nExit status: 0 when the broker took every message; 1 when it refused one, when no broker\nruns or it went away, or on other errors; 2 on a bad command line."
+        after_help = "Examples:\n  fifobus pub chat.room 'hello'\n  printf 'a\\nb\\n' | fifobus pub chat.room\n  fifobus pub --retain sensors.temp 21.5   # later subscribers get it first\n  fifobus pub --retain sensors.temp ''     # clears it\n  printf 'temp.kitchen 21.5\\ntemp.cellar 12\\n' | fifobus pub --pairs\n\nExit status: 0 when the broker took every message; 1 when it refused one, when no broker\nruns or it went away, or on other errors; 2 on a bad command line."
     )]
     Pub(PubArgs),
     /// Print messages matching patterns until COUNT messages, a time limit, or SIGINT
@@ -68,6 +68,72 @@ pub enum Command {
         after_help = "Examples:\n  fifobus bench                # the full run, a few minutes\n  fifobus bench --quick --json # a smoke run, machine-readable\n\nRuns the fifobus-bench program next to this one (else the one on PATH) with these arguments,\nmeasuring this fifobus unless FIFOBUS_BENCH_BROKER names another. Build it with\n`cargo build --release -p fifobus-bench` (or `cargo build --release --workspace`)."
     )]
     Bench(BenchArgs),
+    /// Send a request and print the first answer
+    #[command(
+        after_help = "Examples:\n  fifobus req svc.echo 'hello'\n  now=$(fifobus req --timeout 500ms clock.now '') || echo \"no clock ($?)\"\n\nExit status: 0 with an answer, 3 when nobody serves the topic (at once),\n124 when no answer comes within --timeout, 1 on other errors."
+    )]
+    Req(ReqArgs),
+    /// Answer requests on a topic, with a fixed text or a command's output
+    #[command(
+        after_help = "Examples:\n  fifobus reply svc.ping pong\n  fifobus reply svc.upper --command 'tr a-z A-Z'\n\nThe command runs once per request (sh -c), the payload on its stdin and the topic in\n$FIFOBUS_TOPIC; the first line of its output is the answer. Says 'serving PATTERN' on\nstderr once requests reach it."
+    )]
+    Reply(ReplyArgs),
+    /// List the clients on the bus, or its topics (`fifobus ls topics`)
+    #[command(
+        after_help = "Examples:\n  fifobus ls\n  fifobus ls topics --json\n\nAsks the broker on the bus itself (a request on _bus.ls.clients or _bus.ls.topics),\nso it needs no metrics endpoint."
+    )]
+    Ls(LsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReqArgs {
+    pub topic: String,
+    /// The request's payload (one line)
+    pub payload: String,
+    /// How long to wait for an answer (e.g. 5s, 500ms); then exit 124
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// A label for the broker's logs
+    #[arg(long, default_value = "fifobus-req")]
+    pub name: String,
+    /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
+    #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
+    pub bus_owner: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplyArgs {
+    /// Topic pattern to serve: `*` matches one segment, `>` the rest
+    #[arg(value_name = "PATTERN")]
+    pub pattern: String,
+    /// The fixed answer
+    #[arg(required_unless_present = "command", conflicts_with = "command")]
+    pub text: Option<String>,
+    /// Answer with the first line this shell command prints, given the payload on stdin
+    #[arg(long, value_name = "CMD")]
+    pub command: Option<String>,
+    /// Exit after answering this many requests
+    #[arg(short = 'n', long)]
+    pub count: Option<u64>,
+    /// A label for the broker's logs
+    #[arg(long, default_value = "fifobus-reply")]
+    pub name: String,
+    /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
+    #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
+    pub bus_owner: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// What to list
+    #[arg(value_parser = ["clients", "topics"], default_value = "clients")]
+    pub what: String,
+    /// Print the broker's answer as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Also trust a bus directory and hello owned by this user (name or uid); by default only your own or root's are
+    #[arg(long, env = "FIFOBUS_OWNER", value_name = "USER|UID", value_parser = parse_owner)]
+    pub bus_owner: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -196,12 +262,16 @@ pub struct ConnectArgs {
 #[derive(Debug, Args)]
 pub struct PubArgs {
     /// The topic to publish on: dot-separated segments, no wildcards (e.g. chat.room)
-    pub topic: String,
+    #[arg(required_unless_present = "pairs")]
+    pub topic: Option<String>,
     /// The message; without it, every line of stdin is one message
     pub message: Option<String>,
     /// Keep the message as the topic's retained one: every later subscription matching it gets it first. An empty MESSAGE clears it
     #[arg(long)]
     pub retain: bool,
+    /// Read `TOPIC PAYLOAD` lines from stdin, each published on its own topic (one connection)
+    #[arg(long, conflicts_with_all = ["topic", "message", "retain"])]
+    pub pairs: bool,
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-pub")]
     pub name: String,
@@ -236,6 +306,9 @@ pub struct SubArgs {
     /// Never drop a message: when this reader falls behind by a full backlog, the broker stops reading the publishers of these topics until it catches up (their writes block, as on a pipe)
     #[arg(long, conflicts_with = "queue")]
     pub lossless: bool,
+    /// Print each message as JSON ('json': topic, payload, time, ts) or by a template like mosquitto_sub -F: %t topic, %p payload, %I ISO time, %U Unix time, %% percent
+    #[arg(short = 'F', long, value_name = "json|TEMPLATE", value_parser = crate::format::Format::parse, conflicts_with = "verbose")]
+    pub format: Option<crate::format::Format>,
     /// A label for the broker's logs
     #[arg(long, default_value = "fifobus-sub")]
     pub name: String,

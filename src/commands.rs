@@ -178,8 +178,11 @@ fn same_image(a: i32, b: i32) -> bool {
 }
 
 pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
-    let topic = Topic::parse(args.topic.as_bytes())
-        .map_err(|e| CommandError::Usage(format!("invalid topic '{}': {e}", args.topic)))?;
+    let Some(topic) = &args.topic else {
+        return publish_pairs(dir, args);
+    };
+    let topic = Topic::parse(topic.as_bytes())
+        .map_err(|e| CommandError::Usage(format!("invalid topic '{topic}': {e}")))?;
     // Encoded before connecting, so that bad input fails on its own.
     let mut message_line = Vec::new();
     if let Some(m) = &args.message {
@@ -345,6 +348,67 @@ fn send_riding(
     Ok(())
 }
 
+/// `pub --pairs`: each stdin line is `TOPIC PAYLOAD` (the payload is what
+/// follows the first space, as in `PUB`), all over one connection. A line
+/// with an invalid topic is reported with its number and skipped; the
+/// others are still published, and the exit status is then 1.
+fn publish_pairs(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
+    use std::io::BufRead;
+    let opts = ConnectOptions {
+        name: Some(args.name.clone()),
+        pid: Some(std::process::id() as i32),
+        subs: Vec::new(),
+    };
+    let mut client = Client::connect_with(dir, &opts, ANSWER_TIMEOUT, &handshake(args.bus_owner))?;
+    let mut refusals = Refusals::default();
+    let mut bad = 0u64;
+    let mut out = Vec::new();
+    let mut input = io::BufReader::with_capacity(64 * 1024, io::stdin().lock());
+    let mut line = Vec::new();
+    for number in 1.. {
+        line.clear();
+        if input.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        let l = line.strip_suffix(b"\n").unwrap_or(&line);
+        let l = l.strip_suffix(b"\r").unwrap_or(l);
+        if l.is_empty() {
+            continue;
+        }
+        let (t, payload) = match memchr::memchr(b' ', l) {
+            Some(i) => (&l[..i], &l[i + 1..]),
+            None => (l, &b""[..]),
+        };
+        match Topic::parse(t) {
+            Ok(topic) => encode_pub(&mut out, &topic, payload).expect("a line holds no newline"),
+            Err(e) => {
+                bad += 1;
+                eprintln!(
+                    "fifobus pub: line {number}: invalid topic '{}': {e}; line skipped",
+                    String::from_utf8_lossy(t)
+                );
+            }
+        }
+        // Flushed when stdin has nothing more at hand, so a line typed alone goes out at once.
+        if out.len() >= 64 * 1024 || input.buffer().is_empty() {
+            client.send_raw(&out)?;
+            out.clear();
+        }
+    }
+    client.send_raw(&out)?;
+    for line in client.ping("pub-done", ANSWER_TIMEOUT)? {
+        refusals.note(&line);
+    }
+    for line in client.bye(ANSWER_TIMEOUT)? {
+        refusals.note(&line);
+    }
+    Ok(if refusals.count == 0 && bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// One stdin line as a `PUB`. One trailing `\r` is dropped, as the broker
 /// drops it from the lines it reads, so that CRLF input publishes the same
 /// payloads as LF input. With `--retain`, a `RETAIN` (the last line stays).
@@ -416,14 +480,13 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
         while let Some(line) = client.buffered_line() {
             match Reply::parse(&line) {
                 Reply::Msg { topic, payload } => {
-                    let written = if args.verbose {
-                        out.write_all(topic.as_bytes())
-                            .and_then(|()| out.write_all(b" "))
+                    let written = if let Some(f) = &args.format {
+                        let mut line = Vec::new();
+                        f.render(&mut line, topic, payload, std::time::SystemTime::now());
+                        out.write_all(&line)
                     } else {
-                        Ok(())
-                    }
-                    .and_then(|()| out.write_all(payload))
-                    .and_then(|()| out.write_all(b"\n"));
+                        write_plain(&mut out, args.verbose, topic, payload)
+                    };
                     if let Err(e) = written {
                         return reader_gone(e, client);
                     }
@@ -463,7 +526,11 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
                     eprintln!("fifobus sub: the broker is shutting down");
                     return Ok(ExitCode::FAILURE);
                 }
-                Reply::Pong(_) | Reply::Welcome { .. } | Reply::Unknown(_) => {}
+                Reply::Pong(_)
+                | Reply::Welcome { .. }
+                | Reply::Request { .. }
+                | Reply::Answer { .. }
+                | Reply::Unknown(_) => {}
             }
         }
         if let Err(e) = out.flush() {
@@ -526,6 +593,17 @@ pub fn subscribe(dir: &Path, args: &SubArgs) -> Result<ExitCode, CommandError> {
             }
         }
     }
+}
+
+/// A message as `sub` prints it without `--format`: the payload, after
+/// its topic and a space with `-v`.
+fn write_plain(out: &mut impl Write, verbose: bool, topic: &str, payload: &[u8]) -> io::Result<()> {
+    if verbose {
+        out.write_all(topic.as_bytes())?;
+        out.write_all(b" ")?;
+    }
+    out.write_all(payload)?;
+    out.write_all(b"\n")
 }
 
 /// Writing to stdout failed: a closed pipe (`| head -1`) is a normal end.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use fifobus::cli::{BenchArgs, Cli, Command, ServeArgs, StatsArgs};
-use fifobus::{broker, busdir, commands, config::BrokerConfig, router::BacklogLimits};
+use fifobus::{broker, busdir, commands, config::BrokerConfig, requests, router::BacklogLimits};
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {
@@ -21,6 +21,9 @@ fn main() -> ExitCode {
         Command::Sub(args) => commands::subscribe(&dir, args),
         Command::Stats(args) => return stats(&dir, args),
         Command::Bench(args) => return bench(args),
+        Command::Req(args) => requests::request(&dir, args),
+        Command::Reply(args) => requests::reply(&dir, args),
+        Command::Ls(args) => requests::ls(&dir, args),
     };
     result.unwrap_or_else(|e| match e {
         // Killed during the handshake, the reply directory already removed:

@@ -38,6 +38,25 @@ pub enum Command {
         topic: Topic,
         payload: Bytes,
     },
+    /// `REQ <id> <topic> <payload>`: a request, answered on this client's
+    /// `recv` by `REPLY <id> <payload>` (or `ERR no-responders <id>`). The
+    /// id is the client's own, any [`valid_id`] word.
+    Req {
+        id: Bytes,
+        topic: Topic,
+        payload: Bytes,
+    },
+    /// `SERVE <pattern>`: deliver requests on matching topics to this
+    /// client, as `REQUEST <handle> <topic> <payload>`. Apart from `SUB`,
+    /// so that no subscriber gets a line it did not ask for.
+    Serve(Pattern),
+    Unserve(Pattern),
+    /// `REPLY <handle> <payload>`: the answer to the `REQUEST` that carried
+    /// `handle`.
+    Respond {
+        handle: Bytes,
+        payload: Bytes,
+    },
 }
 
 /// What may follow a `SUB` or `UNSUB` pattern, as `key=value` words.
@@ -116,6 +135,16 @@ impl std::fmt::Debug for QueueName {
     }
 }
 
+/// Longest request id or reply handle: enough for a uuid or a counter
+/// with a prefix, small enough that a pending request costs little.
+pub const MAX_ID_LEN: usize = 64;
+
+/// A request id or reply handle: 1 to [`MAX_ID_LEN`] printable ASCII
+/// bytes, no space, so that it is one word a shell `read` splits off.
+pub fn valid_id(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_LEN && id.iter().all(|b| (0x21..=0x7e).contains(b))
+}
+
 impl Command {
     /// Parses one line (without its newline). Returns `Ok(None)` for an
     /// empty or all-space line, which clients may send freely.
@@ -154,6 +183,14 @@ impl Command {
         } else if is("PING") {
             let token = (args < line.len()).then(|| line.slice(args..));
             Ok(Some(Command::Ping(token)))
+        } else if is("REQ") {
+            parse_req(&line, args).map(Some)
+        } else if is("REPLY") {
+            parse_respond(&line, args).map(Some)
+        } else if is("SERVE") {
+            one_pattern(&line, args, "SERVE").map(|p| Some(Command::Serve(p)))
+        } else if is("UNSERVE") {
+            one_pattern(&line, args, "UNSERVE").map(|p| Some(Command::Unserve(p)))
         } else if is("BYE") {
             if args < line.len() {
                 return Err(ProtocolError::new(
@@ -166,7 +203,7 @@ impl Command {
             Err(ProtocolError::new(
                 ErrorCode::UnknownCommand,
                 format!(
-                    "unknown command '{}' (expected SUB, UNSUB, PUB, RETAIN, PING or BYE)",
+                    "unknown command '{}' (expected SUB, UNSUB, PUB, RETAIN, PING, BYE, REQ, REPLY, SERVE or UNSERVE)",
                     escape_for_display(keyword, 32)
                 ),
             ))
@@ -193,6 +230,10 @@ impl Command {
             Command::Retain { topic, payload } => {
                 return encode_topic_payload(out, b"RETAIN ", topic, payload)
             }
+            Command::Req { id, topic, payload } => return encode_req(out, id, topic, payload),
+            Command::Serve(p) => encode_word(out, b"SERVE ", p.as_bytes()),
+            Command::Unserve(p) => encode_word(out, b"UNSERVE ", p.as_bytes()),
+            Command::Respond { handle, payload } => return encode_respond(out, handle, payload),
         }
         Ok(())
     }
@@ -237,6 +278,66 @@ fn encode_topic_payload(
     out.push(b' ');
     out.extend_from_slice(payload);
     end_line(out);
+    Ok(())
+}
+
+/// Appends `REQ <id> <topic> <payload>`.
+///
+/// # Errors
+/// For an id that is not [`valid_id`] or a payload holding `\n`; `out` is
+/// then unchanged.
+pub fn encode_req(
+    out: &mut Vec<u8>,
+    id: &[u8],
+    topic: &Topic,
+    payload: &[u8],
+) -> Result<(), EncodeError> {
+    check_id(id, "request id")?;
+    if memchr::memchr(b'\n', payload).is_some() {
+        return Err(EncodeError::Newline { field: "payload" });
+    }
+    out.extend_from_slice(b"REQ ");
+    out.extend_from_slice(id);
+    out.push(b' ');
+    out.extend_from_slice(topic.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload);
+    end_line(out);
+    Ok(())
+}
+
+/// Appends `REPLY <handle> <payload>`: a responder's answer.
+///
+/// # Errors
+/// For a handle that is not [`valid_id`] or a payload holding `\n`; `out`
+/// is then unchanged.
+pub fn encode_respond(out: &mut Vec<u8>, handle: &[u8], payload: &[u8]) -> Result<(), EncodeError> {
+    check_id(handle, "reply handle")?;
+    if memchr::memchr(b'\n', payload).is_some() {
+        return Err(EncodeError::Newline { field: "payload" });
+    }
+    out.extend_from_slice(b"REPLY ");
+    out.extend_from_slice(handle);
+    out.push(b' ');
+    out.extend_from_slice(payload);
+    end_line(out);
+    Ok(())
+}
+
+/// Refuses what [`valid_id`] refuses, saying which rule it broke.
+fn check_id(id: &[u8], field: &'static str) -> Result<(), EncodeError> {
+    if id.is_empty() {
+        return Err(EncodeError::Empty { field });
+    }
+    if memchr::memchr(b'\n', id).is_some() {
+        return Err(EncodeError::Newline { field });
+    }
+    if memchr::memchr(b' ', id).is_some() {
+        return Err(EncodeError::Space { field });
+    }
+    if !valid_id(id) {
+        return Err(EncodeError::BadId { field });
+    }
     Ok(())
 }
 
@@ -344,6 +445,77 @@ fn topic_and_payload(
     Ok((topic, payload))
 }
 
+/// The id of `REQ` or the handle of `REPLY`: one [`valid_id`] word.
+fn id_at(
+    line: &Bytes,
+    args: usize,
+    what: &str,
+    usage: &str,
+) -> Result<(Bytes, usize), ProtocolError> {
+    if args == line.len() {
+        return Err(ProtocolError::new(
+            ErrorCode::BadSyntax,
+            format!("{what} missing: {usage}"),
+        ));
+    }
+    let end = token_end(line, args);
+    let id = line.slice(args..end);
+    if !valid_id(&id) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadSyntax,
+            format!(
+                "{what} '{}' is not 1 to {MAX_ID_LEN} printable ASCII characters: {usage}",
+                escape_for_display(&id, 80)
+            ),
+        ));
+    }
+    Ok((id, end))
+}
+
+fn parse_req(line: &Bytes, args: usize) -> Result<Command, ProtocolError> {
+    const USAGE: &str = "REQ <id> <topic> <payload>";
+    let (id, end) = id_at(line, args, "request id", USAGE)?;
+    let rest = skip_spaces(line, end);
+    if rest == line.len() {
+        return Err(ProtocolError::new(
+            ErrorCode::BadSyntax,
+            format!("REQ needs a topic: {USAGE}"),
+        ));
+    }
+    let Command::Pub { topic, payload } = parse_pub(line, rest)? else {
+        unreachable!("parse_pub makes a PUB")
+    };
+    Ok(Command::Req { id, topic, payload })
+}
+
+fn parse_respond(line: &Bytes, args: usize) -> Result<Command, ProtocolError> {
+    let (handle, end) = id_at(line, args, "reply handle", "REPLY <handle> <payload>")?;
+    let payload = if end < line.len() {
+        line.slice(end + 1..)
+    } else {
+        Bytes::new()
+    };
+    Ok(Command::Respond { handle, payload })
+}
+
+fn one_pattern(line: &Bytes, args: usize, keyword: &str) -> Result<Pattern, ProtocolError> {
+    if args == line.len() {
+        return Err(ProtocolError::new(
+            ErrorCode::BadSyntax,
+            format!("{keyword} needs a pattern: {keyword} <pattern>"),
+        ));
+    }
+    let end = token_end(line, args);
+    if skip_spaces(line, end) != line.len() {
+        return Err(ProtocolError::new(
+            ErrorCode::BadSyntax,
+            format!("{keyword} takes one pattern; send one {keyword} line per pattern"),
+        ));
+    }
+    Pattern::from_bytes(line.slice(args..end))
+        .map_err(|e| ProtocolError::new(ErrorCode::BadPattern, e.to_string()))
+}
+
 /// `<pattern> [queue=<name>]`: the pattern, then option words in any order,
 /// each at most once.
 fn pattern_and_options(
@@ -417,7 +589,7 @@ fn token_end(b: &[u8], i: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::strategies::{pattern, payload, queue_name, token, topic};
+    use crate::protocol::strategies::{id, pattern, payload, queue_name, token, topic};
     use crate::protocol::{Line, LineSplitter};
     use bytes::BytesMut;
     use proptest::prelude::*;
@@ -559,6 +731,17 @@ mod tests {
                 topic,
                 payload: Bytes::from(p)
             }),
+            (id(), topic(), payload()).prop_map(|(id, topic, p)| Command::Req {
+                id,
+                topic,
+                payload: Bytes::from(p)
+            }),
+            pattern().prop_map(Command::Serve),
+            pattern().prop_map(Command::Unserve),
+            (id(), payload()).prop_map(|(handle, p)| Command::Respond {
+                handle,
+                payload: Bytes::from(p)
+            }),
         ]
     }
 
@@ -645,6 +828,78 @@ mod tests {
         let mut out = Vec::new();
         encode_retain(&mut out, &Topic::parse(b"t").unwrap(), b"x").unwrap();
         assert_eq!(out, b"RETAIN t x\n");
+    }
+
+    #[test]
+    fn request_lines_are_the_documented_wire_format() {
+        let t = Topic::parse(b"svc.echo").unwrap();
+        let req = Command::Req {
+            id: Bytes::from_static(b"r1"),
+            topic: t,
+            payload: Bytes::from_static(b" hi  there"),
+        };
+        assert_eq!(encoded(&req), b"REQ r1 svc.echo  hi  there\n");
+        assert_eq!(parse(b"req r1 svc.echo  hi  there").unwrap(), Some(req));
+        let answer = Command::Respond {
+            handle: Bytes::from_static(b"17"),
+            payload: Bytes::from_static(b"HI"),
+        };
+        assert_eq!(encoded(&answer), b"REPLY 17 HI\n");
+        assert_eq!(parse(b"REPLY 17 HI").unwrap(), Some(answer));
+        let p = Pattern::parse(b"svc.>").unwrap();
+        assert_eq!(encoded(&Command::Serve(p.clone())), b"SERVE svc.>\n");
+        assert_eq!(encoded(&Command::Unserve(p)), b"UNSERVE svc.>\n");
+        // An empty payload, with or without its space, is empty.
+        for line in [&b"REPLY 17"[..], b"REPLY 17 "] {
+            let Some(Command::Respond { payload, .. }) = parse(line).unwrap() else {
+                panic!("not a REPLY")
+            };
+            assert!(payload.is_empty());
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_with_their_code() {
+        assert_eq!(code(b"REQ"), ErrorCode::BadSyntax);
+        assert_eq!(code(b"REQ r1"), ErrorCode::BadSyntax);
+        assert_eq!(code(b"REQ r1   "), ErrorCode::BadSyntax);
+        assert_eq!(code(b"REQ r\xff1 t x"), ErrorCode::BadSyntax);
+        assert_eq!(
+            code(&[&b"REQ "[..], &[b'i'; 65], b" t x"].concat()),
+            ErrorCode::BadSyntax
+        );
+        assert_eq!(code(b"REQ r1 a..b x"), ErrorCode::BadTopic);
+        assert_eq!(code(b"REQ r1 a.> x"), ErrorCode::BadTopic);
+        assert_eq!(code(b"REPLY"), ErrorCode::BadSyntax);
+        assert_eq!(code(b"REPLY \x01 x"), ErrorCode::BadSyntax);
+        assert_eq!(code(b"SERVE"), ErrorCode::BadSyntax);
+        assert_eq!(code(b"SERVE a b"), ErrorCode::BadSyntax);
+        assert_eq!(code(b"UNSERVE a.>.b"), ErrorCode::BadPattern);
+        let mut out = b"kept".to_vec();
+        let t = Topic::parse(b"t").unwrap();
+        assert_eq!(
+            encode_req(&mut out, b"", &t, b"x"),
+            Err(EncodeError::Empty {
+                field: "request id"
+            })
+        );
+        assert_eq!(
+            encode_req(&mut out, b"a b", &t, b"x"),
+            Err(EncodeError::Space {
+                field: "request id"
+            })
+        );
+        assert_eq!(
+            encode_req(&mut out, "é".as_bytes(), &t, b"x"),
+            Err(EncodeError::BadId {
+                field: "request id"
+            })
+        );
+        assert_eq!(
+            encode_respond(&mut out, b"1", b"a\nBYE"),
+            Err(EncodeError::Newline { field: "payload" })
+        );
+        assert_eq!(out, b"kept");
     }
 
     #[test]

@@ -57,6 +57,31 @@ fn put_msg(b: &mut BytesMut, topic: &[u8], payload: &[u8]) {
     b.put_u8(b'\n');
 }
 
+/// `REQUEST <handle> <topic> <payload>`: a request, to a client that said
+/// `SERVE`. Encoded once and shared by every responder, like `MSG`.
+pub fn request(handle: &[u8], topic: &[u8], payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(8 + handle.len() + 1 + topic.len() + 1 + payload.len() + 1);
+    b.put_slice(b"REQUEST ");
+    b.put_slice(handle);
+    b.put_u8(b' ');
+    b.put_slice(topic);
+    b.put_u8(b' ');
+    b.put_slice(payload);
+    b.put_u8(b'\n');
+    b.freeze()
+}
+
+/// `REPLY <id> <payload>`: the answer to the requester's `REQ <id> ...`.
+pub fn answer(id: &[u8], payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(6 + id.len() + 1 + payload.len() + 1);
+    b.put_slice(b"REPLY ");
+    b.put_slice(id);
+    b.put_u8(b' ');
+    b.put_slice(payload);
+    b.put_u8(b'\n');
+    b.freeze()
+}
+
 pub fn pong(token: Option<&[u8]>) -> Bytes {
     match token {
         None => Bytes::from_static(b"PONG\n"),

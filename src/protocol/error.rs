@@ -26,10 +26,18 @@ pub enum ErrorCode {
     TooManySubscriptions,
     /// A `RETAIN` the retained-message limits (or the memory budget) cannot hold.
     RetainedFull,
+    /// A `REQ` matched no `SERVE` pattern, or every responder it reached
+    /// left without answering: the text is exactly the request's id.
+    NoResponders,
+    /// A `REQ` while the client already waits for its most answers: the
+    /// oldest is forgotten; the text starts with that request's id.
+    TooManyRequests,
+    /// A `REPLY` to a handle this client was never given.
+    UnknownRequest,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::UnknownCommand,
         ErrorCode::BadSyntax,
         ErrorCode::BadTopic,
@@ -44,6 +52,9 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::TooManySubscriptions,
         ErrorCode::RetainedFull,
+        ErrorCode::NoResponders,
+        ErrorCode::TooManyRequests,
+        ErrorCode::UnknownRequest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +73,9 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::TooManySubscriptions => "too-many-subscriptions",
             ErrorCode::RetainedFull => "retained-full",
+            ErrorCode::NoResponders => "no-responders",
+            ErrorCode::TooManyRequests => "too-many-requests",
+            ErrorCode::UnknownRequest => "unknown-request",
         }
     }
 
@@ -116,6 +130,10 @@ pub enum EncodeError {
     /// A space where the reader splits fields: it would cut this one short.
     #[error("the {field} has a space where the line separates fields")]
     Space { field: &'static str },
+    /// A request id or reply handle with a byte outside printable ASCII,
+    /// or longer than [`super::command::MAX_ID_LEN`].
+    #[error("the {field} must be 1 to 64 printable ASCII characters without spaces")]
+    BadId { field: &'static str },
     /// An [`Unknown`](super::Reply::Unknown) line this version reads as a known one.
     #[error("the line is not unknown: it reads as a known broker line")]
     NotUnknown,
@@ -127,6 +145,7 @@ impl EncodeError {
             EncodeError::Newline { .. } => "newline",
             EncodeError::Empty { .. } => "empty-field",
             EncodeError::Space { .. } => "misplaced-space",
+            EncodeError::BadId { .. } => "bad-id",
             EncodeError::NotUnknown => "known-line",
         }
     }

@@ -24,7 +24,10 @@ pub mod reply;
 #[cfg(test)]
 mod strategies;
 
-pub use command::{encode_ping, encode_pub, encode_retain, Command, QueueName, SubOptions};
+pub use command::{
+    encode_ping, encode_pub, encode_req, encode_respond, encode_retain, valid_id, Command,
+    QueueName, SubOptions,
+};
 pub use error::{EncodeError, ErrorCode, ProtocolError};
 pub use hello::Hello;
 pub use lines::{Line, LineSplitter};

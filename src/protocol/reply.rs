@@ -50,6 +50,18 @@ pub enum Reply<'a> {
     /// unknown). Its subscriptions and directory are as they were.
     Restarted,
     Bye,
+    /// A request for a client that said `SERVE`: answer it with
+    /// `REPLY <handle> <payload>`.
+    Request {
+        handle: &'a str,
+        topic: &'a str,
+        payload: &'a [u8],
+    },
+    /// The answer to this client's `REQ <id> ...`.
+    Answer {
+        id: &'a str,
+        payload: &'a [u8],
+    },
     /// A line this version cannot read; clients skip it.
     Unknown(&'a [u8]),
 }
@@ -103,6 +115,25 @@ impl<'a> Reply<'a> {
             }
             Reply::Dropped(n) => Ok(encode::dropped(n)),
             Reply::Restarted => Ok(encode::restarted()),
+            Reply::Request {
+                handle,
+                topic,
+                payload,
+            } => {
+                check_word(handle.as_bytes(), "reply handle")?;
+                check_word(topic.as_bytes(), "topic")?;
+                check_rest(payload, "payload")?;
+                Ok(encode::request(
+                    handle.as_bytes(),
+                    topic.as_bytes(),
+                    payload,
+                ))
+            }
+            Reply::Answer { id, payload } => {
+                check_word(id.as_bytes(), "request id")?;
+                check_rest(payload, "payload")?;
+                Ok(encode::answer(id.as_bytes(), payload))
+            }
             Reply::Bye => Ok(encode::bye()),
             Reply::Unknown(line) => {
                 check_rest(line, "line")?;
@@ -132,6 +163,22 @@ fn parse_known(line: &[u8]) -> Option<Reply<'_>> {
             })
         }
         (b"PONG", token) => Some(Reply::Pong(token)),
+        (b"REQUEST", Some(rest)) => {
+            let (handle, rest) = split_once(rest)?;
+            let (topic, payload) = split_once(rest).unwrap_or((rest, b""));
+            Some(Reply::Request {
+                handle: word(handle)?,
+                topic: word(topic)?,
+                payload,
+            })
+        }
+        (b"REPLY", Some(rest)) => {
+            let (id, payload) = split_once(rest).unwrap_or((rest, b""));
+            Some(Reply::Answer {
+                id: word(id)?,
+                payload,
+            })
+        }
         (b"ERR", Some(rest)) => {
             let (code, text) = split_once(rest).unwrap_or((rest, b""));
             Some(Reply::Err {
@@ -190,7 +237,7 @@ fn check_rest(b: &[u8], field: &'static str) -> Result<(), EncodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::strategies::{payload, text, token, topic, word as any_word};
+    use crate::protocol::strategies::{id, payload, text, token, topic, word as any_word};
     use crate::protocol::ProtocolError;
     use crate::topic::Topic;
     use proptest::prelude::*;
@@ -213,7 +260,29 @@ mod tests {
 
     #[test]
     fn decodes_the_documented_lines() {
-        let cases: [(&[u8], Reply<'_>); 10] = [
+        let cases: [(&[u8], Reply<'_>); 13] = [
+            (
+                b"REQUEST 17 svc.echo hi there",
+                Reply::Request {
+                    handle: "17",
+                    topic: "svc.echo",
+                    payload: b"hi there",
+                },
+            ),
+            (
+                b"REPLY r1 HI THERE",
+                Reply::Answer {
+                    id: "r1",
+                    payload: b"HI THERE",
+                },
+            ),
+            (
+                b"REPLY r1",
+                Reply::Answer {
+                    id: "r1",
+                    payload: b"",
+                },
+            ),
             (
                 b"MSG chat.lobby alice: hi all",
                 Reply::Msg {
@@ -283,6 +352,11 @@ mod tests {
             b"WELCOME id",
             b"WELCOME id ",
             b"WELCOME  /dir",
+            b"REQUEST",
+            b"REQUEST 17",
+            b"REQUEST  t x",
+            b"REPLY",
+            b"REPLY  x",
         ] {
             assert_eq!(Reply::parse(line), Reply::Unknown(line), "{line:?}");
         }
@@ -369,6 +443,8 @@ mod tests {
             b"DROPPED",
             b"BYE",
             b"WELCOME",
+            b"REQUEST",
+            b"REPLY",
             b"FUTURE",
         ]);
         (keyword, payload()).prop_map(|(k, rest)| [k, b" ", &rest].concat())
@@ -402,6 +478,18 @@ mod tests {
             let mut buf = Bytes::new();
             let r = Reply::Err { code: code.as_str(), text: &text };
             prop_assert_eq!(round_trip(&r, &mut buf).error_code(), Some(code));
+        }
+
+        #[test]
+        fn request_round_trips(handle in id(), topic in topic(), payload in payload()) {
+            let handle = std::str::from_utf8(&handle).unwrap();
+            check(Reply::Request { handle, topic: topic.as_str(), payload: &payload })?;
+        }
+
+        #[test]
+        fn answer_round_trips(id in id(), payload in payload()) {
+            let id = std::str::from_utf8(&id).unwrap();
+            check(Reply::Answer { id, payload: &payload })?;
         }
 
         #[test]

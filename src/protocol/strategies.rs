@@ -71,3 +71,8 @@ pub fn word() -> impl Strategy<Value = String> {
 pub fn queue_name() -> impl Strategy<Value = QueueName> {
     "[A-Za-z0-9_.:-]{1,64}".prop_map(|q| QueueName::parse(q.as_bytes()).expect("valid"))
 }
+
+/// Request ids and reply handles: printable ASCII words up to the limit.
+pub fn id() -> impl Strategy<Value = Bytes> {
+    "[!-~]{1,64}".prop_map(|s| Bytes::from(s.into_bytes()))
+}

@@ -21,6 +21,12 @@
 //! Retained messages (`RETAIN`) are a bounded map from topic to payload,
 //! charged to the memory budget and replayed into a new subscription.
 
+mod bus;
+mod requests;
+
+pub use bus::{is_bus_topic, ClientInfo, BUS_PREFIX};
+pub use requests::MAX_PENDING_REQUESTS;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -61,6 +67,10 @@ struct Client {
     /// client's outbox is lossless.
     lossless: HashSet<Pattern>,
     who: Identity,
+    /// Its requests and the ones it serves (`requests.rs`).
+    req: requests::ClientRequests,
+    /// Set once it is welcome (`bus.rs`): only then is it announced.
+    info: Option<ClientInfo>,
 }
 
 impl Client {
@@ -198,6 +208,7 @@ pub struct RouterCore {
     lossless_clients: HashSet<ClientKey>,
     /// Lossless outboxes the current command filled: its publisher stalls.
     stalls: Stalls,
+    requests: requests::Requests,
 }
 
 /// What one subscription costs the broker beyond its pattern's text: its
@@ -243,6 +254,7 @@ impl RouterCore {
             retain_limits: RetainLimits::default(),
             lossless_clients: HashSet::new(),
             stalls: Stalls::default(),
+            requests: requests::Requests::default(),
         }
     }
 
@@ -452,6 +464,8 @@ impl RouterCore {
                 queues: HashSet::new(),
                 lossless: HashSet::new(),
                 who,
+                req: requests::ClientRequests::default(),
+                info: None,
             },
         );
         for p in subs {
@@ -488,6 +502,7 @@ impl RouterCore {
             if client.subscriptions() > 0 {
                 self.interest_changed();
             }
+            self.forget_requests(key, client.req);
         }
     }
 
@@ -531,6 +546,10 @@ impl RouterCore {
             }
             Ok(Command::Pub { topic, payload }) => {
                 self.stalls.uid = Some(client.who.uid);
+                if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(&topic) {
+                    self.refuse(key, forbidden(&topic));
+                    return Delivery::default();
+                }
                 if self.policy.is_open() {
                     return self.publish(&topic, &payload, read_at);
                 }
@@ -559,6 +578,10 @@ impl RouterCore {
             },
             Ok(Command::Retain { topic, payload }) => {
                 self.stalls.uid = Some(client.who.uid);
+                if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(&topic) {
+                    self.refuse(key, forbidden(&topic));
+                    return Delivery::default();
+                }
                 return self.retain(key, &topic, &payload, read_at);
             }
             Ok(Command::Ping(token)) => {
@@ -566,9 +589,13 @@ impl RouterCore {
             }
             Ok(Command::Bye) => {
                 let outbox = client.outbox.clone();
-                self.detach(key);
+                self.leave(key, CloseReason::Bye.as_str());
                 outbox.close(CloseReason::Bye, Some(encode::bye()));
             }
+            Ok(Command::Req { id, topic, payload }) => self.request(key, id, &topic, &payload),
+            Ok(Command::Respond { handle, payload }) => self.respond(key, &handle, &payload),
+            Ok(Command::Serve(p)) => self.serve(key, p),
+            Ok(Command::Unserve(p)) => self.unserve(key, &p),
         }
         Delivery::default()
     }

@@ -10,6 +10,9 @@ pub mod core;
 pub mod outbox;
 pub mod task;
 
-pub use self::core::{ClientKey, RetainLimits, RouterCore, MAX_SUBSCRIPTIONS};
+pub use self::core::{
+    is_bus_topic, ClientInfo, ClientKey, RetainLimits, RouterCore, BUS_PREFIX,
+    MAX_PENDING_REQUESTS, MAX_SUBSCRIPTIONS,
+};
 pub use outbox::{BacklogLimits, CloseReason, Entry, Outbox, OverflowPolicy, Push};
 pub use task::{AttachError, RouterHandle, RouterMsg};

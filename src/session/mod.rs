@@ -50,7 +50,7 @@ use crate::counters::DropReason;
 use crate::fifo::FileId;
 use crate::protocol::{encode, ErrorCode, Hello, ProtocolError};
 use crate::registry::Activity;
-use crate::router::{AttachError, ClientKey, CloseReason, Outbox};
+use crate::router::{AttachError, ClientInfo, ClientKey, CloseReason, Outbox};
 use crate::state::ClientRecord;
 use crate::watch::PidWatch;
 use crate::{busdir, fifo, warn_throttled};
@@ -109,12 +109,19 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         backlog.bytes = backlog.bytes.min(cap);
     }
     let outbox = Arc::new(Outbox::with_budget(backlog, ctx.counters.memory.clone()));
+    let info = ClientInfo {
+        uuid: id.clone(),
+        name: hello.name.clone(),
+        pid: hello.pid,
+        uid,
+        since: std::time::Instant::now(),
+    };
     // Subscribe before the directory exists: whoever sees the directory
     // (the client after WELCOME, or a script watching clients/) can rely on
     // the sub= patterns being in force.
     match ctx
         .router
-        .attach(key, outbox.clone(), who, hello.subs.clone())
+        .attach_joined(key, outbox.clone(), who, hello.subs.clone(), info)
         .await
     {
         Ok(()) => {}
@@ -129,7 +136,7 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         None => match orphan::make_room(ctx).await {
             Some(p) => p,
             None => {
-                ctx.router.detach(key).await;
+                ctx.router.leave(key, "refused").await;
                 return Err(too_many(ctx.clients.max()));
             }
         },
@@ -149,7 +156,7 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
     let fifos = match made {
         Ok(f) => f,
         Err(e) => {
-            ctx.router.detach(key).await;
+            ctx.router.leave(key, "refused").await;
             return Err(resource_error(&e, ctx));
         }
     };
@@ -576,7 +583,7 @@ impl Session {
         if let Err(e) = busdir::remove_client_dir(self.clients.as_raw_fd(), &self.name) {
             tracing::warn!(client = %self.label, "cannot remove {}: {e}", self.dir.display());
         }
-        ctx.router.detach(self.key).await;
+        ctx.router.leave(self.key, reason.as_str()).await;
         let lost = self.outbox.undelivered();
         ctx.counters.dropped(DropReason::ClientGone, lost as u64);
         log_end(&self.label, &reason);
