@@ -209,18 +209,7 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
     let reconnect = args.reconnect_timeout;
     // Said when the broker went away for good (or at once, with
     // --reconnect-timeout 0), instead of "Broken pipe".
-    let gone = |e: CommandError| {
-        match e {
-        CommandError::Io(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-            CommandError::Usage(format!(
-                "the broker on {} went away (nobody reads our send FIFO any more): has it stopped? Start one with: fifobus serve --dir {}",
-                dir.display(),
-                dir.display()
-            ))
-        }
-        e => e,
-    }
-    };
+    let gone = |e| broker_left(dir, e);
     if args.message.is_some() {
         send_riding(&mut client, &message_line, reconnect).map_err(gone)?;
     } else {
@@ -249,6 +238,25 @@ pub fn publish(dir: &Path, args: &PubArgs) -> Result<ExitCode, CommandError> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What `pub` says when the broker went away for good (or at once, with
+/// `--reconnect-timeout 0`): a stopped broker removed our directory, or
+/// nobody reads our `send` any more. Instead of "Broken pipe".
+fn broker_left(dir: &Path, e: CommandError) -> CommandError {
+    let left = match &e {
+        CommandError::Io(io) => io.kind() == io::ErrorKind::BrokenPipe,
+        CommandError::Client(ClientError::Gone(_)) => true,
+        _ => false,
+    };
+    if !left {
+        return e;
+    }
+    CommandError::Usage(format!(
+        "the broker on {} went away (our client is gone or nobody reads our send FIFO any more): has it stopped? Start one with: fifobus serve --dir {}",
+        dir.display(),
+        dir.display()
+    ))
 }
 
 /// Remembers refusals from the broker, reporting the first one at once.

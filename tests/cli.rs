@@ -536,10 +536,10 @@ fn help_texts_fit_and_name_what_they_take() {
     let topic = pub_help
         .lines()
         .skip_while(|l| !l.starts_with("Arguments:"))
-        .find(|l| l.contains("<TOPIC>"))
+        .find(|l| l.contains("TOPIC"))
         .unwrap_or_else(|| panic!("{pub_help}"));
     assert!(
-        topic.trim().len() > "<TOPIC>".len(),
+        topic.trim().len() > "[TOPIC]".len(),
         "no description: {topic:?}"
     );
     for cmd in ["pub", "sub"] {
