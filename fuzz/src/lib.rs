@@ -359,6 +359,10 @@ mod tests {
                 Ok(Some(Command::SubWith(..))) => "sub-with",
                 Ok(Some(Command::UnsubWith(..))) => "unsub-with",
                 Ok(Some(Command::Retain { .. })) => "retain",
+                Ok(Some(Command::Req { .. })) => "req",
+                Ok(Some(Command::Serve(_))) => "serve",
+                Ok(Some(Command::Unserve(_))) => "unserve",
+                Ok(Some(Command::Respond { .. })) => "reply",
                 Ok(None) => "empty",
                 Err(_) => "error",
             };
@@ -372,9 +376,13 @@ mod tests {
                 "error",
                 "ping",
                 "pub",
+                "reply",
+                "req",
                 "retain",
+                "serve",
                 "sub",
                 "sub-with",
+                "unserve",
                 "unsub",
                 "unsub-with"
             ]
