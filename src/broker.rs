@@ -303,6 +303,11 @@ async fn serve(
     } else {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
+    // After MAINPID=: the waiting `--detach` command exits when told, and
+    // systemd must know the new main process by then.
+    if let Some(ready) = &ctx.config.ready {
+        ready.signal();
+    }
     let bus_path = bus.path().to_owned();
     let rendezvous = tracker.spawn(rendezvous::run(bus, ctx.clone()));
 

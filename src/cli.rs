@@ -147,6 +147,12 @@ pub struct ServeArgs {
     /// Take over from the broker running on this bus directory with nothing lost: it pauses, flushes, hands over its clients and exits without BYE (the systemd reload/upgrade path; SIGTERM still means stop and say BYE)
     #[arg(long)]
     pub replace: bool,
+    /// With --replace: the new broker runs in the background and this command exits once it serves (0), or with its error; for systemd's ExecReload=, which must exit while the new broker becomes the service's main process (NotifyAccess=all)
+    #[arg(long, requires = "replace")]
+    pub detach: bool,
+    /// Internal (set by --detach for the background broker): write "READY" on this inherited pipe once serving
+    #[arg(long, hide = true)]
+    pub ready_fd: Option<i32>,
     /// Longest accepted line on a client's send FIFO (e.g. 1MiB, 65536)
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     pub max_line: usize,

@@ -139,6 +139,9 @@ pub struct BrokerConfig {
     pub max_subscriptions: usize,
     /// `serve --replace`: take over from the broker running on `dir`.
     pub replace: bool,
+    /// `serve --replace --detach`, in the background broker: told once it
+    /// serves, so that the command waiting in the foreground can exit.
+    pub ready: Option<crate::control::ReadyPipe>,
     /// `--max-retained`, `--max-retained-bytes`.
     pub retain: crate::router::RetainLimits,
 }
@@ -188,6 +191,7 @@ impl BrokerConfig {
             max_memory: usize::MAX,
             max_subscriptions: crate::router::MAX_SUBSCRIPTIONS,
             replace: false,
+            ready: None,
             retain: crate::router::RetainLimits::default(),
         }
     }

@@ -294,3 +294,52 @@ pub async fn go(mut stream: UnixStream) -> Result<(), ReplaceError> {
         .await
         .map_err(|_| ReplaceError::Timeout("exit after GO"))
 }
+
+/// `serve --replace --detach`, the background broker's end of the pipe the
+/// foreground command waits on: `READY` once it serves; its end closing
+/// without that (the broker failed and exited) is the failure.
+///
+/// Shared and taken once, because the configuration is cloned.
+#[derive(Debug, Clone)]
+pub struct ReadyPipe(Arc<std::sync::Mutex<Option<std::fs::File>>>);
+
+impl ReadyPipe {
+    /// Adopts the inherited descriptor `fd` (`--ready-fd`), which must be
+    /// a pipe: anything else is refused rather than written to. It is made
+    /// close-on-exec so that it is not passed on.
+    ///
+    /// # Errors
+    /// When `fd` is not an open pipe.
+    pub fn adopt(fd: i32) -> io::Result<ReadyPipe> {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        use nix::sys::stat::{fstat, SFlag};
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let st = fstat(fd).map_err(|e| {
+            io::Error::other(format!(
+                "--ready-fd {fd}: {e}; it is set by --detach, do not pass it yourself"
+            ))
+        })?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
+            return Err(io::Error::other(format!(
+                "--ready-fd {fd} is not a pipe; it is set by --detach, do not pass it yourself"
+            )));
+        }
+        // SAFETY: an open descriptor (fstat succeeded) that nothing else in
+        // this process owns: it was inherited for this purpose.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        fcntl(owned.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        Ok(ReadyPipe(Arc::new(std::sync::Mutex::new(Some(
+            std::fs::File::from(owned),
+        )))))
+    }
+
+    /// Tells the waiting command that this broker serves, and closes the
+    /// pipe. A reader already gone (killed) costs nothing.
+    pub fn signal(&self) {
+        use std::io::Write;
+        let taken = self.0.lock().map(|mut g| g.take()).unwrap_or(None);
+        if let Some(mut f) = taken {
+            let _ = f.write_all(b"READY\n");
+        }
+    }
+}

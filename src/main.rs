@@ -69,6 +69,17 @@ fn machine_memory_budget() -> usize {
 }
 
 fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
+    if args.detach {
+        return detach();
+    }
+    let ready = match args.ready_fd.map(fifobus::control::ReadyPipe::adopt) {
+        None => None,
+        Some(Ok(pipe)) => Some(pipe),
+        Some(Err(e)) => {
+            warn(format_args!("error: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
     let config = BrokerConfig {
         mode: args.mode.unwrap_or(if args.shared { 0o755 } else { 0o700 }),
         shared: args.shared,
@@ -95,6 +106,7 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
         max_memory: args.max_memory.unwrap_or_else(machine_memory_budget),
         max_subscriptions: args.max_subscriptions,
         replace: args.replace,
+        ready,
         retain: fifobus::router::RetainLimits {
             messages: args.max_retained,
             bytes: args.max_retained_bytes,
@@ -152,6 +164,87 @@ fn serve(dir: std::path::PathBuf, args: &ServeArgs) -> ExitCode {
             warn(format_args!("error: {e}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `serve --replace --detach` (systemd's `ExecReload=`, which must exit
+/// while the new broker lives on as the service's main process).
+///
+/// Re-executes `/proc/self/exe` (the binary this command was started from,
+/// so the newly installed one) with the same arguments minus `--detach`,
+/// plus `--ready-fd` naming the write end of a pipe, rather than forking:
+/// a fork must happen before any thread exists and must not touch the
+/// parent's state afterwards, while a fresh process starts clean (its own
+/// runtime, signal handlers, logging) and takes the same path as a plain
+/// `serve --replace`. The new broker writes `READY` on the pipe after its
+/// sd-notify `MAINPID=` and `READY=1`; its end closing without that means
+/// it failed, and its error is on the stderr both share. Its stdout and
+/// stderr are this command's (the journal, under systemd).
+fn detach() -> ExitCode {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let (rd, wr) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            warn(format_args!("error: --detach: cannot create a pipe: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let wr_fd = wr.as_raw_fd();
+    let args = std::env::args_os().skip(1).filter(|a| a != "--detach");
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.args(args)
+        .arg("--ready-fd")
+        .arg(wr_fd.to_string())
+        .stdin(std::process::Stdio::null())
+        // Out of this command's process group: a terminal's Ctrl-C for the
+        // command that already returned must not reach the broker.
+        .process_group(0);
+    // SAFETY: only fcntl, which is async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+            fcntl(wr_fd, FcntlArg::F_SETFD(FdFlag::empty()))
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            warn(format_args!(
+                "error: --detach: cannot start the new broker (/proc/self/exe): {e}"
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    // Only the child holds the write end now: EOF comes when it has served
+    // (after READY) or died.
+    drop(wr);
+    let mut said = String::new();
+    let _ = std::fs::File::from(rd).read_to_string(&mut said);
+    if said.trim() == "READY" {
+        return ExitCode::SUCCESS;
+    }
+    let status = match child.wait() {
+        Ok(s) => s,
+        Err(e) => {
+            warn(format_args!(
+                "error: --detach: the new broker (pid {}) did not say it serves, and waiting for it failed: {e}",
+                child.id()
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    warn(format_args!(
+        "error: --detach: the new broker exited before it served ({status}); its error is above"
+    ));
+    // Its own status when it has one, else (killed, or 0 without READY)
+    // a plain failure.
+    match status.code() {
+        Some(c @ 1..=255) => ExitCode::from(c as u8),
+        _ => ExitCode::FAILURE,
     }
 }
 

@@ -136,3 +136,34 @@ fn dockerignore_keeps_target_and_git_out_of_the_build_context() {
         "{ignore}"
     );
 }
+
+/// `systemctl reload` is the upgrade path in every unit: `ExecReload=` is
+/// `ExecStart=` plus `--replace --detach` (same bus, same options), the
+/// new broker may send `MAINPID=` (`NotifyAccess=all`), and stopping stays
+/// `SIGTERM` (BYE to every client).
+#[test]
+fn units_reload_by_replacing_the_broker_with_the_same_arguments() {
+    for name in [
+        "deploy/fifobus.service",
+        "deploy/fifobus-shared.service",
+        "deploy/fifobus.user.service",
+    ] {
+        let unit = std::fs::read_to_string(repo(name)).unwrap();
+        let values = |key: &str| -> Vec<&str> {
+            unit.lines()
+                .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .collect()
+        };
+        let start = values("ExecStart");
+        let reload = values("ExecReload");
+        assert_eq!(start.len(), 1, "{name}: {start:?}");
+        assert_eq!(
+            reload,
+            vec![format!("{} --replace --detach", start[0])],
+            "{name}"
+        );
+        assert_eq!(values("NotifyAccess"), vec!["all"], "{name}");
+        assert_eq!(values("KillSignal"), vec!["SIGTERM"], "{name}");
+        assert_eq!(values("Type"), vec!["notify"], "{name}");
+    }
+}
