@@ -335,7 +335,14 @@ async fn serve(
         );
     }
     match bus {
-        Ok(bus) => bus.remove(),
+        Ok(bus) => {
+            // A stop ends every client and removes the bus directory: the
+            // retained messages go with it (they outlive a crash or a
+            // `--replace`, not a stop). The writer has stopped: nothing
+            // writes the file again.
+            ctx.state.dir().remove(crate::state::RETAINED);
+            bus.remove()
+        }
         Err(e) => tracing::error!("the rendezvous task failed: {e}; bus directory left as is"),
     }
     tracing::info!("stopped");

@@ -290,3 +290,21 @@ fn a_torn_retained_file_is_reported_and_ignored() {
     assert!(wait_for(&file, T, || fs::read_to_string(&file)
         .is_ok_and(|t| t == want)));
 }
+
+#[test]
+fn a_stop_takes_the_retained_messages_with_the_bus_directory() {
+    let mut bus = TempBus::start();
+    let mut r = bus.connect("retainer", &[]);
+    r.send_raw(b"RETAIN cfg.mode on\n").unwrap();
+    assert_eq!(barrier(&mut r), Vec::<String>::new());
+    let file = retained_path(&bus);
+    assert!(wait_for(&file, T, || file.exists()));
+    drop(r);
+    assert!(bus.stop(Signal::SIGTERM).success());
+    // Nothing of the broker's is left, so state/ itself could go.
+    assert!(!file.exists());
+    assert!(!bus.dir.join("state").exists(), "state/ left behind");
+    bus.spawn(&[]);
+    let mut c = bus.connect("late", &["cfg.>"]);
+    assert_eq!(barrier(&mut c), Vec::<String>::new());
+}
