@@ -1948,6 +1948,61 @@ mod tests {
             assert_eq!(core.counters.memory.held(), 0, "cleared: credited back");
         }
 
+        #[test]
+        fn loaded_retained_messages_keep_the_limits_and_reach_new_subscriptions_only() {
+            let mut core = core_with(RetainLimits {
+                messages: 2,
+                bytes: 1 << 20,
+            });
+            let changed = Arc::new(tokio::sync::Notify::new());
+            core.track_changes(changed);
+            let msgs = ["a", "b", "c"]
+                .map(|t| (topic(t), Bytes::from(format!("v{t}"))))
+                .to_vec();
+            let left_out = core.load_retained(msgs);
+            assert_eq!(left_out, ["c: over --max-retained"]);
+            let a = retained_cost(&topic("a"), b"va");
+            assert_eq!(core.retained(), (2, 2 * a));
+            assert_eq!(core.counters.memory.held(), 2 * a, "charged");
+            // Left out: the file is written again with what was kept.
+            let written = core.take_dirty().retained.expect("retained rewritten");
+            assert_eq!(written.len(), 2);
+            // An adopted subscription is not new: nothing; a new one: all.
+            let o = Arc::new(Outbox::new(BacklogLimits::default()));
+            let sub = |s: &str| (s.parse().unwrap(), SubOptions::default());
+            core.adopt(1, o.clone(), Identity::default(), vec![sub(">")])
+                .unwrap();
+            assert!(lines(&o).is_empty());
+            let late = client(&mut core, 2, &[">"]);
+            assert_eq!(lines(&late), ["MSG a va", "MSG b vb"]);
+        }
+
+        #[test]
+        fn adoption_restores_queue_memberships_and_lossless_subscriptions() {
+            let mut core = core_with(RetainLimits::default());
+            let texts = ["t lossless", "jobs queue=w", "plain"];
+            let subs = texts
+                .iter()
+                .map(|t| crate::state::parse_sub(t).unwrap())
+                .collect();
+            let a = Arc::new(Outbox::new(BacklogLimits::default()));
+            assert!(core
+                .adopt(1, a.clone(), Identity::default(), subs)
+                .unwrap()
+                .is_empty());
+            assert!(a.is_lossless());
+            let mut got = core.subscription_texts(1);
+            got.sort();
+            assert_eq!(got, ["jobs queue=w", "plain", "t lossless"]);
+            let b = client(&mut core, 2, &[]);
+            core.now(2, cmd("SUB jobs queue=w"));
+            let _p = client(&mut core, 9, &[]);
+            for i in 0..4 {
+                core.now(9, cmd(&format!("PUB jobs {i}")));
+            }
+            assert_eq!((lines(&a).len(), lines(&b).len()), (2, 2), "shared");
+        }
+
         fn topic(s: &str) -> Topic {
             s.parse().unwrap()
         }
