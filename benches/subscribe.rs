@@ -59,7 +59,7 @@ fn subscribe(c: &mut Criterion) {
                     }
                     total += start.elapsed();
                     // What the writer takes (untimed): one client.
-                    assert_eq!(core.take_dirty().len(), usize::from(tracked));
+                    assert_eq!(core.take_dirty().clients.len(), usize::from(tracked));
                 }
                 total
             })

@@ -244,6 +244,9 @@ async fn serve(
     if let Some(reload) = reload {
         tokio::spawn(reload_acl_on(reload, ctx.clone()));
     }
+    // Before any client is adopted or accepted: a subscription made from
+    // now on gets them.
+    load_retained(&ctx).await;
     let state_writer = tokio::spawn(crate::state::run_writer(
         ctx.state.clone(),
         ctx.router.clone(),
@@ -337,7 +340,14 @@ async fn serve(
         );
     }
     match bus {
-        Ok(bus) => bus.remove(),
+        Ok(bus) => {
+            // A stop ends every client and removes the bus directory: the
+            // retained messages go with it (they outlive a crash or a
+            // `--replace`, not a stop). The writer has stopped: nothing
+            // writes the file again.
+            ctx.state.dir().remove(crate::state::RETAINED);
+            bus.remove()
+        }
         Err(e) => tracing::error!("the rendezvous task failed: {e}; bus directory left as is"),
     }
     tracing::info!("stopped");
@@ -345,6 +355,40 @@ async fn serve(
         return Err(BrokerError::BusDirGone { dir: bus_path });
     }
     Ok(())
+}
+
+/// Loads the retained messages the previous broker left in
+/// `<bus>/state/retained`. An unusable file is reported and set aside: the
+/// broker starts with no retained messages rather than not at all.
+async fn load_retained(ctx: &Arc<Context>) {
+    let path = ctx.state.dir().path().join(crate::state::RETAINED);
+    let msgs = match ctx.state.dir().read_retained() {
+        Ok(msgs) => msgs,
+        Err(why) => {
+            tracing::error!(
+                "ignoring the retained messages in {}: {why}; starting with none (the file is replaced at the next RETAIN)",
+                path.display()
+            );
+            return;
+        }
+    };
+    if msgs.is_empty() {
+        return;
+    }
+    let n = msgs.len();
+    let Some(left_out) = ctx.router.load_retained(msgs).await else {
+        return;
+    };
+    tracing::info!(
+        "loaded {} retained messages from {}",
+        n - left_out.len(),
+        path.display()
+    );
+    for what in left_out {
+        tracing::warn!(
+            "retained message on {what}: left out (raise the limit and RETAIN it again)"
+        );
+    }
 }
 
 /// `serve --replace`: asks the running broker to hand over, opens `hello`

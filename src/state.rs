@@ -34,8 +34,25 @@
 //! ```
 //!
 //! A `sub` line holds everything after `SUB ` as `Command::encode` writes
-//! it, and is replayed through `Command::parse`, so options a `SUB` may
-//! carry persist with no change to this format.
+//! it, options included (`sub jobs.> queue=workers`, `sub t lossless`), and
+//! is replayed through `Command::parse`, so options a `SUB` may carry
+//! persist with no change to this format. At adoption they are subscribed
+//! again through the router's `SUB` path, so the ACL and the limits judge
+//! them again.
+//!
+//! Retained messages (`RETAIN`) are kept in one more file, [`RETAINED`],
+//! written the same way (whole, renamed over the old one, coalesced by the
+//! same writer) and loaded before any client is adopted or accepted:
+//!
+//! ```text
+//! fifobus-retained 1
+//! sensors.temp 21.5      (repeated: a topic, one space, the payload bytes)
+//! end
+//! ```
+//!
+//! A payload is any bytes but a newline (no line can carry one), so a line
+//! is split at its first space only. A torn or garbled file is reported and
+//! ignored: the broker starts with no retained messages.
 
 use std::collections::HashMap;
 use std::fs;
@@ -52,9 +69,10 @@ use nix::sys::stat::{fchmod, fstat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use crate::fifo::FileId;
-use crate::protocol::Command;
+use crate::protocol::{Command, SubOptions};
 use crate::router::{ClientKey, RouterHandle};
-use crate::topic::Pattern;
+use crate::topic::{Pattern, Topic};
+use bytes::Bytes;
 
 /// The broker-only directory in the bus directory that holds the files.
 pub const STATE_DIR: &str = "state";
@@ -62,6 +80,9 @@ const HEADER: &str = "fifobus-client-state 1";
 /// Suffix of the file holding what a client wrote that a broker read but
 /// did not parse when it handed over to `serve --replace`.
 pub const UNPARSED: &str = ".unparsed";
+/// The file of retained messages.
+pub const RETAINED: &str = "retained";
+const RETAINED_HEADER: &[u8] = b"fifobus-retained 1";
 /// The handover socket (`crate::control`).
 pub const CONTROL: &str = "control.sock";
 /// How long the writer waits after the first change before it writes, so
@@ -86,8 +107,19 @@ pub struct ClientRecord {
 
 /// The argument text of `SUB p`, as [`Command::encode`] writes it.
 pub fn sub_text(p: &Pattern) -> String {
+    sub_text_with(p, &SubOptions::default())
+}
+
+/// The argument text of `SUB p <opts>` (a queue membership, `lossless`),
+/// as [`Command::encode`] writes it: what a `sub` line holds.
+pub fn sub_text_with(p: &Pattern, opts: &SubOptions) -> String {
+    let cmd = if opts.is_plain() {
+        Command::Sub(p.clone())
+    } else {
+        Command::SubWith(p.clone(), opts.clone())
+    };
     let mut out = Vec::new();
-    let _ = Command::Sub(p.clone()).encode(&mut out);
+    let _ = cmd.encode(&mut out);
     let line = String::from_utf8_lossy(&out);
     line.trim_end_matches('\n')
         .strip_prefix("SUB ")
@@ -95,13 +127,21 @@ pub fn sub_text(p: &Pattern) -> String {
         .to_owned()
 }
 
-/// The pattern of a recorded `SUB`, read back as the broker reads `SUB`.
+/// The pattern and options of a recorded `SUB`, read back as the broker
+/// reads `SUB` (plain, or with `queue=` / `lossless`).
 ///
 /// # Errors
 /// A text that is not a valid `SUB` argument.
-pub fn parse_sub(text: &str) -> Result<Pattern, String> {
+pub fn parse_sub(text: &str) -> Result<(Pattern, SubOptions), String> {
     match Command::parse(bytes::Bytes::from(format!("SUB {text}"))) {
-        Ok(Some(Command::Sub(p))) => Ok(p.detached()),
+        Ok(Some(Command::Sub(p))) => Ok((p.detached(), SubOptions::default())),
+        Ok(Some(Command::SubWith(p, opts))) => Ok((
+            p.detached(),
+            SubOptions {
+                queue: opts.queue.map(|q| q.detached()),
+                lossless: opts.lossless,
+            },
+        )),
         Ok(_) => Err(format!("'{text}' is not a SUB argument")),
         Err(e) => Err(format!("'{text}': {}", e.text)),
     }
@@ -224,6 +264,69 @@ impl ClientRecord {
     }
 }
 
+/// Retained messages, topic and payload.
+pub type Retained = Vec<(Topic, Bytes)>;
+
+/// The retained file's bytes.
+pub fn encode_retained(msgs: &[(Topic, Bytes)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        32 + msgs
+            .iter()
+            .map(|(t, p)| t.as_bytes().len() + p.len() + 2)
+            .sum::<usize>(),
+    );
+    out.extend_from_slice(RETAINED_HEADER);
+    out.push(b'\n');
+    for (t, p) in msgs {
+        out.extend_from_slice(t.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(p);
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"end\n");
+    out
+}
+
+/// Reads the retained file, strictly: any deviation is an error naming the
+/// line, and nothing of the file is used.
+///
+/// # Errors
+/// What is wrong, for the log.
+pub fn parse_retained(data: &[u8]) -> Result<Retained, String> {
+    let Some(body) = data.strip_suffix(b"end\n") else {
+        return Err("it does not end with 'end' (cut short, e.g. by a full disk?)".into());
+    };
+    let Some(body) = body.strip_suffix(b"\n") else {
+        return Err("'end' is not on a line of its own".into());
+    };
+    let mut lines = body.split(|&b| b == b'\n');
+    if lines.next() != Some(RETAINED_HEADER) {
+        return Err(format!(
+            "the first line is not '{}'",
+            String::from_utf8_lossy(RETAINED_HEADER)
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let n = i + 2;
+        let space = line
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or_else(|| format!("line {n}: no payload"))?;
+        let (topic, payload) = (&line[..space], &line[space + 1..]);
+        let topic = Topic::parse(topic).map_err(|e| format!("line {n}: bad topic: {e}"))?;
+        if payload.is_empty() {
+            return Err(format!("line {n}: empty payload"));
+        }
+        if !seen.insert(topic.clone()) {
+            return Err(format!("line {n}: topic {} given twice", topic.as_str()));
+        }
+        out.push((topic.detached(), Bytes::copy_from_slice(payload)));
+    }
+    Ok(out)
+}
+
 /// A state file that could not be used, and why: for the start-up log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
@@ -258,8 +361,22 @@ impl StateDir {
     /// # Errors
     /// The `io::Error` of the step that failed (`ENOSPC`, `EIO`, ...).
     pub fn write(&self, rec: &ClientRecord, seq: u64) -> io::Result<()> {
+        self.write_atomic(&rec.uuid, rec.encode().as_bytes(), seq)
+    }
+
+    /// Writes [`RETAINED`] whole, as [`StateDir::write`] writes a client's.
+    ///
+    /// # Errors
+    /// As [`StateDir::write`].
+    pub fn write_retained(&self, msgs: &[(Topic, Bytes)], seq: u64) -> io::Result<()> {
+        self.write_atomic(RETAINED, &encode_retained(msgs), seq)
+    }
+
+    /// `name` whole: temporary file (`O_EXCL|O_NOFOLLOW`, 0600), write,
+    /// rename over the old one.
+    fn write_atomic(&self, name: &str, data: &[u8], seq: u64) -> io::Result<()> {
         let dir = self.raw();
-        let tmp = format!(".{}.{}.{seq}", rec.uuid, std::process::id());
+        let tmp = format!(".{name}.{}.{seq}", std::process::id());
         let raw = openat(
             Some(dir),
             tmp.as_str(),
@@ -270,15 +387,46 @@ impl StateDir {
         let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
         let written = fchmod(file.as_raw_fd(), Mode::from_bits_truncate(0o600))
             .map_err(io::Error::from)
-            .and_then(|()| file.write_all(rec.encode().as_bytes()))
+            .and_then(|()| file.write_all(data))
             .and_then(|()| {
-                renameat(Some(dir), tmp.as_str(), Some(dir), rec.uuid.as_str())
-                    .map_err(io::Error::from)
+                renameat(Some(dir), tmp.as_str(), Some(dir), name).map_err(io::Error::from)
             });
         if written.is_err() {
             let _ = unlinkat(Some(dir), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
         }
         written
+    }
+
+    /// The retained messages a previous broker left: none when there is
+    /// no file.
+    ///
+    /// # Errors
+    /// Why the file is unusable (for the log); the caller starts with no
+    /// retained messages.
+    pub fn read_retained(&self) -> Result<Retained, String> {
+        let raw = match openat(
+            Some(self.raw()),
+            RETAINED,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(raw) => raw,
+            Err(Errno::ENOENT) => return Ok(Vec::new()),
+            Err(e) => return Err(format!("cannot open it: {e}")),
+        };
+        // SAFETY: openat just returned this descriptor; nothing else owns it.
+        let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        let st = fstat(file.as_raw_fd()).map_err(|e| format!("cannot inspect it: {e}"))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG
+            || st.st_uid != nix::unistd::geteuid().as_raw()
+        {
+            return Err("not a regular file of the broker's user".into());
+        }
+        let mut data = Vec::new();
+        file.take(MAX_FILE)
+            .read_to_end(&mut data)
+            .map_err(|e| format!("cannot read it: {e}"))?;
+        parse_retained(&data)
     }
 
     /// Writes `<uuid>.unparsed`: bytes a client wrote to `send` that this
@@ -364,7 +512,7 @@ impl StateDir {
                 self.remove(&name);
                 continue;
             }
-            if name.ends_with(UNPARSED) || name == CONTROL {
+            if name.ends_with(UNPARSED) || name == CONTROL || name == RETAINED {
                 continue;
             }
             match self.read(&name) {
@@ -410,6 +558,16 @@ impl StateDir {
     }
 }
 
+/// What changed since the state writer last asked the router.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Clients whose subscriptions changed, with the argument text of every
+    /// `SUB` each now holds.
+    pub clients: Vec<(ClientKey, Vec<String>)>,
+    /// Every retained message, when any changed.
+    pub retained: Option<Retained>,
+}
+
 /// The files of live clients: who is registered (and so may be written),
 /// and the one writer's lock. Registering, writing and forgetting a client
 /// hold the same lock, so a write can never bring back the file of a
@@ -418,6 +576,9 @@ pub struct StateStore {
     dir: StateDir,
     live: Mutex<HashMap<ClientKey, ClientRecord>>,
     seq: AtomicU64,
+    /// The retained messages last given to [`StateStore::update`], kept to
+    /// write them again after a failed write.
+    retained: Mutex<Option<Retained>>,
     /// Writes that failed (`fifobus_state_write_errors_total`).
     counters: Arc<crate::counters::Counters>,
     throttle: crate::throttle::LogThrottle,
@@ -429,6 +590,7 @@ impl StateStore {
             dir,
             live: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
+            retained: Mutex::new(None),
             counters,
             throttle: crate::throttle::LogThrottle::default(),
         })
@@ -459,9 +621,15 @@ impl StateStore {
         }
     }
 
-    /// New subscriptions of live clients, from the router; written now.
-    pub fn update(&self, changed: Vec<(ClientKey, Vec<String>)>) {
-        for (key, subs) in changed {
+    /// New subscriptions of live clients and new retained messages, from
+    /// the router; written now.
+    pub fn update(&self, changed: Dirty) {
+        if let Some(msgs) = changed.retained {
+            let mut kept = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+            self.write_retained_logged(&msgs);
+            *kept = Some(msgs);
+        }
+        for (key, subs) in changed.clients {
             let mut live = self.lock();
             let Some(rec) = live.get_mut(&key) else {
                 continue;
@@ -490,9 +658,31 @@ impl StateStore {
 
     /// Writes every live client again (after errors: the disk may have room now).
     fn rewrite_all(&self) {
+        {
+            let kept = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(msgs) = kept.as_ref() {
+                self.write_retained_logged(msgs);
+            }
+        }
         let live = self.lock();
         for rec in live.values() {
             self.write_logged(rec);
+        }
+    }
+
+    fn write_retained_logged(&self, msgs: &[(Topic, Bytes)]) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.dir.write_retained(msgs, seq) {
+            self.counters
+                .state_write_errors
+                .fetch_add(1, Ordering::Relaxed);
+            crate::warn_throttled!(
+                self.throttle,
+                "retained-write",
+                "cannot write the retained messages to {}: {e}; {}. Serving continues, but the retained messages would not survive a broker restart until a later write succeeds (retried every few seconds; counted in fifobus_state_write_errors_total)",
+                self.dir.path().join(RETAINED).display(),
+                write_hint(&e)
+            );
         }
     }
 
@@ -505,11 +695,7 @@ impl StateStore {
                     .state_write_errors
                     .fetch_add(1, Ordering::Relaxed);
                 let path = self.dir.path().join(&rec.uuid);
-                let hint = match e.raw_os_error() {
-                    Some(libc::ENOSPC | libc::EDQUOT) => "the filesystem is full: free space there (or give the bus directory a larger tmpfs)",
-                    Some(libc::EIO) => "the device reported an I/O error: check it (dmesg)",
-                    _ => "check the state directory's permissions and space",
-                };
+                let hint = write_hint(&e);
                 crate::warn_throttled!(
                     self.throttle,
                     "state-write",
@@ -519,6 +705,17 @@ impl StateStore {
                 false
             }
         }
+    }
+}
+
+/// What to do about a failed state write.
+fn write_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => {
+            "the filesystem is full: free space there (or give the bus directory a larger tmpfs)"
+        }
+        Some(libc::EIO) => "the device reported an I/O error: check it (dmesg)",
+        _ => "check the state directory's permissions and space",
     }
 }
 
@@ -672,6 +869,92 @@ mod tests {
         let p = Pattern::parse(b"chat.*.>").unwrap();
         let t = sub_text(&p);
         assert_eq!(t, "chat.*.>");
-        assert_eq!(parse_sub(&t).unwrap(), p);
+        assert_eq!(parse_sub(&t).unwrap(), (p, SubOptions::default()));
+    }
+
+    #[test]
+    fn sub_lines_keep_their_options() {
+        let p = Pattern::parse(b"jobs.>").unwrap();
+        for (opts, text) in [
+            (
+                SubOptions {
+                    queue: Some(crate::protocol::QueueName::parse(b"workers").unwrap()),
+                    lossless: false,
+                },
+                "jobs.> queue=workers",
+            ),
+            (
+                SubOptions {
+                    queue: None,
+                    lossless: true,
+                },
+                "jobs.> lossless",
+            ),
+        ] {
+            assert_eq!(sub_text_with(&p, &opts), text);
+            assert_eq!(parse_sub(text).unwrap(), (p.clone(), opts));
+        }
+        let r = ClientRecord {
+            subs: vec![
+                "jobs.> queue=workers".into(),
+                "t lossless".into(),
+                "a.b".into(),
+            ],
+            ..rec()
+        };
+        assert_eq!(ClientRecord::parse(&r.encode()), Ok(r));
+        for bad in ["jobs.> queue=", "jobs.> colour=red", "jobs.> queue=a b"] {
+            let text = rec().encode().replace("sub a.*.c", &format!("sub {bad}"));
+            assert!(ClientRecord::parse(&text).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    fn retained() -> Retained {
+        vec![
+            (Topic::parse(b"a.b").unwrap(), Bytes::from_static(b"x")),
+            (
+                Topic::parse(b"sensors.temp").unwrap(),
+                Bytes::from_static(b" two  spaces\r\xff\x00 end"),
+            ),
+        ]
+    }
+
+    #[test]
+    fn retained_round_trips_any_payload_but_newline() {
+        let msgs = retained();
+        assert_eq!(parse_retained(&encode_retained(&msgs)), Ok(msgs));
+        assert_eq!(parse_retained(&encode_retained(&[])), Ok(vec![]));
+    }
+
+    #[test]
+    fn every_cut_of_the_retained_file_is_refused() {
+        let data = encode_retained(&retained());
+        for cut in 0..data.len() {
+            assert!(
+                parse_retained(&data[..cut]).is_err(),
+                "accepted a file cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_retained_files_are_refused() {
+        let good = String::from_utf8_lossy(&encode_retained(&retained()[..1])).into_owned();
+        assert_eq!(good, "fifobus-retained 1\na.b x\nend\n");
+        for bad in [
+            "fifobus-retained 2\na.b x\nend\n".to_owned(),
+            "fifobus-retained 1\na.b\nend\n".to_owned(),
+            "fifobus-retained 1\na.b \nend\n".to_owned(),
+            "fifobus-retained 1\na..b x\nend\n".to_owned(),
+            "fifobus-retained 1\na.* x\nend\n".to_owned(),
+            "fifobus-retained 1\na.b x\na.b y\nend\n".to_owned(),
+            "fifobus-retained 1\na.b x\nend\nmore\n".to_owned(),
+            "fifobus-retained 1\na.b x\nend".to_owned(),
+            format!("{good}\0\0"),
+            "\0\0\0\0".to_owned(),
+            String::new(),
+        ] {
+            assert!(parse_retained(bad.as_bytes()).is_err(), "accepted {bad:?}");
+        }
     }
 }

@@ -253,3 +253,45 @@ fn replace_without_a_running_broker_says_so() {
     );
     let _ = fs::remove_dir_all(dir.path());
 }
+
+/// What survives a restart survives a replacement: queue memberships,
+/// lossless subscriptions and retained messages are handed over too (the
+/// old broker writes them before READY), and an adopted subscription gets
+/// no second copy of a retained message.
+#[test]
+fn replace_hands_over_queue_groups_lossless_subscriptions_and_retained_messages() {
+    let mut bus = TempBus::start();
+    let mut worker = bus.connect_opts(with_pid("worker", &[]));
+    worker
+        .send_raw(b"SUB jobs queue=w\nSUB cfg.> lossless\n")
+        .unwrap();
+    assert_eq!(barrier(&mut worker), Vec::<String>::new());
+    let mut r = bus.connect("retainer", &[]);
+    r.send_raw(b"RETAIN cfg.mode on duty\n").unwrap();
+    assert_eq!(barrier(&mut r), Vec::<String>::new());
+    assert_eq!(barrier(&mut worker), ["MSG cfg.mode on duty"]);
+    let id = worker.id().to_owned();
+
+    replace(&mut bus, 1);
+    let state = fs::read_to_string(bus.dir.join("state").join(&id)).unwrap();
+    for want in ["\nsub jobs queue=w\n", "\nsub cfg.> lossless\n"] {
+        assert!(state.contains(want), "{want:?} not in {state}");
+    }
+    // A new subscriber gets the retained message first.
+    let out = Command::new(bin())
+        .args(["sub", "cfg.>", "-n", "1", "--timeout", "10"])
+        .env("FIFOBUS_DIR", &bus.dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "on duty\n");
+    // Still the group's member; no second copy of what it already had.
+    r.send_raw(b"PUB jobs one\n").unwrap();
+    assert_eq!(barrier(&mut r), Vec::<String>::new());
+    assert_eq!(barrier(&mut worker), ["MSG jobs one"]);
+}

@@ -80,6 +80,36 @@ impl Client {
     }
 }
 
+/// The argument text of every `SUB` `c` holds, with its options: plain,
+/// `lossless`, and one per queue membership.
+fn sub_texts(c: &Client) -> Vec<String> {
+    let lossless = SubOptions {
+        queue: None,
+        lossless: true,
+    };
+    let mut out: Vec<String> = c
+        .patterns
+        .iter()
+        .map(|p| {
+            if c.lossless.contains(p) {
+                crate::state::sub_text_with(p, &lossless)
+            } else {
+                crate::state::sub_text(p)
+            }
+        })
+        .collect();
+    out.extend(c.queues.iter().map(|(p, q)| {
+        crate::state::sub_text_with(
+            p,
+            &SubOptions {
+                queue: Some(q.clone()),
+                lossless: false,
+            },
+        )
+    }));
+    out
+}
+
 /// A queue group is its pattern and its name: members that subscribed the
 /// same pattern under the same name share its messages.
 type GroupKey = (Pattern, QueueName);
@@ -208,6 +238,8 @@ pub struct RouterCore {
     lossless_clients: HashSet<ClientKey>,
     /// Lossless outboxes the current command filled: its publisher stalls.
     stalls: Stalls,
+    /// Set while [`RouterCore::adopt`] subscribes: no retained messages.
+    replaying: bool,
     requests: requests::Requests,
 }
 
@@ -224,6 +256,8 @@ fn subscription_cost(p: &Pattern) -> usize {
 
 struct Durable {
     dirty: HashSet<ClientKey>,
+    /// The retained messages changed.
+    retained: bool,
     changed: Arc<tokio::sync::Notify>,
 }
 
@@ -254,6 +288,7 @@ impl RouterCore {
             retain_limits: RetainLimits::default(),
             lossless_clients: HashSet::new(),
             stalls: Stalls::default(),
+            replaying: false,
             requests: requests::Requests::default(),
         }
     }
@@ -265,35 +300,115 @@ impl RouterCore {
     pub fn track_changes(&mut self, changed: Arc<tokio::sync::Notify>) {
         self.durable = Some(Durable {
             dirty: HashSet::new(),
+            retained: false,
             changed,
         });
     }
 
     /// The clients whose subscriptions changed since the last call, each
-    /// with the argument text of every `SUB` it now holds.
-    pub fn take_dirty(&mut self) -> Vec<(ClientKey, Vec<String>)> {
+    /// with the argument text of every `SUB` it now holds, and the retained
+    /// messages if they changed.
+    pub fn take_dirty(&mut self) -> crate::state::Dirty {
         let Some(d) = &mut self.durable else {
-            return Vec::new();
+            return crate::state::Dirty::default();
         };
         let keys = std::mem::take(&mut d.dirty);
-        keys.into_iter()
-            .filter_map(|k| {
-                let c = self.clients.get(&k)?;
-                Some((k, c.patterns.iter().map(crate::state::sub_text).collect()))
-            })
-            .collect()
+        let retained = std::mem::take(&mut d.retained).then(|| {
+            let mut all: crate::state::Retained = self
+                .retained
+                .iter()
+                .map(|(t, p)| (t.clone(), p.clone()))
+                .collect();
+            all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            all
+        });
+        let clients = keys
+            .into_iter()
+            .filter_map(|k| Some((k, sub_texts(self.clients.get(&k)?))))
+            .collect();
+        crate::state::Dirty { clients, retained }
     }
 
-    /// The argument text of every `SUB` client `key` holds (durable state).
+    /// The argument text of every `SUB` client `key` holds (durable state),
+    /// options included.
     pub fn subscription_texts(&self, key: ClientKey) -> Vec<String> {
-        self.clients.get(&key).map_or_else(Vec::new, |c| {
-            c.patterns.iter().map(crate::state::sub_text).collect()
-        })
+        self.clients.get(&key).map_or_else(Vec::new, sub_texts)
+    }
+
+    /// Fills the retained messages a previous broker left (before any
+    /// client is adopted or accepted), within `--max-retained`,
+    /// `--max-retained-bytes` and the memory budget, as `RETAIN` would.
+    /// Returns a description of each message left out, for the log.
+    pub fn load_retained(&mut self, msgs: crate::state::Retained) -> Vec<String> {
+        let mut left_out = Vec::new();
+        for (topic, payload) in msgs {
+            let cost = retained_cost(&topic, &payload);
+            let budget = &self.counters.memory;
+            let why = if self.retained.contains_key(&topic) {
+                Some("given twice")
+            } else if self.retained.len() >= self.retain_limits.messages {
+                Some("over --max-retained")
+            } else if self.retained_bytes + cost > self.retain_limits.bytes {
+                Some("over --max-retained-bytes")
+            } else if budget.held() + cost > budget.limit() {
+                Some("over the memory budget (--max-memory)")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                left_out.push(format!("{}: {why}", topic.as_str()));
+                continue;
+            }
+            budget.charge(cost);
+            self.retained_bytes += cost;
+            self.retained.insert(topic, payload);
+        }
+        self.retained_changed();
+        if left_out.is_empty() {
+            // What was loaded is what the file holds: no need to write it.
+            if let Some(d) = &mut self.durable {
+                d.retained = false;
+            }
+        }
+        left_out
+    }
+
+    /// Serves again a client a previous broker served (adoption): its
+    /// plain subscriptions are attached as by [`RouterCore::attach_as`]
+    /// (all or nothing), then each one with options is subscribed as its
+    /// `SUB` would be, judged again by the ACL and the limits. Retained
+    /// messages are not sent again: these subscriptions are not new.
+    ///
+    /// # Errors
+    /// As [`RouterCore::attach_as`]. `Ok` holds the options subscriptions
+    /// refused, by their index in `subs`, with why.
+    pub fn adopt(
+        &mut self,
+        key: ClientKey,
+        outbox: Arc<Outbox>,
+        who: Identity,
+        subs: Vec<(Pattern, SubOptions)>,
+    ) -> Result<Vec<(usize, ProtocolError)>, ProtocolError> {
+        self.replaying = true;
+        let plain = subs
+            .iter()
+            .filter(|(_, o)| o.is_plain())
+            .map(|(p, _)| p.clone())
+            .collect();
+        let r = self.attach_as(key, outbox, who, plain).map(|()| {
+            subs.into_iter()
+                .enumerate()
+                .filter(|(_, (_, o))| !o.is_plain())
+                .filter_map(|(i, (p, o))| self.subscribe_with(key, p, o).err().map(|e| (i, e)))
+                .collect()
+        });
+        self.replaying = false;
+        r
     }
 
     fn mark_dirty(&mut self, key: ClientKey) {
         if let Some(d) = &mut self.durable {
-            if d.dirty.is_empty() {
+            if d.dirty.is_empty() && !d.retained {
                 d.changed.notify_one();
             }
             d.dirty.insert(key);
@@ -853,6 +968,7 @@ impl RouterCore {
             .subscriptions += 1;
         self.queue_members += 1;
         self.interest_changed();
+        self.mark_dirty(key);
         Ok(())
     }
 
@@ -877,6 +993,7 @@ impl RouterCore {
             client.outbox.set_lossless(true);
             self.interest_changed();
         }
+        self.mark_dirty(key);
         Ok(())
     }
 
@@ -894,6 +1011,7 @@ impl RouterCore {
         }
         self.remove_member(&g, key);
         self.interest_changed();
+        self.mark_dirty(key);
     }
 
     /// Takes `key` out of group `g`; the last member out removes the group.
@@ -915,7 +1033,7 @@ impl RouterCore {
     /// Queues every retained message whose topic `p` matches (and the
     /// client may receive) for client `key`: the start of a new subscription.
     fn send_retained(&mut self, key: ClientKey, p: &Pattern) {
-        if self.retained.is_empty() {
+        if self.retained.is_empty() || self.replaying {
             return;
         }
         let Some(client) = self.clients.get(&key) else {
@@ -1020,7 +1138,13 @@ impl RouterCore {
         d
     }
 
-    fn retained_changed(&self) {
+    fn retained_changed(&mut self) {
+        if let Some(d) = &mut self.durable {
+            if d.dirty.is_empty() && !d.retained {
+                d.changed.notify_one();
+            }
+            d.retained = true;
+        }
         let c = &self.counters;
         c.retained_messages
             .store(self.retained.len() as u64, Relaxed);
@@ -1822,6 +1946,61 @@ mod tests {
             assert!(got[0].contains("--max-memory"), "{got:?}");
             core.now(9, cmd("RETAIN t"));
             assert_eq!(core.counters.memory.held(), 0, "cleared: credited back");
+        }
+
+        #[test]
+        fn loaded_retained_messages_keep_the_limits_and_reach_new_subscriptions_only() {
+            let mut core = core_with(RetainLimits {
+                messages: 2,
+                bytes: 1 << 20,
+            });
+            let changed = Arc::new(tokio::sync::Notify::new());
+            core.track_changes(changed);
+            let msgs = ["a", "b", "c"]
+                .map(|t| (topic(t), Bytes::from(format!("v{t}"))))
+                .to_vec();
+            let left_out = core.load_retained(msgs);
+            assert_eq!(left_out, ["c: over --max-retained"]);
+            let a = retained_cost(&topic("a"), b"va");
+            assert_eq!(core.retained(), (2, 2 * a));
+            assert_eq!(core.counters.memory.held(), 2 * a, "charged");
+            // Left out: the file is written again with what was kept.
+            let written = core.take_dirty().retained.expect("retained rewritten");
+            assert_eq!(written.len(), 2);
+            // An adopted subscription is not new: nothing; a new one: all.
+            let o = Arc::new(Outbox::new(BacklogLimits::default()));
+            let sub = |s: &str| (s.parse().unwrap(), SubOptions::default());
+            core.adopt(1, o.clone(), Identity::default(), vec![sub(">")])
+                .unwrap();
+            assert!(lines(&o).is_empty());
+            let late = client(&mut core, 2, &[">"]);
+            assert_eq!(lines(&late), ["MSG a va", "MSG b vb"]);
+        }
+
+        #[test]
+        fn adoption_restores_queue_memberships_and_lossless_subscriptions() {
+            let mut core = core_with(RetainLimits::default());
+            let texts = ["t lossless", "jobs queue=w", "plain"];
+            let subs = texts
+                .iter()
+                .map(|t| crate::state::parse_sub(t).unwrap())
+                .collect();
+            let a = Arc::new(Outbox::new(BacklogLimits::default()));
+            assert!(core
+                .adopt(1, a.clone(), Identity::default(), subs)
+                .unwrap()
+                .is_empty());
+            assert!(a.is_lossless());
+            let mut got = core.subscription_texts(1);
+            got.sort();
+            assert_eq!(got, ["jobs queue=w", "plain", "t lossless"]);
+            let b = client(&mut core, 2, &[]);
+            core.now(2, cmd("SUB jobs queue=w"));
+            let _p = client(&mut core, 9, &[]);
+            for i in 0..4 {
+                core.now(9, cmd(&format!("PUB jobs {i}")));
+            }
+            assert_eq!((lines(&a).len(), lines(&b).len()), (2, 2), "shared");
         }
 
         fn topic(s: &str) -> Topic {

@@ -17,7 +17,7 @@ use super::core::{ClientInfo, ClientKey, RetainLimits, RouterCore};
 use super::outbox::Outbox;
 use crate::acl::{Identity, Policy};
 use crate::counters::Counters;
-use crate::protocol::{Command, ProtocolError};
+use crate::protocol::{Command, ProtocolError, SubOptions};
 use crate::topic::Pattern;
 
 /// Batches in flight. With at most 1024 lines per batch this bounds what
@@ -56,14 +56,29 @@ pub enum RouterMsg {
     /// A new access-control policy (`--acl`, at start and on reload).
     SetPolicy(Arc<Policy>),
     /// For the state writer: the clients whose subscriptions changed, with
-    /// what they hold now (`RouterCore::take_dirty`).
-    TakeDirty(oneshot::Sender<Vec<(ClientKey, Vec<String>)>>),
+    /// what they hold now, and the retained messages if they changed
+    /// (`RouterCore::take_dirty`).
+    TakeDirty(oneshot::Sender<crate::state::Dirty>),
+    /// A client a previous broker served (`RouterCore::adopt`).
+    Adopt {
+        key: ClientKey,
+        outbox: Arc<Outbox>,
+        who: Identity,
+        subs: Vec<(Pattern, SubOptions)>,
+        done: oneshot::Sender<AdoptResult>,
+    },
+    /// Retained messages a previous broker left (`RouterCore::load_retained`).
+    LoadRetained(crate::state::Retained, oneshot::Sender<Vec<String>>),
     /// [`RouterMsg::Detach`], announced on `_bus.client.left` with why.
     Leave {
         key: ClientKey,
         reason: &'static str,
     },
 }
+
+/// The options subscriptions refused (index in `subs`, why), or why the
+/// client was refused.
+pub type AdoptResult = Result<Vec<(usize, ProtocolError)>, ProtocolError>;
 
 /// Why [`RouterHandle::attach`] did not attach a client.
 #[derive(Debug)]
@@ -194,9 +209,49 @@ impl RouterHandle {
         let _ = self.tx.send(RouterMsg::Detach { key }).await;
     }
 
+    /// Registers a client a previous broker served, with every
+    /// subscription it held (options included), as
+    /// [`RouterCore::adopt`].
+    ///
+    /// # Errors
+    /// The policy's refusal of the client, or [`AttachError::Stopped`].
+    pub async fn adopt(
+        &self,
+        key: ClientKey,
+        outbox: Arc<Outbox>,
+        who: Identity,
+        subs: Vec<(Pattern, SubOptions)>,
+    ) -> Result<Vec<(usize, ProtocolError)>, AttachError> {
+        let (done, wait) = oneshot::channel();
+        let msg = RouterMsg::Adopt {
+            key,
+            outbox,
+            who,
+            subs,
+            done,
+        };
+        self.tx.send(msg).await.map_err(|_| AttachError::Stopped)?;
+        match wait.await {
+            Ok(r) => r.map_err(AttachError::Refused),
+            Err(_) => Err(AttachError::Stopped),
+        }
+    }
+
+    /// Loads retained messages a previous broker left; returns what was
+    /// left out and why (`None` once the router has stopped).
+    pub async fn load_retained(&self, msgs: crate::state::Retained) -> Option<Vec<String>> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(RouterMsg::LoadRetained(msgs, done))
+            .await
+            .ok()?;
+        wait.await.ok()
+    }
+
     /// The clients whose subscriptions changed since the last call, with
-    /// what each holds now; `None` once the router has stopped.
-    pub async fn take_dirty(&self) -> Option<Vec<(ClientKey, Vec<String>)>> {
+    /// what each holds now, and the retained messages if they changed;
+    /// `None` once the router has stopped.
+    pub async fn take_dirty(&self) -> Option<crate::state::Dirty> {
         let (done, wait) = oneshot::channel();
         self.tx.send(RouterMsg::TakeDirty(done)).await.ok()?;
         wait.await.ok()
@@ -264,9 +319,25 @@ fn handle(core: &mut RouterCore, msg: RouterMsg) -> usize {
         }
         RouterMsg::TakeDirty(done) => {
             let dirty = core.take_dirty();
-            let work = dirty.len();
+            let work = dirty.clients.len();
             let _ = done.send(dirty);
             work.max(1)
+        }
+        RouterMsg::Adopt {
+            key,
+            outbox,
+            who,
+            subs,
+            done,
+        } => {
+            let work = subs.len().max(1);
+            let _ = done.send(core.adopt(key, outbox, who, subs));
+            work
+        }
+        RouterMsg::LoadRetained(msgs, done) => {
+            let work = msgs.len().max(1);
+            let _ = done.send(core.load_retained(msgs));
+            work
         }
         RouterMsg::Leave { key, reason } => {
             core.leave(key, reason);

@@ -244,6 +244,7 @@ pub async fn adopt(found: busdir::Adoptable, ctx: &Arc<Context>) -> Result<Sessi
         Some(p) => Some(watch_pid(p, rec.uid, ctx).map_err(|e| e.text)?),
         None => None,
     };
+    let mut rec = rec;
     let subs = rec
         .subs
         .iter()
@@ -261,8 +262,21 @@ pub async fn adopt(found: busdir::Adoptable, ctx: &Arc<Context>) -> Result<Sessi
         outbox.push(encode::restarted());
     }
     let seed = ctx.state.dir().take_unparsed(&rec.uuid);
-    match ctx.router.attach(key, outbox.clone(), who, subs).await {
-        Ok(()) => {}
+    match ctx.router.adopt(key, outbox.clone(), who, subs).await {
+        Ok(refused) if refused.is_empty() => {}
+        Ok(refused) => {
+            // The rest is served; the client is told, as a `SUB` would be.
+            for (i, e) in refused.iter().rev() {
+                tracing::warn!(
+                    "adopted client {} loses its subscription 'SUB {}': {}",
+                    rec.uuid,
+                    rec.subs[*i],
+                    e.text
+                );
+                outbox.push(encode::err(e));
+                rec.subs.remove(*i);
+            }
+        }
         Err(AttachError::Refused(e)) => {
             return Err(format!("the policy refuses it now: {}", e.text))
         }
