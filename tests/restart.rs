@@ -378,10 +378,21 @@ fn after_kill_9_a_new_broker_adopts_live_clients_and_the_stream_goes_on() {
     send.write_all(&batch).unwrap();
     let before_pong = ping(&mut send, &mut recv, "after");
     assert_eq!(
-        before_pong,
-        vec!["DROPPED ? restart".to_owned()],
-        "the publisher's first line after the restart"
+        before_pong.first().map(String::as_str),
+        Some("DROPPED ? restart"),
+        "the publisher's first line after the restart: {before_pong:?}"
     );
+    // The dead broker may have read the first bytes of a PUB line: the new
+    // one then reads the rest as a line of its own and refuses it, once
+    // (docs/protocol.md, what a crash can lose). Nothing else may come.
+    match &before_pong[1..] {
+        [] => {}
+        [cut] => assert!(
+            cut.starts_with("ERR unknown-command ") || cut.starts_with("ERR bad-"),
+            "only a line cut by the crash may be refused: {before_pong:?}"
+        ),
+        more => panic!("more than one line cut by the crash: {more:?}"),
+    }
 
     for (who, out) in [
         ("per-line shell", &perline_out),
