@@ -11,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use common::*;
 use fifobus::client::{Client, ConnectOptions};
@@ -91,15 +92,23 @@ fn many_fragments_are_counted_each_and_logged_once() {
     let bus = TempBus::start();
     for i in 0..N {
         write_hello_and_wait_drained(&bus, format!("HELLO reply=/x{i}").as_bytes());
+        // The pipe being empty says the broker read the fragment, not that
+        // its read turn is over: a fragment written now could still join
+        // this one in the same read. Wait until it is counted.
+        let counted = Instant::now() + T;
+        while rejected(&bus, "hello-fragment") < i + 1 {
+            assert!(Instant::now() < counted, "fragment {i} was not counted");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
     assert_eq!(rejected(&bus, "hello-fragment"), N);
+    let mut c = bus.connect("after", &[]);
+    barrier(&mut c);
     let logged = fragment_log_lines(&bus);
     assert!(
         (1..N as usize).contains(&logged),
         "{logged} warnings for {N} fragments"
     );
-    let mut c = bus.connect("after", &[]);
-    barrier(&mut c);
 }
 
 /// A flood of HELLOs naming reply FIFOs nobody opens: more distinct FIFOs
