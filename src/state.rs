@@ -404,29 +404,10 @@ impl StateDir {
     /// Why the file is unusable (for the log); the caller starts with no
     /// retained messages.
     pub fn read_retained(&self) -> Result<Retained, String> {
-        let raw = match openat(
-            Some(self.raw()),
-            RETAINED,
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(raw) => raw,
-            Err(Errno::ENOENT) => return Ok(Vec::new()),
-            Err(e) => return Err(format!("cannot open it: {e}")),
-        };
-        // SAFETY: openat just returned this descriptor; nothing else owns it.
-        let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-        let st = fstat(file.as_raw_fd()).map_err(|e| format!("cannot inspect it: {e}"))?;
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG
-            || st.st_uid != nix::unistd::geteuid().as_raw()
-        {
-            return Err("not a regular file of the broker's user".into());
+        match self.read_own(RETAINED)? {
+            Some(data) => parse_retained(&data),
+            None => Ok(Vec::new()),
         }
-        let mut data = Vec::new();
-        file.take(MAX_FILE)
-            .read_to_end(&mut data)
-            .map_err(|e| format!("cannot read it: {e}"))?;
-        parse_retained(&data)
     }
 
     /// Writes `<uuid>.unparsed`: bytes a client wrote to `send` that this
@@ -529,15 +510,21 @@ impl StateDir {
         Ok((good, bad))
     }
 
-    /// One file, checked: a regular file of ours, named by the uuid inside.
-    fn read(&self, name: &str) -> Result<ClientRecord, String> {
-        let raw = openat(
+    /// The bytes of `name` in this directory, at most [`MAX_FILE`] of them,
+    /// opened through the held descriptor without following a link, and
+    /// only if it is a regular file of the broker's user; `None` when there
+    /// is no such file.
+    fn read_own(&self, name: &str) -> Result<Option<Vec<u8>>, String> {
+        let raw = match openat(
             Some(self.raw()),
             name,
             OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
             Mode::empty(),
-        )
-        .map_err(|e| format!("cannot open it: {e}"))?;
+        ) {
+            Ok(raw) => raw,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(format!("cannot open it: {e}")),
+        };
         // SAFETY: openat just returned this descriptor; nothing else owns it.
         let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
         let st = fstat(file.as_raw_fd()).map_err(|e| format!("cannot inspect it: {e}"))?;
@@ -546,10 +533,19 @@ impl StateDir {
         {
             return Err("not a regular file of the broker's user".into());
         }
-        let mut text = String::new();
+        let mut data = Vec::new();
         file.take(MAX_FILE)
-            .read_to_string(&mut text)
+            .read_to_end(&mut data)
             .map_err(|e| format!("cannot read it: {e}"))?;
+        Ok(Some(data))
+    }
+
+    /// One file, checked: a regular file of ours, named by the uuid inside.
+    fn read(&self, name: &str) -> Result<ClientRecord, String> {
+        let data = self
+            .read_own(name)?
+            .ok_or_else(|| "cannot open it: it is gone".to_owned())?;
+        let text = String::from_utf8(data).map_err(|_| "cannot read it: not UTF-8".to_owned())?;
         let rec = ClientRecord::parse(&text)?;
         if rec.uuid != name {
             return Err(format!("it names client {}, not {name}", rec.uuid));
