@@ -33,7 +33,9 @@ use fifobus::topic::Topic;
 
 use crate::wire::{encode_pub, parse_msg, pub_line_len};
 
+mod allocs;
 mod floods;
+mod redis;
 
 /// A topic the bench names itself.
 fn topic(name: &str) -> Topic {
@@ -203,8 +205,9 @@ type Result<T> = std::result::Result<T, BenchError>;
 const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
 
 /// The scenario groups, as `--only` names them (a group runs when its name
-/// contains the `--only` text; "floods" only when named).
-pub const GROUPS: [&str; 10] = [
+/// contains the `--only` text; "floods", "allocs" and "redis" only when
+/// named).
+pub const GROUPS: [&str; 12] = [
     "1 -> 1",
     "1 -> 10",
     "10 -> 1",
@@ -215,6 +218,8 @@ pub const GROUPS: [&str; 10] = [
     "memory",
     "handshake flood",
     "floods",
+    "allocs",
+    "redis",
 ];
 
 /// Whether `--only NAME` selects at least one group.
@@ -245,14 +250,16 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
         step("1 -> 1");
         let runs = opts.runs;
         let relay = median_of(runs, || relay_ceiling(1, 1, opts.messages, opts.payload))?;
-        let one = median_of(runs, || fresh_fan(ON, 1, 1, opts.messages, opts.payload))?;
+        let on = median_fan(runs, || fresh_fan(ON, 1, 1, opts.messages, opts.payload))?;
+        let one = on.rate;
         rows.push(
             Measurement::new("1 -> 1, msg/s", "msg/s", one)
                 .ceiling(relay)
                 .target(Target::RatioAtLeast(0.30))
                 .note("ceiling: bare relay FIFO A -> FIFO B in 64 KiB blocks"),
         );
-        let off = median_of(runs, || fresh_fan(OFF, 1, 1, opts.messages, opts.payload))?;
+        rows.push(cpu_row("1 -> 1", on));
+        let off = median_fan(runs, || fresh_fan(OFF, 1, 1, opts.messages, opts.payload))?.rate;
         rows.push(
             Measurement::new("1 -> 1, metrics off, msg/s", "msg/s", off)
                 .ceiling(relay)
@@ -264,25 +271,29 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
         step("1 -> 10");
         let n = (opts.messages / 5).max(1);
         let tee = median_of(opts.runs, || relay_ceiling(1, 10, n, opts.payload))?;
-        let v = median_of(opts.runs, || fresh_fan(ON, 1, 10, n, opts.payload))?;
+        let f = median_fan(opts.runs, || fresh_fan(ON, 1, 10, n, opts.payload))?;
         rows.push(
-            Measurement::new("1 -> 10, deliveries/s", "deliveries/s", v)
+            Measurement::new("1 -> 10, deliveries/s", "deliveries/s", f.rate)
                 .ceiling(tee)
                 .target(Target::RatioAtLeast(0.30))
                 .note("ceiling: bare tee FIFO A -> 10 FIFOs"),
         );
+        // Issue 14: below what redis-server spends on this machine
+        // (`--only redis` measures that in the same run).
+        rows.push(cpu_row("1 -> 10", f).target(Target::AtMost(REDIS_CPU_NS)));
         bar.inc(1);
     }
     if wanted("10 -> 1") {
         step("10 -> 1");
         let n = (opts.messages / 10).max(1);
         let relay10 = median_of(opts.runs, || relay_ceiling(10, 1, n, opts.payload))?;
-        let v = median_of(opts.runs, || fresh_fan(ON, 10, 1, n, opts.payload))?;
+        let f = median_fan(opts.runs, || fresh_fan(ON, 10, 1, n, opts.payload))?;
         rows.push(
-            Measurement::new("10 -> 1, msg/s", "msg/s", v)
+            Measurement::new("10 -> 1, msg/s", "msg/s", f.rate)
                 .ceiling(relay10)
                 .note("ceiling: 10 writers into one bare relay"),
         );
+        rows.push(cpu_row("10 -> 1", f));
         bar.inc(1);
     }
     if wanted("100 topics") {
@@ -290,7 +301,8 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
         let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
         let per_topic = 100.min(client_budget().saturating_sub(10) / 100).max(1);
         let n = (opts.messages / 50).max(100);
-        let v = fan(&broker, 1, 100 * per_topic, 100, n, opts.payload)?;
+        let f = fan(&broker, 1, 100 * per_topic, 100, n, opts.payload)?;
+        let v = f.rate;
         drop(broker);
         let tee = relay_ceiling(1, per_topic, n, opts.payload)?;
         let mut m = Measurement::new(
@@ -307,6 +319,7 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
             );
         }
         rows.push(m);
+        rows.push(cpu_row(&format!("100 topics x {per_topic}"), f));
         bar.inc(1);
     }
     if wanted("latency") {
@@ -508,6 +521,86 @@ pub fn run(opts: &BenchOptions) -> Result<Vec<Measurement>> {
                 )
                 .note(f.what),
             );
+        }
+        bar.inc(1);
+    }
+    // Issue 14's measuring groups: only on request, like the floods.
+    if opts.only.is_some() && wanted("allocs") {
+        step("allocations per delivery, in-process broker");
+        // 1 M messages in the full run, as issue 14 asks.
+        let n = (opts.messages / 2).max(1000);
+        let warmup = (n / 10).max(1000);
+        let c = allocs::one_to_n(10, warmup, n, opts.payload)?;
+        let note = format!(
+            "in-process broker: the fifobus library this bench was built with (FIFOBUS_BENCH_BROKER does not apply); \
+             1 -> 10, {} messages after a warm-up of {}; allocations (and reallocs) on the broker's tokio threads only; \
+             {} bytes per delivery; {} deliveries/s",
+            c.messages,
+            c.warmup,
+            human(c.allocs.bytes as f64 / c.deliveries as f64),
+            human(c.rate),
+        );
+        rows.push(
+            Measurement::new(
+                "allocs: 1 -> 10, broker allocations per delivery",
+                "allocs",
+                c.allocs.allocations as f64 / c.deliveries as f64,
+            )
+            .target(Target::AtMost(0.01))
+            .note(note.clone()),
+        );
+        rows.push(
+            Measurement::new(
+                "allocs: 1 -> 10, broker allocations per message",
+                "allocs",
+                c.allocs.allocations as f64 / c.messages as f64,
+            )
+            .note(note),
+        );
+        bar.inc(1);
+    }
+    if opts.only.is_some() && wanted("redis") {
+        step("1 -> 10 through redis-server");
+        match redis::RedisServer::start()? {
+            None => rows.push(
+                Measurement::new("redis: skipped, no redis-server on PATH", "-", f64::NAN).note(
+                    "install it (Debian: apt-get install redis-server) to measure it beside fifobus",
+                ),
+            ),
+            Some(server) => {
+                let n = (opts.messages / 5).max(1);
+                // Interleaved: a quiet or busy moment on this shared
+                // machine falls on both, not on one.
+                let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+                for _ in 0..opts.runs.max(1) {
+                    ours.push(fresh_fan(ON, 1, 10, n, opts.payload)?);
+                    theirs.push(redis::one_to_n(&server, 10, n, opts.payload)?);
+                }
+                let ours = median_fan(ours.len(), || Ok(ours.remove(0)))?;
+                let theirs = median_fan(theirs.len(), || Ok(theirs.remove(0)))?;
+                let note = format!(
+                    "ceiling column: redis-server (pid {}, unix socket, no persistence) in the same run; \
+                     {n} messages of {} bytes, 1 publisher pipelining PUBLISH, 10 SUBSCRIBE readers (std RESP clients); \
+                     fifobus: FIFO clients, metrics on",
+                    server.pid(),
+                    opts.payload
+                );
+                rows.push(
+                    Measurement::new("redis: 1 -> 10, deliveries/s, vs redis-server", "deliveries/s", ours.rate)
+                        .ceiling(theirs.rate)
+                        .note(note.clone()),
+                );
+                rows.push(
+                    Measurement::new(
+                        "redis: 1 -> 10, server CPU per delivery, ns, vs redis-server",
+                        "ns",
+                        ours.cpu_ns,
+                    )
+                    .ceiling(theirs.cpu_ns)
+                    .target(Target::RatioAtMost(1.0))
+                    .note(note + "; utime + stime of each server process (/proc/PID/stat) over the stream, / deliveries"),
+                );
+            }
         }
         bar.inc(1);
     }
@@ -749,6 +842,11 @@ fn timed_connects(broker: &Broker, n: usize, flood: bool) -> Result<Vec<u64>> {
 const ON: &[&str] = &["--metrics-addr", "127.0.0.1:0"];
 const OFF: &[&str] = &["--metrics-addr", "off"];
 
+/// redis-server's CPU per delivery in 1 -> 10 on this machine (issue 14's
+/// profile, 64-byte payloads): the figure fifobus' broker is to beat.
+/// `--only redis` measures it afresh beside fifobus'.
+const REDIS_CPU_NS: f64 = 160.0;
+
 /// The median of `runs` measurements: one run on a shared 2-core machine
 /// can be off by a quarter; the median of three rarely is.
 fn median_of(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
@@ -766,9 +864,32 @@ fn fresh_fan(
     subscribers: usize,
     n: u64,
     payload: usize,
-) -> Result<f64> {
+) -> Result<Fanned> {
     let broker = Broker::start(args)?;
     fan(&broker, publishers, subscribers, 1, n, payload)
+}
+
+/// The median rate and the median CPU per delivery of `runs` runs (each
+/// its own median: the two need not come from the same run).
+fn median_fan(runs: usize, mut f: impl FnMut() -> Result<Fanned>) -> Result<Fanned> {
+    let v = (0..runs.max(1))
+        .map(|_| f())
+        .collect::<Result<Vec<Fanned>>>()?;
+    let median = |mut x: Vec<f64>| {
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    Ok(Fanned {
+        rate: median(v.iter().map(|r| r.rate).collect()),
+        cpu_ns: median(v.iter().map(|r| r.cpu_ns).collect()),
+    })
+}
+
+/// The row "`what`, broker CPU per delivery, ns" of a throughput scenario.
+fn cpu_row(what: &str, f: Fanned) -> Measurement {
+    Measurement::new(format!("{what}, broker CPU per delivery, ns"), "ns", f.cpu_ns).note(
+        "utime + stime of the broker process (/proc/PID/stat, 10 ms ticks) over the measured stream, / deliveries",
+    )
 }
 
 fn push_latency(
@@ -1128,9 +1249,19 @@ fn await_readers(
     Ok(start.elapsed())
 }
 
+/// What one throughput run measured.
+#[derive(Debug, Clone, Copy)]
+struct Fanned {
+    /// Deliveries per second.
+    rate: f64,
+    /// Nanoseconds of broker CPU (user + system, all threads) per
+    /// delivery, over the measured stream only (not the handshakes).
+    cpu_ns: f64,
+}
+
 /// `publishers` clients each publish `n` messages spread over `topics`
 /// topics; `subscribers` clients split evenly over the topics. Returns
-/// deliveries per second.
+/// deliveries per second and the broker's CPU per delivery.
 fn fan(
     broker: &Broker,
     publishers: usize,
@@ -1138,7 +1269,7 @@ fn fan(
     topics: usize,
     n: u64,
     payload: usize,
-) -> Result<f64> {
+) -> Result<Fanned> {
     let names: Vec<String> = (0..topics).map(|t| format!("bench.t{t}")).collect();
     let mut readers = Vec::new();
     for s in 0..subscribers {
@@ -1153,13 +1284,19 @@ fn fan(
         writers.push(broker.connect(&[])?.into_files()?.0);
     }
     let (rx, groups) = count_lines(readers, per_sub);
+    let cpu_before = cpu_ns(broker.pid())?;
     let start = Instant::now();
     for mut w in writers {
         let names = names.clone();
         std::thread::spawn(move || write_lines(&mut w, &names, payload, n));
     }
     let took = await_readers(&rx, groups, start)?;
-    Ok((per_sub * subscribers as u64) as f64 / took.as_secs_f64())
+    let cpu = cpu_ns(broker.pid())?.saturating_sub(cpu_before);
+    let deliveries = (per_sub * subscribers as u64) as f64;
+    Ok(Fanned {
+        rate: deliveries / took.as_secs_f64(),
+        cpu_ns: cpu as f64 / deliveries,
+    })
 }
 
 fn mkfifo(path: &Path) -> io::Result<()> {
@@ -1542,29 +1679,38 @@ fn rss_bytes(pid: i32) -> Result<u64> {
 
 /// CPU seconds (user + system) the process spends over `window`.
 fn idle_cpu(pid: i32, window: Duration) -> Result<f64> {
-    let ticks = || -> Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let get = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // utime and stime: fields 14 and 15 of proc(5), 12th and 13th after ')'.
-        Ok(get(11) + get(12))
-    };
-    let before = ticks()?;
+    let before = cpu_ns(pid)?;
     std::thread::sleep(window);
-    let after = ticks()?;
+    let after = cpu_ns(pid)?;
+    Ok(after.saturating_sub(before) as f64 / 1e9)
+}
+
+/// utime + stime of a process, all its threads, from a `/proc/PID/stat`
+/// line, in clock ticks. The command name (field 2) may hold spaces and
+/// parentheses, so the fields are counted from the last `)`.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    // utime and stime: fields 14 and 15 of proc(5), the 12th and 13th after ')'.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// CPU time (user + system, all threads) process `pid` has used, in
+/// nanoseconds, at the kernel's clock-tick resolution (10 ms at 100 Hz):
+/// a figure per delivery needs a window of many ticks, which every
+/// throughput scenario is.
+pub(crate) fn cpu_ns(pid: i32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| {
+        BenchError::Failed(format!("cannot read {path}: {e} (has the process exited?)"))
+    })?;
+    let ticks = parse_cpu_ticks(&stat)
+        .ok_or_else(|| BenchError::Failed(format!("{path} has no utime/stime fields: {stat:?}")))?;
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok((after - before) as f64 / hz)
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(ticks * 1_000_000_000 / hz)
 }
 
 #[cfg(test)]
@@ -1605,6 +1751,22 @@ mod tests {
         assert!(!table.contains("a long note"));
         assert!(only_matches("latency") && only_matches("1 -> 1") && only_matches("floods"));
         assert!(!only_matches("nosuch"));
+    }
+
+    /// utime and stime are fields 14 and 15, counted after the last `)`:
+    /// a command name with spaces and parentheses does not shift them.
+    #[test]
+    fn cpu_ticks_from_proc_stat() {
+        let stat = "4242 (a) b (c d) S 1 4242 4242 0 -1 4194560 1061 0 0 0 \
+                    150 25 0 0 20 0 3 0 123 456 789\n";
+        assert_eq!(parse_cpu_ticks(stat), Some(175));
+        assert_eq!(parse_cpu_ticks("4242 (x) S 1 2 3"), None);
+        assert_eq!(parse_cpu_ticks("no parenthesis at all"), None);
+        // This process's own line parses, and time only goes forward.
+        let me = std::process::id() as i32;
+        let a = cpu_ns(me).unwrap();
+        assert!(cpu_ns(me).unwrap() >= a);
+        assert!(only_matches("allocs") && only_matches("redis"));
     }
 
     #[test]

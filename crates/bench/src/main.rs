@@ -6,8 +6,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod alloc_count;
 mod bench;
 mod wire;
+
+/// Counts the allocations of the in-process broker's threads for
+/// `--only allocs`; costs every other thread one thread-local read.
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 
 use bench::BenchOptions;
 
@@ -39,7 +45,7 @@ struct BenchArgs {
     /// Offered rate for the fixed-rate latency figures, messages per second
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
-    /// Run only the scenario groups whose name contains this ("1 -> 1", "1 -> 10", "10 -> 1", "100 topics", "latency", "saturation", "clients", "memory", "handshake flood"; "floods" runs only when named here)
+    /// Run only the scenario groups whose name contains this ("1 -> 1", "1 -> 10", "10 -> 1", "100 topics", "latency", "saturation", "clients", "memory", "handshake flood"; "floods", "allocs" and "redis" run only when named here)
     #[arg(long)]
     only: Option<String>,
 }
