@@ -1400,11 +1400,29 @@ fn now_ns(origin: Instant) -> u64 {
     origin.elapsed().as_nanos() as u64
 }
 
-/// Round trips of `n` messages: A writes `PUB lat.out <seq> <pad>` into
-/// `a_send`, the echo reads them from `b_recv` and writes
+/// Whose turn it is: the round trips over the bare relays and over the
+/// broker are sent in alternating slices, one path at a time, so a change
+/// in the machine's load during the run falls on both (issue 14: a run of
+/// the relay followed by a run of the broker compared two different loads).
+struct Turn {
+    /// A token arrives here when this path may send its next slice.
+    mine: mpsc::Receiver<()>,
+    /// Handed on when all of this path's slice has come back.
+    next: mpsc::Sender<()>,
+    /// Messages per slice (the last slice takes the remainder).
+    slice: u64,
+}
+
+/// Slices the round trips of each path are sent in, alternating.
+const LATENCY_SLICES: u64 = 5;
+
+/// Starts round trips of `n` messages: A writes `PUB lat.out <seq> <pad>`
+/// into `a_send`, the echo reads them from `b_recv` and writes
 /// `PUB lat.back <seq> <pad>` into `b_send`, and A reads them back from
 /// `a_recv`. `rate`: messages per second, or None for as fast as possible.
-/// Returns the round-trip times in nanoseconds.
+/// Sends slice by slice as `turn` allows. The round-trip times, in
+/// nanoseconds, come on the returned channel.
+#[allow(clippy::too_many_arguments)]
 fn rtt(
     a_send: File,
     a_recv: File,
@@ -1413,20 +1431,27 @@ fn rtt(
     n: u64,
     rate: Option<u64>,
     payload: usize,
-) -> Result<Vec<u64>> {
+    turn: Turn,
+) -> mpsc::Receiver<io::Result<Vec<u64>>> {
     let origin = Instant::now();
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     // Echo: every complete line "<KW> lat.out <rest>" becomes "PUB lat.back <rest>".
     std::thread::spawn(move || echo(b_recv, b_send));
+    let Turn { mine, next, slice } = turn;
     // Receiver on A.
     let (tx, rx) = mpsc::channel();
     let sent2 = sent.clone();
     std::thread::spawn(move || {
-        let _ = tx.send(collect_rtts(a_recv, &sent2, n, origin));
+        let _ = tx.send(collect_rtts(a_recv, &sent2, n, origin, slice, &next));
     });
     // Sender on A.
     let pad = "x".repeat(payload.saturating_sub(12));
-    std::thread::spawn(move || send_paced(a_send, &sent, n, rate, &pad, origin));
+    std::thread::spawn(move || send_paced(a_send, &sent, n, rate, &pad, origin, slice, &mine));
+    rx
+}
+
+/// The round-trip times [`rtt`] sends, or why there are none.
+fn rtt_result(rx: &mpsc::Receiver<io::Result<Vec<u64>>>) -> Result<Vec<u64>> {
     match rx.recv_timeout(SCENARIO_LIMIT) {
         Ok(r) => r.map_err(|e| BenchError::Failed(format!("round trips failed: {e}"))),
         Err(_) => Err(BenchError::Failed(format!(
@@ -1460,6 +1485,8 @@ fn collect_rtts(
     sent: &[AtomicU64],
     n: u64,
     origin: Instant,
+    slice: u64,
+    next: &mpsc::Sender<()>,
 ) -> io::Result<Vec<u64>> {
     let mut rtts = Vec::with_capacity(n as usize);
     let mut buf = vec![0u8; 256 * 1024];
@@ -1480,12 +1507,18 @@ fn collect_rtts(
                 .and_then(|s| s.parse::<usize>().ok());
             if let Some(seq) = seq.filter(|&s| s < sent.len()) {
                 rtts.push(now.saturating_sub(sent[seq].load(Ordering::Acquire)));
+                // The slice is back: the other path's turn. (Its sender
+                // may be done already; then nobody is waiting.)
+                if rtts.len() as u64 % slice.max(1) == 0 || rtts.len() as u64 == n {
+                    let _ = next.send(());
+                }
             }
         });
     }
     Ok(rtts)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn send_paced(
     mut to: File,
     sent: &[AtomicU64],
@@ -1493,8 +1526,32 @@ fn send_paced(
     rate: Option<u64>,
     pad: &str,
     origin: Instant,
+    slice: u64,
+    mine: &mpsc::Receiver<()>,
+) -> io::Result<()> {
+    let slice = slice.max(1);
+    let mut first = 0;
+    while first < n {
+        mine.recv_timeout(SCENARIO_LIMIT)
+            .map_err(|_| io::Error::other("the other path's round trips never came back"))?;
+        let end = (first + slice).min(n);
+        send_slice(&mut to, sent, first..end, rate, pad, origin)?;
+        first = end;
+    }
+    Ok(())
+}
+
+/// Sends messages `range` of a round-trip run, paced at `rate` from now.
+fn send_slice(
+    to: &mut File,
+    sent: &[AtomicU64],
+    range: std::ops::Range<u64>,
+    rate: Option<u64>,
+    pad: &str,
+    origin: Instant,
 ) -> io::Result<()> {
     let lat_out = topic("lat.out");
+    let (first, n) = (range.start, range.end);
     match rate {
         Some(rate) => {
             // Fine-grained sleeps: the default 50 µs timer slack would make a
@@ -1506,8 +1563,8 @@ fn send_paced(
             let start = Instant::now();
             let mut line = Vec::new();
             let mut body = Vec::new();
-            for i in 0..n {
-                let due = start + period * i as u32;
+            for i in first..n {
+                let due = start + period * (i - first) as u32;
                 let now = Instant::now();
                 if due > now {
                     std::thread::sleep(due - now);
@@ -1527,7 +1584,7 @@ fn send_paced(
         None => {
             let mut chunk = Vec::new();
             let mut body = Vec::new();
-            let mut i = 0u64;
+            let mut i = first;
             while i < n {
                 chunk.clear();
                 let end = (i + 64).min(n);
@@ -1565,6 +1622,14 @@ fn rtt_pair(n: u64, rate: Option<u64>, payload: usize) -> Result<(Vec<u64>, Vec<
             }
         });
     }
+    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
+    let (a_send, a_recv) = broker.connect(&["lat.back".into()])?.into_files()?;
+    let (b_send, b_recv) = broker.connect(&["lat.out".into()])?.into_files()?;
+    // The relay's turn first, then the broker's, slice by slice.
+    let slice = n.div_ceil(LATENCY_SLICES);
+    let (to_relay, relay_turn) = mpsc::channel();
+    let (to_broker, broker_turn) = mpsc::channel();
+    to_relay.send(()).expect("the receiver is held right here");
     let relay = rtt(
         std::fs::OpenOptions::new().write(true).open(&f[0])?,
         File::open(&f[3])?,
@@ -1573,12 +1638,27 @@ fn rtt_pair(n: u64, rate: Option<u64>, payload: usize) -> Result<(Vec<u64>, Vec<
         n,
         rate,
         payload,
-    )?;
-    let broker = Broker::start(&["--metrics-addr", "127.0.0.1:0"])?;
-    let (a_send, a_recv) = broker.connect(&["lat.back".into()])?.into_files()?;
-    let (b_send, b_recv) = broker.connect(&["lat.out".into()])?.into_files()?;
-    let through = rtt(a_send, a_recv, b_recv, b_send, n, rate, payload)?;
-    Ok((relay, through))
+        Turn {
+            mine: relay_turn,
+            next: to_broker,
+            slice,
+        },
+    );
+    let through = rtt(
+        a_send,
+        a_recv,
+        b_recv,
+        b_send,
+        n,
+        rate,
+        payload,
+        Turn {
+            mine: broker_turn,
+            next: to_relay,
+            slice,
+        },
+    );
+    Ok((rtt_result(&relay)?, rtt_result(&through)?))
 }
 
 fn percentile(samples: &[u64], q: f64) -> u64 {
