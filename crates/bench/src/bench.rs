@@ -1004,7 +1004,10 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 }
 
 fn human(v: f64) -> String {
-    if v >= 1e6 {
+    if !v.is_finite() {
+        // No figure (a group that was skipped): the row says why.
+        "-".into()
+    } else if v >= 1e6 {
         format!("{:.2}M", v / 1e6)
     } else if v >= 1e4 {
         format!("{:.1}k", v / 1e3)

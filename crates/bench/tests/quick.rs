@@ -37,6 +37,10 @@ fn bench_quick_reports_every_scenario() {
         "handshakes/s",
         "resident memory",
         "idle broker",
+        "1 -> 1, broker CPU per delivery, ns",
+        "1 -> 10, broker CPU per delivery, ns",
+        "10 -> 1, broker CPU per delivery, ns",
+        "broker CPU per delivery, ns",
     ] {
         assert!(
             names.iter().any(|n| n.contains(want)),
@@ -105,4 +109,91 @@ fn bench_table_fits_100_columns() {
     for line in out.lines() {
         assert!(line.chars().count() <= 100, "{line:?}");
     }
+}
+
+/// The rows of one `--only GROUP --quick --json` run, by scenario name.
+fn only_quick(group: &str) -> Vec<serde_json::Value> {
+    let (status, out, err) = sh(
+        r#""$B" --quick --json --only "$G""#,
+        &[bench_bin(), ("G", std::ffi::OsStr::new(group))],
+        std::time::Duration::from_secs(120),
+    );
+    assert!(status.success(), "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    rows.as_array().unwrap().clone()
+}
+
+/// `--only allocs` (issue 14) runs the broker in-process and reports
+/// allocations per delivery and per message, saying which broker it
+/// measured. Only the shape: the count itself is for the benchmark.
+#[test]
+fn bench_only_allocs_counts_the_in_process_broker() {
+    let rows = only_quick("allocs");
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "allocs: 1 -> 10, broker allocations per delivery",
+            "allocs: 1 -> 10, broker allocations per message"
+        ]
+    );
+    for r in &rows {
+        let v = r["fifobus"].as_f64().unwrap();
+        assert!(v.is_finite() && v >= 0.0, "{r}");
+        let note = r["note"].as_str().unwrap();
+        assert!(
+            note.contains("in-process broker")
+                && note.contains("FIFOBUS_BENCH_BROKER does not apply"),
+            "{note}"
+        );
+    }
+    // Per message is per delivery times the 10 subscribers.
+    let (per_delivery, per_message) = (
+        rows[0]["fifobus"].as_f64().unwrap(),
+        rows[1]["fifobus"].as_f64().unwrap(),
+    );
+    assert!((per_message - 10.0 * per_delivery).abs() <= 1e-6 * per_message.max(1.0));
+}
+
+/// `--only redis` (issue 14) puts redis-server beside fifobus in one run;
+/// without redis-server on PATH it says so in a row instead of failing.
+#[test]
+fn bench_only_redis_compares_or_says_why_not() {
+    let have_redis = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()));
+    let rows = only_quick("redis");
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    if !have_redis {
+        assert_eq!(names, ["redis: skipped, no redis-server on PATH"]);
+        return;
+    }
+    assert_eq!(
+        names,
+        [
+            "redis: 1 -> 10, deliveries/s, vs redis-server",
+            "redis: 1 -> 10, server CPU per delivery, ns, vs redis-server"
+        ]
+    );
+    let rate = &rows[0];
+    assert!(rate["fifobus"].as_f64().unwrap() > 0.0, "{rate}");
+    assert!(rate["ceiling"].as_f64().unwrap() > 0.0, "{rate}");
+    // No redis-server of the run is left behind.
+    let pid = rate["note"]
+        .as_str()
+        .unwrap()
+        .split("pid ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse::<u32>().ok())
+        .expect("the note names redis-server's pid");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "redis-server {pid} still running"
+    );
 }
