@@ -427,8 +427,10 @@ fn sub_idle_exits_124_when_no_message_comes() {
         assert_eq!(out, "");
         assert!(err.contains("no message within 300ms (--idle)"), "{err}");
     }
-    // A message restarts the idle clock, and is printed.
-    let sub = Proc::start(fifobus(&bus.dir, &["sub", "t", "--idle", "300ms"]), None);
+    // A message restarts the idle clock, and is printed. The clock is long
+    // enough here that a loaded machine's slow `fifobus pub` start cannot
+    // outlast it before the message arrives (300 ms did, once, under load).
+    let sub = Proc::start(fifobus(&bus.dir, &["sub", "t", "--idle", "5s"]), None);
     wait_joined(&bus, "fifobus-sub");
     publish(&bus, &[("t", "one")]);
     assert_eq!(sub.line(), "one\n");
