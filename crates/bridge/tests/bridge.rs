@@ -537,3 +537,76 @@ fn subjects_that_are_no_fifobus_topics_are_refused_at_start() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to bridge"));
 }
+
+/// The bridge's /metrics is valid exposition (promtool) on the broker's
+/// conventions, and holds every `fifobus_bridge_` series the Grafana
+/// dashboard queries. No NATS and no broker are needed for that.
+#[test]
+#[ignore = "needs promtool: apt-get install prometheus"]
+fn metrics_are_valid_and_cover_the_dashboard() {
+    let promtool = sibling_or_on_path("promtool").unwrap_or_else(|| {
+        panic!("promtool is not on PATH; this test needs Debian's prometheus package: apt-get install prometheus")
+    });
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nats = format!("nats://{}", unused.local_addr().unwrap());
+    let nobus = temp_dir("fifobus-bridge-nobus-").unwrap();
+    let bridge = Bridge::start(&nobus.path().join("bus"), &nats, &["--export", "a.>"]);
+    bridge.wait_log("bus: waiting for a broker");
+    let text = bridge.metrics();
+    let body = text.split("\r\n\r\n").nth(1).unwrap().to_owned();
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(bridge.metric("fifobus_bridge_connected{side=\"bus\"}"), 0);
+    assert_eq!(
+        bridge.metric("fifobus_bridge_buffer_limit_messages"),
+        10_000
+    );
+
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../grafana/dashboards/fifobus.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut used = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("fifobus_bridge_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                used.push(name);
+            }
+        }
+    }
+    assert!(used.len() >= 5, "the dashboard has bridge panels: {used:?}");
+    for name in used {
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "the dashboard queries {name}, which the bridge does not expose:\n{body}"
+        );
+    }
+}
