@@ -68,6 +68,12 @@ pub enum Command {
         after_help = "Examples:\n  fifobus bench                # the full run, a few minutes\n  fifobus bench --quick --json # a smoke run, machine-readable\n\nRuns the fifobus-bench program next to this one (else the one on PATH) with these arguments,\nmeasuring this fifobus unless FIFOBUS_BENCH_BROKER names another. Build it with\n`cargo build --release -p fifobus-bench` (or `cargo build --release --workspace`)."
     )]
     Bench(BenchArgs),
+    /// Bridge topics to and from other buses through NATS: runs fifobus-bridge (`fifobus bridge --help` for its options)
+    #[command(
+        disable_help_flag = true,
+        after_help = "Example:\n  fifobus bridge --nats nats://hub:4222 --prefix site-a --export 'chat.>' --import 'site-b.chat.>' --import-strip site-b\n\nRuns the fifobus-bridge program next to this one (else the one on PATH) with these arguments,\non this bus (--dir). Build it with `cargo build --release -p fifobus-bridge`. See docs/scale-out.md."
+    )]
+    Bridge(BridgeArgs),
     /// Send a request and print the first answer
     #[command(
         after_help = "Examples:\n  fifobus req svc.echo 'hello'\n  now=$(fifobus req --timeout 500ms clock.now '') || echo \"no clock ($?)\"\n\nExit status: 0 with an answer, 3 when nobody serves the topic (at once),\n124 when no answer comes within --timeout, 1 on other errors."
@@ -219,6 +225,17 @@ pub struct ServeArgs {
 /// `fifobus bench ARGS...`: the arguments of `fifobus-bench`, passed on unparsed.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    pub args: Vec<OsString>,
+}
+
+/// `fifobus bridge ARGS...`: the arguments of `fifobus-bridge`, passed on unparsed.
+#[derive(Debug, Args)]
+pub struct BridgeArgs {
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,

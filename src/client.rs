@@ -129,6 +129,10 @@ pub struct Handshake {
     /// so it is for single-threaded programs such as the `fifobus` commands:
     /// in a multi-threaded process another thread may take the signal.
     pub catch_signals: bool,
+    /// Send `echo=no`: the broker does not deliver this client's own `PUB`s
+    /// back to it. Kept by the broker for the client's whole life (across a
+    /// broker restart too), so it belongs to the handshake, not to a command.
+    pub no_echo: bool,
 }
 
 /// Buffered line reading from a non-blocking descriptor, with deadlines.
@@ -390,6 +394,7 @@ impl Client {
             name: opts.name.clone(),
             pid: opts.pid,
             subs: opts.subs.clone(),
+            no_echo: guard.no_echo,
         }
         .encode()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fifobus::cli::{BenchArgs, Cli, Command, ServeArgs, StatsArgs};
+use fifobus::cli::{BenchArgs, BridgeArgs, Cli, Command, ServeArgs, StatsArgs};
 use fifobus::{broker, busdir, commands, config::BrokerConfig, requests, router::BacklogLimits};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Sub(args) => commands::subscribe(&dir, args),
         Command::Stats(args) => return stats(&dir, args),
         Command::Bench(args) => return bench(args),
+        Command::Bridge(args) => return bridge(&dir, args),
         Command::Req(args) => requests::request(&dir, args),
         Command::Reply(args) => requests::reply(&dir, args),
         Command::Ls(args) => requests::ls(&dir, args),
@@ -287,6 +288,39 @@ fn bench(args: &BenchArgs) -> ExitCode {
         let flag = if release { " --release" } else { "" };
         eprintln!(
             "fifobus: the benchmark is a separate program, {NAME}, not found next to this one or on PATH; build it with `cargo build{flag} -p {NAME}`"
+        );
+    } else {
+        eprintln!("fifobus: cannot run {NAME}: {e}");
+    }
+    ExitCode::FAILURE
+}
+
+/// `fifobus bridge ARGS...`: runs `fifobus-bridge ARGS...` (crates/bridge,
+/// kept out of this binary with its NATS client and TLS stack), found as
+/// `fifobus bench` finds its program, on this bus: the bus directory goes
+/// in `FIFOBUS_DIR`, which its `--dir` defaults to.
+fn bridge(dir: &std::path::Path, args: &BridgeArgs) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    const NAME: &str = "fifobus-bridge";
+    let exe = std::env::current_exe().ok();
+    let beside = exe
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join(NAME))
+        .filter(|p| p.is_file());
+    let e = std::process::Command::new(beside.as_deref().unwrap_or(NAME.as_ref()))
+        .args(&args.args)
+        .env("FIFOBUS_DIR", dir)
+        .exec();
+    if e.kind() == std::io::ErrorKind::NotFound {
+        let release = exe
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .and_then(std::path::Path::file_name)
+            .is_none_or(|d| d != "debug");
+        let flag = if release { " --release" } else { "" };
+        eprintln!(
+            "fifobus: the NATS bridge is a separate program, {NAME}, not found next to this one or on PATH; build it with `cargo build{flag} -p {NAME}`"
         );
     } else {
         eprintln!("fifobus: cannot run {NAME}: {e}");

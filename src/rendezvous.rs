@@ -525,6 +525,7 @@ fn first_attempt(line: &[u8], ctx: &Context, pending: &Pending) -> Option<Attemp
                 name: None,
                 pid: None,
                 subs: Vec::new(),
+                no_echo: false,
             };
             (h, Some(error))
         }

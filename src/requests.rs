@@ -25,6 +25,7 @@ fn handshake(bus_owner: Option<u32>) -> Handshake {
     Handshake {
         bus_owner,
         catch_signals: true,
+        no_echo: false,
     }
 }
 

@@ -103,6 +103,8 @@ pub struct ClientRecord {
     pub recv: FileId,
     /// The argument text of each `SUB` in force.
     pub subs: Vec<String>,
+    /// `echo=no` in its HELLO (an `echo no` line; absent in older files).
+    pub no_echo: bool,
 }
 
 /// The argument text of `SUB p`, as [`Command::encode`] writes it.
@@ -168,6 +170,9 @@ impl ClientRecord {
         s.push_str(&format!("uid {}\n", self.uid));
         s.push_str(&format!("send {} {}\n", self.send.dev, self.send.ino));
         s.push_str(&format!("recv {} {}\n", self.recv.dev, self.recv.ino));
+        if self.no_echo {
+            s.push_str("echo no\n");
+        }
         for p in &self.subs {
             s.push_str("sub ");
             s.push_str(p);
@@ -195,6 +200,7 @@ impl ClientRecord {
         let (mut uuid, mut name, mut pid, mut uid, mut send, mut recv) =
             (None, None, None, None, None, None);
         let mut subs = Vec::new();
+        let mut echo = None;
         for (i, line) in lines.enumerate() {
             let n = i + 2;
             let (key, value) = line
@@ -244,6 +250,13 @@ impl ClientRecord {
                     once(slot, n, key)?;
                     *slot = Some(id);
                 }
+                "echo" => {
+                    once(&echo, n, key)?;
+                    if value != "no" {
+                        return Err(bad());
+                    }
+                    echo = Some(false);
+                }
                 "sub" => {
                     parse_sub(value).map_err(|e| format!("line {n}: bad sub {e}"))?;
                     subs.push(value.to_owned());
@@ -260,6 +273,7 @@ impl ClientRecord {
             send: send.ok_or_else(|| missing("send"))?,
             recv: recv.ok_or_else(|| missing("recv"))?,
             subs,
+            no_echo: echo == Some(false),
         })
     }
 }
@@ -814,6 +828,7 @@ mod tests {
             send: FileId { dev: 7, ino: 11 },
             recv: FileId { dev: 7, ino: 12 },
             subs: vec!["chat.>".into(), "a.*.c".into()],
+            no_echo: true,
         }
     }
 
@@ -825,9 +840,14 @@ mod tests {
             name: None,
             pid: None,
             subs: vec![],
+            no_echo: false,
             ..r
         };
-        assert_eq!(ClientRecord::parse(&bare.encode()), Ok(bare));
+        assert_eq!(ClientRecord::parse(&bare.encode()), Ok(bare.clone()));
+        assert!(
+            !bare.encode().contains("echo"),
+            "echo=yes writes nothing: a file an older broker wrote reads the same"
+        );
     }
 
     #[test]
@@ -854,6 +874,8 @@ mod tests {
             text.replace("name worker-1", "colour blue"),
             text.replace("uuid ", "uuid x"),
             text.replace("end\n", "end\nmore\n"),
+            text.replace("echo no", "echo yes"),
+            text.replace("echo no\n", "echo no\necho no\n"),
             format!("{text}\0\0\0"),
         ] {
             assert!(ClientRecord::parse(&bad).is_err(), "accepted {bad:?}");

@@ -684,6 +684,46 @@ fn bench_passes_through_to_fifobus_bench() {
     assert_eq!(out, "|/old/fifobus\n");
 }
 
+/// `fifobus bridge ARGS...` runs the `fifobus-bridge` next to it with the
+/// arguments unchanged and the bus directory (`--dir`, before or after
+/// `bridge`) in FIFOBUS_DIR; without one, it says how to build it.
+#[test]
+fn bridge_passes_through_to_fifobus_bridge() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let exe = dir.path().join("fifobus");
+    fs::hard_link(bin(), &exe)
+        .or_else(|_| fs::copy(bin(), &exe).map(drop))
+        .unwrap();
+    let x = [("X", exe.as_os_str())];
+    let (status, out, err) = sh(r#"PATH= "$X" bridge --export a"#, &x, T);
+    assert!(!status.success());
+    assert_eq!(out, "");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("fifobus-bridge")
+            && err.contains("cargo build")
+            && err.contains("-p fifobus-bridge"),
+        "{err}"
+    );
+
+    let fake = dir.path().join("fifobus-bridge");
+    fs::write(
+        &fake,
+        "#!/bin/bash\nprintf '%s|' \"$@\"; echo \"$FIFOBUS_DIR\"; exit 3\n",
+    )
+    .unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for script in [
+        r#"unset FIFOBUS_DIR; PATH= "$X" --dir /b bridge --export 'a.>' --import x"#,
+        r#"unset FIFOBUS_DIR; PATH= "$X" bridge --dir /b --export 'a.>' --import x"#,
+    ] {
+        let (status, out, _) = sh(script, &x, T);
+        assert_eq!(status.code(), Some(3), "{script}");
+        assert!(out.ends_with("|/b\n"), "{script}: {out}");
+        assert!(out.contains("--export|a.>|--import|x|"), "{script}: {out}");
+    }
+}
+
 /// An explicit `--metrics-addr` that is taken is an error at start: a
 /// Prometheus configured for it must never scrape some other broker.
 #[test]

@@ -92,10 +92,37 @@ fn compose_command_line_works_in_bash_and_runs_the_broker_as_you() {
 #[test]
 #[ignore = "needs systemd-analyze (systemd 252 or later): apt-get install systemd"]
 fn system_unit_rates_ok_in_systemd_analyze_security() {
-    let unit = repo("deploy/fifobus.service");
+    assert_rates_ok_with_reasons(&repo("deploy/fifobus.service"));
+}
+
+/// The same for the NATS bridge's unit (docs/scale-out.md).
+#[test]
+#[ignore = "needs systemd-analyze (systemd 252 or later): apt-get install systemd"]
+fn bridge_unit_rates_ok_in_systemd_analyze_security() {
+    assert_rates_ok_with_reasons(&repo("deploy/fifobus-bridge.service"));
+}
+
+/// The NATS cluster example is a configuration nats-server accepts.
+#[test]
+#[ignore = "needs nats-server: apt-get install nats-server"]
+fn nats_cluster_config_is_valid() {
+    let out = Command::new("nats-server")
+        .args(["-t", "-c"])
+        .arg(repo("deploy/nats/cluster.conf"))
+        .output()
+        .expect("nats-server is needed: apt-get install nats-server");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn assert_rates_ok_with_reasons(unit: &std::path::Path) {
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
-        .arg(&unit)
+        .arg(unit)
         .output()
         .expect("systemd-analyze is needed");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -108,7 +135,7 @@ fn system_unit_rates_ok_in_systemd_analyze_security() {
         "{overall}"
     );
     // Under "# Hardening.", directives come in blocks each led by a comment.
-    let body = std::fs::read_to_string(&unit).unwrap();
+    let body = std::fs::read_to_string(unit).unwrap();
     let hardening = body
         .split("# Hardening.")
         .nth(1)

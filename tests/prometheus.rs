@@ -338,11 +338,16 @@ fn dashboard_has_job_and_instance_variables_and_a_unit_per_panel() {
     }
 }
 
-/// Every dashboard query evaluates and returns at least one series.
+/// Every dashboard query evaluates and returns at least one series. The
+/// NATS bridge's panels need a bridge (crates/bridge/tests checks that it
+/// exposes every series they use): here they must only evaluate.
 fn assert_every_dashboard_query_returns_data(prom: &Prometheus) {
     for expr in dashboard_queries() {
         let v = query(prom, &expr);
         assert_eq!(v["status"], "success", "{expr}: {v}");
+        if expr.contains("fifobus_bridge_") {
+            continue;
+        }
         let result = v["data"]["result"].as_array().unwrap();
         assert!(
             !result.is_empty(),

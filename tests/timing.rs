@@ -210,6 +210,7 @@ impl Bus {
             name: Some(name.to_owned()),
             pid,
             subs: subs.iter().map(|s| pattern(s)).collect(),
+            no_echo: false,
         });
         let line = answer
             .next_line(&format!("the answer to {name}'s HELLO"))
@@ -676,6 +677,7 @@ async fn handshake_timeout_abandons_an_unread_reply() {
         name: Some("stuck".into()),
         pid: None,
         subs: Vec::new(),
+        no_echo: false,
     });
     let late_reply = bus.reply_fifo();
     bus.hello(&Hello {
@@ -683,6 +685,7 @@ async fn handshake_timeout_abandons_an_unread_reply() {
         name: Some("late".into()),
         pid: None,
         subs: Vec::new(),
+        no_echo: false,
     });
 
     // A pending handshake holds up no one.
@@ -751,6 +754,7 @@ async fn a_full_table_of_unread_replies_is_cut_short() {
             name: None,
             pid: None,
             subs: Vec::new(),
+            no_echo: false,
         };
         // The pipe may fill: let the broker read, the clock standing still.
         let bus = &bus;
@@ -794,6 +798,7 @@ async fn a_full_table_of_unread_replies_is_cut_short() {
         name: Some("late".to_owned()),
         pid: None,
         subs: Vec::new(),
+        no_echo: false,
     });
     settle().await;
     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1,4 +1,4 @@
-//! The rendezvous line: `HELLO reply=<fifo> [name=<label>] [pid=<pid>] [sub=<p>[,<p>...]]`.
+//! The rendezvous line: `HELLO reply=<fifo> [name=<label>] [pid=<pid>] [sub=<p>[,<p>...]] [echo=no]`.
 //!
 //! Parsing is strict about field names (a typo such as `subs=` is an error,
 //! not a silently ignored field) and keeps the reply path even when another
@@ -24,6 +24,11 @@ pub struct Hello {
     pub name: Option<String>,
     pub pid: Option<i32>,
     pub subs: Vec<Pattern>,
+    /// `echo=no`: the client's own `PUB`s are not delivered back to it,
+    /// however its subscriptions overlap them. A bridge needs this: what it
+    /// publishes on the bus came from elsewhere and must not go back out.
+    /// `false` (the default, `echo=yes`) keeps pub/sub's plain rule.
+    pub no_echo: bool,
 }
 
 /// A refused HELLO. `reply` is set when the line named a usable reply path,
@@ -95,7 +100,9 @@ impl Hello {
             name: None,
             pid: None,
             subs: Vec::new(),
+            no_echo: false,
         };
+        let mut echo_seen = false;
         for f in fields {
             let (key, value) = match memchr::memchr(b'=', f) {
                 Some(i) => (&f[..i], &f[i + 1..]),
@@ -143,12 +150,36 @@ impl Hello {
                         }
                     }
                 }
+                b"echo" => {
+                    if echo_seen {
+                        return Err(reject(
+                            answerable,
+                            ErrorCode::BadHello,
+                            "echo= given twice".into(),
+                        ));
+                    }
+                    echo_seen = true;
+                    hello.no_echo = match value {
+                        b"yes" => false,
+                        b"no" => true,
+                        _ => {
+                            return Err(reject(
+                                answerable,
+                                ErrorCode::BadHello,
+                                format!(
+                                    "echo= must be 'yes' or 'no', got '{}'",
+                                    escape_for_display(value, 20)
+                                ),
+                            ))
+                        }
+                    };
+                }
                 _ => {
                     return Err(reject(
                         answerable,
                         ErrorCode::BadHello,
                         format!(
-                            "unknown field '{}' (known: reply= name= pid= sub=)",
+                            "unknown field '{}' (known: reply= name= pid= sub= echo=)",
                             escape_for_display(key, 32)
                         ),
                     ))
@@ -188,6 +219,9 @@ impl Hello {
             line.extend_from_slice(b" sub=");
             let subs: Vec<&str> = self.subs.iter().map(|p| p.as_str()).collect();
             line.extend_from_slice(subs.join(",").as_bytes());
+        }
+        if self.no_echo {
+            line.extend_from_slice(b" echo=no");
         }
         line.push(b'\n');
         Ok(line)
@@ -293,8 +327,9 @@ mod tests {
             proptest::option::of("[^ \"\\\\,={}\\p{Cc}]{1,32}"),
             proptest::option::of(1..=i32::MAX),
             proptest::collection::vec(pattern(), 0..5),
+            any::<bool>(),
         )
-            .prop_map(|(reply, name, pid, mut subs)| {
+            .prop_map(|(reply, name, pid, mut subs, no_echo)| {
                 let mut seen = std::collections::HashSet::new();
                 subs.retain(|p| seen.insert(p.clone()));
                 Hello {
@@ -302,6 +337,7 @@ mod tests {
                     name,
                     pid,
                     subs,
+                    no_echo,
                 }
             })
     }
@@ -316,6 +352,24 @@ mod tests {
         assert_eq!(subs, ["chat.>", "news.*"]);
         let line = h.encode().unwrap();
         assert_eq!(Hello::parse(&line[..line.len() - 1]).unwrap(), h);
+    }
+
+    #[test]
+    fn echo_is_yes_unless_no() {
+        assert!(!Hello::parse(b"HELLO reply=/r").unwrap().no_echo);
+        assert!(!Hello::parse(b"HELLO reply=/r echo=yes").unwrap().no_echo);
+        let h = Hello::parse(b"HELLO reply=/r echo=no").unwrap();
+        assert!(h.no_echo);
+        assert!(h.encode().unwrap().ends_with(b" echo=no\n"));
+        for bad in [
+            &b"HELLO reply=/r echo=off"[..],
+            b"HELLO reply=/r echo=no echo=no",
+            b"HELLO reply=/r echo",
+        ] {
+            let r = Hello::parse(bad).unwrap_err();
+            assert_eq!(r.error.code, ErrorCode::BadHello);
+            assert!(r.reply.is_some(), "answerable");
+        }
     }
 
     #[test]

@@ -71,6 +71,8 @@ struct Client {
     req: requests::ClientRequests,
     /// Set once it is welcome (`bus.rs`): only then is it announced.
     info: Option<ClientInfo>,
+    /// `echo=no` in its HELLO: its own messages are not delivered to it.
+    no_echo: bool,
 }
 
 impl Client {
@@ -196,6 +198,10 @@ struct Stalls {
     /// `None`: a publish not made for a client (tests, benchmarks).
     uid: Option<u32>,
     full: Vec<Arc<Outbox>>,
+    /// The publisher's own outbox when it asked for `echo=no`: delivery
+    /// passes it over. Set for one command only, so that nothing else the
+    /// router publishes (`_bus.` presence, replies) is kept from it.
+    own: Option<Arc<Outbox>>,
 }
 
 pub struct RouterCore {
@@ -581,6 +587,7 @@ impl RouterCore {
                 who,
                 req: requests::ClientRequests::default(),
                 info: None,
+                no_echo: false,
             },
         );
         for p in subs {
@@ -590,6 +597,20 @@ impl RouterCore {
             }
         }
         Ok(())
+    }
+
+    /// `echo=no`: `key`'s own `PUB`s and `RETAIN`s are no longer delivered
+    /// to it (its plain, lossless and queue subscriptions alike). Set
+    /// before its first command, so that no message of its own reaches it.
+    pub fn set_no_echo(&mut self, key: ClientKey) {
+        if let Some(c) = self.clients.get_mut(&key) {
+            c.no_echo = true;
+        }
+    }
+
+    /// Whether `key` asked for `echo=no` (its durable record keeps it).
+    pub fn no_echo(&self, key: ClientKey) -> bool {
+        self.clients.get(&key).is_some_and(|c| c.no_echo)
     }
 
     /// Forgets a client and all its subscriptions. Idempotent.
@@ -632,6 +653,7 @@ impl RouterCore {
         read_at: Instant,
     ) -> Delivery {
         let d = self.apply_one(key, item, read_at);
+        self.stalls.own = None;
         if !self.stalls.full.is_empty() {
             if let Some(c) = self.clients.get(&key) {
                 c.outbox.stall_on(&self.stalls.full);
@@ -661,6 +683,9 @@ impl RouterCore {
             }
             Ok(Command::Pub { topic, payload }) => {
                 self.stalls.uid = Some(client.who.uid);
+                if client.no_echo {
+                    self.stalls.own = Some(client.outbox.clone());
+                }
                 if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(&topic) {
                     self.refuse(key, forbidden(&topic));
                     return Delivery::default();
@@ -693,6 +718,9 @@ impl RouterCore {
             },
             Ok(Command::Retain { topic, payload }) => {
                 self.stalls.uid = Some(client.who.uid);
+                if client.no_echo {
+                    self.stalls.own = Some(client.outbox.clone());
+                }
                 if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(&topic) {
                     self.refuse(key, forbidden(&topic));
                     return Delivery::default();
@@ -1283,18 +1311,49 @@ fn too_many_subscriptions(who: &Identity, max: usize) -> ProtocolError {
 /// gets no more until it has read some), so that the ones keeping up take
 /// the work. When none has room, the next in turn gets it and its overflow
 /// policy applies, as for a plain subscriber.
-fn choose(group: &QueueRoute, line_len: usize) -> &Arc<Outbox> {
+///
+/// `own` (an `echo=no` publisher's outbox) is never chosen: `None` when
+/// it is the group's only member.
+fn choose<'a>(
+    group: &'a QueueRoute,
+    line_len: usize,
+    own: Option<&Arc<Outbox>>,
+) -> Option<&'a Arc<Outbox>> {
     let n = group.members.len();
     let start = group.cursor.load(Relaxed) % n;
+    if let Some(own) = own {
+        return choose_other(group, line_len, own, start);
+    }
     for i in 0..n {
         let j = (start + i) % n;
         if group.members[j].has_room(line_len) {
             group.cursor.store(j + 1, Relaxed);
-            return &group.members[j];
+            return Some(&group.members[j]);
         }
     }
     group.cursor.store(start + 1, Relaxed);
-    &group.members[start]
+    Some(&group.members[start])
+}
+
+/// [`choose`] for an `echo=no` publisher that may be a member itself: the
+/// same round robin over the other members.
+fn choose_other<'a>(
+    group: &'a QueueRoute,
+    line_len: usize,
+    own: &Arc<Outbox>,
+    start: usize,
+) -> Option<&'a Arc<Outbox>> {
+    let n = group.members.len();
+    let others = || {
+        (0..n)
+            .map(move |i| (start + i) % n)
+            .filter(|&j| !Arc::ptr_eq(&group.members[j], own))
+    };
+    let j = others()
+        .find(|&j| group.members[j].has_room(line_len))
+        .or_else(|| others().next())?;
+    group.cursor.store(j + 1, Relaxed);
+    Some(&group.members[j])
 }
 
 /// Encodes the message once into `arena` and queues the same buffer for
@@ -1328,7 +1387,14 @@ fn deliver(
             Push::Disconnected(n) => d.disconnected += n + 1,
             Push::Closed => {}
         };
+        // `echo=no` publishers only: one pointer comparison per subscriber.
+        // (A clone: `stalls` is borrowed mutably below; free for `None`.)
+        let own = stalls.own.clone();
+        let own = own.as_ref();
         for outbox in route.subscribers.iter() {
+            if own.is_some_and(|o| Arc::ptr_eq(o, outbox)) {
+                continue;
+            }
             let entry = Entry {
                 line: line.clone(),
                 published: Some(read_at),
@@ -1347,7 +1413,9 @@ fn deliver(
                 line: line.clone(),
                 published: Some(read_at),
             };
-            let member = choose(group, line.len());
+            let Some(member) = choose(group, line.len(), own) else {
+                continue;
+            };
             // A lossless member (lossless by a subscription of its own) is
             // never full here unless all are: it loses, not stalls, then.
             count(if member.is_lossless() {
@@ -1357,6 +1425,9 @@ fn deliver(
             });
         }
         for (outbox, uid) in route.lossless.iter() {
+            if own.is_some_and(|o| Arc::ptr_eq(o, outbox)) {
+                continue;
+            }
             let entry = Entry {
                 line: line.clone(),
                 published: Some(read_at),
@@ -1461,6 +1532,77 @@ mod tests {
             )),
         );
         assert_eq!(lines(&a), ["MSG t 1", "PONG x", "ERR bad-topic nope"]);
+    }
+
+    #[test]
+    fn echo_no_keeps_a_publishers_own_messages_from_it_and_only_those() {
+        let mut core = RouterCore::new(Counters::new(100));
+        // The bridge: overlapping plain, lossless and queue subscriptions.
+        let me = client(&mut core, 1, &["t.>", "t.*"]);
+        core.set_no_echo(1);
+        core.now(1, cmd("SUB t.a lossless"));
+        core.now(1, cmd("SUB t.> queue=g"));
+        let other = client(&mut core, 2, &["t.a"]);
+        let member = client(&mut core, 3, &[]);
+        core.now(3, cmd("SUB t.> queue=g"));
+        for i in 0..4 {
+            core.now(1, cmd(&format!("PUB t.a m{i}")));
+        }
+        core.now(1, cmd("RETAIN t.a r"));
+        core.now(1, cmd("PING p"));
+        // Nothing of its own, by any subscription; its PONG still comes.
+        assert_eq!(lines(&me), ["PONG p"]);
+        assert_eq!(
+            lines(&other),
+            [
+                "MSG t.a m0",
+                "MSG t.a m1",
+                "MSG t.a m2",
+                "MSG t.a m3",
+                "MSG t.a r"
+            ]
+        );
+        // The group's other member takes every message, not every second.
+        assert_eq!(
+            lines(&member),
+            [
+                "MSG t.a m0",
+                "MSG t.a m1",
+                "MSG t.a m2",
+                "MSG t.a m3",
+                "MSG t.a r"
+            ]
+        );
+        // Others' messages reach it by every subscription as before (one
+        // line per plain/lossless match, plus its turn in the group).
+        core.now(2, cmd("PUB t.a x"));
+        core.now(2, cmd("PUB t.a y"));
+        let got = lines(&me);
+        assert_eq!(
+            got.iter().filter(|l| *l == "MSG t.a x").count()
+                + got.iter().filter(|l| *l == "MSG t.a y").count(),
+            got.len()
+        );
+        assert!(
+            got.contains(&"MSG t.a x".to_owned()) && got.contains(&"MSG t.a y".to_owned()),
+            "{got:?}"
+        );
+        assert!(core.no_echo(1) && !core.no_echo(2));
+        // Alone in its group, its messages go to no member.
+        core.now(3, cmd("UNSUB t.> queue=g"));
+        core.now(2, cmd("UNSUB t.a"));
+        let d = core.now(1, cmd("PUB t.b alone"));
+        assert_eq!(d.delivered, 0);
+        assert!(lines(&me).is_empty());
+    }
+
+    #[test]
+    fn echo_yes_is_the_default() {
+        let mut core = RouterCore::new(Counters::new(100));
+        let me = client(&mut core, 1, &["t"]);
+        core.now(1, cmd("PUB t 1"));
+        assert_eq!(lines(&me), ["MSG t 1"]);
+        assert!(!core.no_echo(1));
     }
 
     #[test]

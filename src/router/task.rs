@@ -69,6 +69,10 @@ pub enum RouterMsg {
     },
     /// Retained messages a previous broker left (`RouterCore::load_retained`).
     LoadRetained(crate::state::Retained, oneshot::Sender<Vec<String>>),
+    /// `echo=no` for a client just attached or adopted (`RouterCore::set_no_echo`).
+    NoEcho {
+        key: ClientKey,
+    },
     /// [`RouterMsg::Detach`], announced on `_bus.client.left` with why.
     Leave {
         key: ClientKey,
@@ -205,6 +209,12 @@ impl RouterHandle {
         self.tx.send(msg).await.is_ok()
     }
 
+    /// `echo=no` for `key`: sent before its session starts, so it is in
+    /// force before its first `PUB` (one channel, applied in order).
+    pub async fn no_echo(&self, key: ClientKey) {
+        let _ = self.tx.send(RouterMsg::NoEcho { key }).await;
+    }
+
     pub async fn detach(&self, key: ClientKey) {
         let _ = self.tx.send(RouterMsg::Detach { key }).await;
     }
@@ -338,6 +348,10 @@ fn handle(core: &mut RouterCore, msg: RouterMsg) -> usize {
             let work = msgs.len().max(1);
             let _ = done.send(core.load_retained(msgs));
             work
+        }
+        RouterMsg::NoEcho { key } => {
+            core.set_no_echo(key);
+            1
         }
         RouterMsg::Leave { key, reason } => {
             core.leave(key, reason);

@@ -128,6 +128,9 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
         Err(AttachError::Refused(e)) => return Err(e),
         Err(AttachError::Stopped) => return Err(shutting_down()),
     }
+    if hello.no_echo {
+        ctx.router.no_echo(key).await;
+    }
     // Full: a client without pid= may have vanished unseen; the one idle
     // longest makes room (docs/protocol.md, "Lifecycle"). Only now, so that
     // a newcomer the ACL refuses (its user's client limit) ends nobody.
@@ -190,6 +193,7 @@ pub async fn create(hello: &Hello, uid: u32, ctx: &Arc<Context>) -> Result<Welco
             send: fifos.ids[0],
             recv: fifos.ids[1],
             subs: hello.subs.iter().map(crate::state::sub_text).collect(),
+            no_echo: hello.no_echo,
         },
     );
     // Without pid=, idleness is what ends it.
@@ -281,6 +285,9 @@ pub async fn adopt(found: busdir::Adoptable, ctx: &Arc<Context>) -> Result<Sessi
             return Err(format!("the policy refuses it now: {}", e.text))
         }
         Err(AttachError::Stopped) => return Err("the broker is stopping".into()),
+    }
+    if rec.no_echo {
+        ctx.router.no_echo(key).await;
     }
     let ids = [
         FileId::of_fd(fifos.send.as_raw_fd()).map_err(|e| e.to_string())?,

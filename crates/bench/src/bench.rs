@@ -795,6 +795,7 @@ fn timed_connects(broker: &Broker, n: usize, flood: bool) -> Result<Vec<u64>> {
                 name: Some("flood".into()),
                 pid: None,
                 subs: Vec::new(),
+                no_echo: false,
             }
             .encode()
             .map_err(|e| BenchError::Failed(format!("cannot encode a HELLO: {e}")))

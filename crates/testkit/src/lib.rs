@@ -512,6 +512,7 @@ pub fn hello_line_with(reply: &Path, name: Option<&str>, pid: Option<u32>) -> St
         name: name.map(str::to_owned),
         pid: pid.map(|p| p as i32),
         subs: Vec::new(),
+        no_echo: false,
     }
     .encode()
     .expect("a test's HELLO encodes");

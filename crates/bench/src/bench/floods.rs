@@ -55,6 +55,7 @@ fn hello_line(reply: PathBuf, name: &str) -> Result<Vec<u8>> {
         name: Some(name.into()),
         pid: None,
         subs: Vec::new(),
+        no_echo: false,
     }
     .encode()
     .map_err(|e| BenchError::Failed(format!("cannot encode a HELLO: {e}")))
