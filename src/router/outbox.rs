@@ -10,7 +10,7 @@
 //! - drop-newest refuses new lines, so the gap sits after everything queued:
 //!   `DROPPED` is written last in the next batch.
 //!
-//! The queue is bytes, not entries: lines are copied into pooled 64 KiB
+//! The queue is bytes, not entries: lines are copied into pooled 4 KiB
 //! blocks ([`ByteQueue`]), as Redis copies replies into a client's output
 //! buffer and nats-server into its pending buffers, so a delivery costs a
 //! `memcpy` and no allocation; line boundaries are found again with
@@ -54,7 +54,7 @@ use crate::counters::MemoryBudget;
 /// What one queued run of lines costs beyond its bytes, charged to the
 /// memory budget: its slot in the run deque (32 bytes) with room for the
 /// deque's spare capacity. Not charged: the unused tail of the last block
-/// (under 64 KiB per client with a backlog) and the shared pool of free
+/// (under a block, 4 KiB, per client with a backlog) and the shared pool of free
 /// blocks (bounded, 4 MiB), nor the writer's reused buffer (its bytes in
 /// hand are charged, its spare capacity is not).
 pub const RUN_COST: usize = 64;
@@ -224,22 +224,29 @@ struct Run {
     kind: Kind,
 }
 
-/// Bytes per block of a queue: one pipe's worth, what the writer takes.
-const BLOCK: usize = 64 * 1024;
+/// Bytes per block of a queue: a page. Small, because every client with
+/// anything queued holds at least one: with 64 KiB blocks, 6,200
+/// subscribers each queueing a few lines per batch (100 topics × 62) took,
+/// faulted in and gave back 64 KiB each per batch, and ran at a third of
+/// the speed.
+const BLOCK: usize = 4 * 1024;
 /// Free blocks kept for reuse by all outboxes together (4 MiB): enough
 /// that a steady stream to many clients takes and gives back blocks
 /// without calling the allocator, few enough that a burst's memory goes
 /// back to the system once it is over.
-const POOL_MAX: usize = 64;
+const POOL_MAX: usize = 1024;
 
-static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-fn block_get() -> Box<[u8]> {
+/// An empty block of capacity [`BLOCK`] (filled by `extend`, so a new
+/// one is never zeroed first).
+fn block_get() -> Vec<u8> {
     let spare = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
-    spare.unwrap_or_else(|| vec![0u8; BLOCK].into_boxed_slice())
+    spare.unwrap_or_else(|| Vec::with_capacity(BLOCK))
 }
 
-fn block_put(b: Box<[u8]>) {
+fn block_put(mut b: Vec<u8>) {
+    b.clear();
     let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
     if pool.len() < POOL_MAX {
         pool.push(b);
@@ -250,9 +257,12 @@ fn block_put(b: Box<[u8]>) {
 /// in (no allocation per line, and no buffer shared with anything else,
 /// so what a client holds is what it is charged); an empty queue holds no
 /// block, so an idle client costs nothing here.
+///
+/// Every block but the last is full (`BLOCK` bytes), so offsets map to
+/// blocks by division.
 #[derive(Debug, Default)]
 struct ByteQueue {
-    blocks: VecDeque<Box<[u8]>>,
+    blocks: VecDeque<Vec<u8>>,
     /// Where the first byte is in `blocks[0]`.
     head: usize,
     len: usize,
@@ -261,13 +271,12 @@ struct ByteQueue {
 impl ByteQueue {
     fn push(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
-            let end = self.head + self.len;
-            if end == self.blocks.len() * BLOCK {
+            if self.blocks.back().is_none_or(|b| b.len() == BLOCK) {
                 self.blocks.push_back(block_get());
             }
-            let (i, off) = (end / BLOCK, end % BLOCK);
-            let n = (BLOCK - off).min(data.len());
-            self.blocks[i][off..off + n].copy_from_slice(&data[..n]);
+            let b = self.blocks.back_mut().expect("just made sure");
+            let n = (BLOCK - b.len()).min(data.len());
+            b.extend_from_slice(&data[..n]);
             self.len += n;
             data = &data[n..];
         }
@@ -337,9 +346,13 @@ impl ByteQueue {
             self.clear();
             return;
         }
-        let needed = (self.head + self.len).div_ceil(BLOCK);
+        let end = self.head + self.len;
+        let needed = end.div_ceil(BLOCK);
         while self.blocks.len() > needed {
             block_put(self.blocks.pop_back().expect("more blocks than needed"));
+        }
+        if let Some(last) = self.blocks.back_mut() {
+            last.truncate(end - (needed - 1) * BLOCK);
         }
     }
 
@@ -426,6 +439,14 @@ impl Batch {
         self.pos = 0;
         self.runs.clear();
         left
+    }
+
+    /// Gives the buffers back once everything is written (a writer gone
+    /// quiet), so that idle clients hold nothing.
+    pub fn release(&mut self) {
+        if self.is_empty() {
+            *self = Batch::default();
+        }
     }
 
     /// Makes room for a take: drops what was written; a buffer a huge line
@@ -1286,9 +1307,9 @@ mod tests {
         let mut l = l;
         l.push(b'\n');
         for _ in 0..200 {
-            o.push(&l[..]); // 200 KB: four blocks
+            o.push(&l[..]); // 200 KB
         }
-        assert_eq!(o.lock().data.blocks.len(), 4);
+        assert_eq!(o.lock().data.blocks.len(), 200_000usize.div_ceil(BLOCK));
         let mut q = Batch::default();
         let mut got = 0;
         loop {

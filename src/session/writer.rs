@@ -59,7 +59,12 @@ pub(super) async fn write_lines(
                 None => {
                     tokio::select! {
                         () = outbox.changed() => {}
-                        () = pipe_size::until(pipe.check_at()) => pipe.on_timer(Instant::now()),
+                        () = pipe_size::until(pipe.check_at()) => {
+                            pipe.on_timer(Instant::now());
+                            // Quiet for --pipe-idle: an idle client keeps
+                            // no buffer a burst grew.
+                            batch.release();
+                        }
                     }
                     continue;
                 }
