@@ -1371,13 +1371,16 @@ fn deliver(
             Push::Disconnected(n) => d.disconnected += n + 1,
             Push::Closed => {}
         };
+        let memory = &counters.memory;
+        let mut budget = (memory.held(), memory.limit());
         for outbox in route.subscribers.iter() {
-            if stage.add(outbox, r.clone(), read_at, &counters.memory) {
+            if stage.add(outbox, r.clone(), read_at, budget) {
                 count(Push::Queued);
                 continue;
             }
             stage.flush_one(outbox);
             count(outbox.push_line(stage.line(r.clone()), Some(read_at)));
+            budget.0 = memory.held();
         }
         let line = stage.line(r);
         let mut lossless = |outbox: &Arc<Outbox>, line| {

@@ -29,6 +29,11 @@ use crate::registry::Activity;
 use crate::router::{Batch, CloseReason, Outbox};
 use crate::throttle::LogThrottle;
 
+/// How long a writer keeps its buffers (its batch buffer and its outbox's
+/// spare block) after its last batch: a stream reuses them with no
+/// allocation, an idle client holds nothing once this has passed.
+const QUIET: Duration = Duration::from_secs(1);
+
 /// Writes the outbox to `recv` until the outbox ends; returns why.
 /// `latency` gets publish-to-write time per `MSG`, counted locally and
 /// flushed once per batch. `activity` (clients without `pid=`) counts the
@@ -46,6 +51,8 @@ pub(super) async fn write_lines(
         batch: Batch::default(),
     };
     let batch = &mut hand.batch;
+    // When to give back the buffers kept for the next batch, if none comes.
+    let mut quiet_at = None;
     loop {
         let end = outbox.take(batch);
         // Here the writer has written all it had: if `recv` has been quiet
@@ -59,17 +66,19 @@ pub(super) async fn write_lines(
                 None => {
                     tokio::select! {
                         () = outbox.changed() => {}
-                        () = pipe_size::until(pipe.check_at()) => {
-                            pipe.on_timer(Instant::now());
-                            // Quiet for --pipe-idle: an idle client keeps
-                            // no buffer a burst grew.
+                        () = pipe_size::until(pipe.check_at()) => pipe.on_timer(Instant::now()),
+                        () = pipe_size::until(quiet_at) => {
+                            // Quiet: an idle client holds no buffer.
                             batch.release();
+                            outbox.release();
+                            quiet_at = None;
                         }
                     }
                     continue;
                 }
             }
         }
+        quiet_at = Some(Instant::now() + QUIET);
         let mut full = false;
         while !batch.is_empty() {
             match write_some(recv, batch, &mut latency) {

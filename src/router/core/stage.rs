@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::FastMap;
-use crate::counters::MemoryBudget;
 use crate::protocol::encode;
 use crate::router::outbox::{Outbox, RUN_COST};
 use crate::topic::Topic;
@@ -73,15 +72,17 @@ impl Stage {
         &self.buf[r]
     }
 
-    /// Holds line `r` for `outbox` if it certainly fits there (and in the
-    /// budget); `false` when the caller must push it itself (after
+    /// Holds line `r` for `outbox` if it certainly fits there and in the
+    /// memory budget (`budget` is what it holds and its limit, read once
+    /// per message: the shared counter is written by every writer);
+    /// `false` when the caller must push it itself (after
     /// [`Stage::flush_one`]).
     pub(super) fn add(
         &mut self,
         outbox: &Arc<Outbox>,
         r: Range<usize>,
         read_at: Instant,
-        budget: &MemoryBudget,
+        budget: (usize, usize),
     ) -> bool {
         if !self.active {
             return false;
@@ -109,7 +110,7 @@ impl Stage {
         let len = r.len();
         let cost = len + if slot.lines == 0 { RUN_COST } else { 0 };
         if !outbox.fits(slot.lines + 1, slot.bytes + len)
-            || budget.held() + self.pending + cost > budget.limit()
+            || budget.0 + self.pending + cost > budget.1
         {
             return false;
         }
