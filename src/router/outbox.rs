@@ -266,11 +266,13 @@ struct ByteQueue {
     /// Where the first byte is in `blocks[0]`.
     head: usize,
     len: usize,
-    /// The last block, kept when the queue drained: a client that receives
-    /// a few lines per batch reuses it instead of taking one from the pool
-    /// (or the allocator, when 6,200 such clients outrun the pool) each
-    /// time. Given back by [`Outbox::release`] once its writer is quiet.
+    /// The last block, kept when the queue drained while `keep_spare`: a
+    /// client that receives a few lines per batch reuses it instead of
+    /// taking one from the pool (or the allocator, when 6,200 such clients
+    /// outrun the pool) each time. Its writer asks for this while it
+    /// streams and gives it back once quiet ([`Outbox::keep_buffers`]).
     spare: Option<Vec<u8>>,
+    keep_spare: bool,
 }
 
 impl ByteQueue {
@@ -364,7 +366,7 @@ impl ByteQueue {
 
     fn clear(&mut self) {
         for mut b in self.blocks.drain(..) {
-            if self.spare.is_none() {
+            if self.keep_spare && self.spare.is_none() {
                 b.clear();
                 self.spare = Some(b);
             } else {
@@ -1195,10 +1197,16 @@ impl Outbox {
         (s.lines + s.in_hand_lines, s.bytes)
     }
 
-    /// Gives the queue's spare block back to the pool (its writer has been
-    /// quiet a while): an idle client holds nothing.
-    pub fn release(&self) {
+    /// Whether the queue keeps a drained block for the next lines: asked
+    /// by a writer that streams, turned off (the block given back to the
+    /// pool) once it has been quiet a while, so an idle client holds
+    /// nothing and a quiet one arms no timer for it.
+    pub fn keep_buffers(&self, on: bool) {
         let mut s = self.lock();
+        s.data.keep_spare = on;
+        if on {
+            return;
+        }
         if let Some(b) = s.data.spare.take() {
             block_put(b);
         }
@@ -1326,6 +1334,7 @@ mod tests {
     #[test]
     fn a_drained_outbox_holds_no_block_and_blocks_are_reused() {
         let o = outbox(100_000, 1 << 30, OverflowPolicy::DropOldest);
+        o.keep_buffers(true);
         let l = vec![b'x'; 999];
         let mut l = l;
         l.push(b'\n');
@@ -1347,7 +1356,7 @@ mod tests {
         }
         assert_eq!(got, 200);
         assert!(o.lock().data.spare.is_some(), "one block kept while active");
-        o.release();
+        o.keep_buffers(false);
         let s = o.lock();
         assert!(
             s.data.blocks.is_empty() && s.data.spare.is_none(),

@@ -33,6 +33,9 @@ use crate::throttle::LogThrottle;
 /// spare block) after its last batch: a stream reuses them with no
 /// allocation, an idle client holds nothing once this has passed.
 const QUIET: Duration = Duration::from_secs(1);
+/// Bytes written after which a client counts as streaming: its buffers are
+/// kept between batches (and given back after [`QUIET`]).
+const STREAMING: usize = 16 * 1024;
 
 /// Writes the outbox to `recv` until the outbox ends; returns why.
 /// `latency` gets publish-to-write time per `MSG`, counted locally and
@@ -51,8 +54,10 @@ pub(super) async fn write_lines(
         batch: Batch::default(),
     };
     let batch = &mut hand.batch;
-    // When to give back the buffers kept for the next batch, if none comes.
-    let mut quiet_at = None;
+    // Bytes written since the buffers were last given back, and when to give
+    // them back if no batch comes (armed only once this client streams, so
+    // a client that only exchanges PING and PONG wakes no timer).
+    let (mut streamed, mut quiet_at) = (0, None);
     loop {
         let end = outbox.take(batch);
         // Here the writer has written all it had: if `recv` has been quiet
@@ -70,20 +75,20 @@ pub(super) async fn write_lines(
                         () = pipe_size::until(quiet_at) => {
                             // Quiet: an idle client holds no buffer.
                             batch.release();
-                            outbox.release();
-                            quiet_at = None;
+                            outbox.keep_buffers(false);
+                            (quiet_at, streamed) = (None, 0);
                         }
                     }
                     continue;
                 }
             }
         }
-        quiet_at = Some(Instant::now() + QUIET);
         let mut full = false;
         while !batch.is_empty() {
             match write_some(recv, batch, &mut latency) {
                 Ok((bytes, lines)) => {
                     outbox.written(bytes, lines);
+                    streamed += bytes;
                     if let Some(a) = activity {
                         a.wrote(bytes);
                     }
@@ -112,6 +117,12 @@ pub(super) async fn write_lines(
         latency.flush();
         if !full {
             pipe.passed();
+        }
+        if streamed >= STREAMING {
+            if quiet_at.is_none() {
+                outbox.keep_buffers(true);
+            }
+            quiet_at = Some(Instant::now() + QUIET);
         }
         if let Some(reason) = end {
             return reason;
