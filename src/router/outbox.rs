@@ -665,7 +665,8 @@ pub struct Outbox {
     /// reads nothing more until they have room. Weak: two clients may
     /// publish to each other.
     stalled_on: Mutex<Vec<Weak<Outbox>>>,
-    /// Locks taken to queue lines (tests: one per batch, not per line).
+    /// Locks taken on this outbox (tests: a batch costs one per subscriber,
+    /// not one per line).
     #[cfg(test)]
     pub(crate) pushes: AtomicUsize,
 }
