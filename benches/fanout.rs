@@ -1,10 +1,13 @@
-//! The delivery side: encoding one `MSG` line, and `RouterCore::publish`
-//! queueing it into every subscriber's outbox.
+//! The delivery side: encoding one `MSG` line, `RouterCore::publish`
+//! queueing it into every subscriber's outbox one line at a time, and the
+//! router's whole batch path (`RouterCore::apply_batch` of a reader's
+//! 1024-line batch: parse result in, lines queued per subscriber at once).
+//! All with metrics on: the real `Counters`, the topic's counters
+//! registered as the broker does.
 //!
 //! Run with `cargo bench --bench fanout`. Throughput is reported in messages
 //! for encoding and in deliveries (messages × subscribers) for publishing.
 
-use std::collections::VecDeque;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +16,8 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fifobus::acl::Identity;
 use fifobus::protocol::encode;
-use fifobus::router::{BacklogLimits, Entry, Outbox, RouterCore};
+use fifobus::protocol::Command;
+use fifobus::router::{BacklogLimits, Batch, Outbox, RouterCore};
 use fifobus::topic::{Pattern, Topic};
 
 /// Publishes timed back to back before the outboxes are drained (untimed).
@@ -87,7 +91,7 @@ fn publish(c: &mut Criterion) {
                 o
             })
             .collect();
-        let mut drained: VecDeque<Entry> = VecDeque::new();
+        let mut drained = Batch::default();
         let read_at = Instant::now();
 
         g.throughput(Throughput::Elements(subscribers));
@@ -114,9 +118,7 @@ fn publish(c: &mut Criterion) {
                     left -= n;
                     // Untimed: what each client's writer would do.
                     for o in &outboxes {
-                        o.take(&mut drained);
-                        debug_assert_eq!(drained.len() as u64, n);
-                        drained.clear();
+                        drain(o, &mut drained);
                     }
                 }
                 elapsed
@@ -126,5 +128,68 @@ fn publish(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encode_msg, publish);
+/// What a client's writer does, untimed: takes everything and reports it
+/// written.
+fn drain(o: &Outbox, hand: &mut Batch) {
+    loop {
+        o.take(hand);
+        if hand.is_empty() {
+            return;
+        }
+        let (bytes, lines) = hand.clear();
+        o.written(bytes, lines);
+    }
+}
+
+/// `RouterCore::apply_batch` of one reader batch: 1024 `PUB`s of 64 bytes
+/// on one topic, to 1 and to 10 subscribers, the outboxes drained (untimed)
+/// after each batch as their writers would.
+fn apply_batch(c: &mut Criterion) {
+    const LINES: usize = 1024;
+    let limits = BacklogLimits::default();
+    let p = payload(64);
+    let line = format!("PUB chat.room.42 {}", String::from_utf8_lossy(&p));
+    let mut g = c.benchmark_group("fanout/apply_batch_1024x64B");
+    g.measurement_time(Duration::from_secs(3));
+    for subscribers in [1u64, 10] {
+        let mut core = RouterCore::new(fifobus::counters::Counters::new(1000));
+        let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
+            .map(|key| {
+                let o = Arc::new(Outbox::new(limits));
+                core.attach(key, o.clone(), vec!["chat.room.42".parse().expect("valid")]);
+                o
+            })
+            .collect();
+        let publisher = u64::MAX;
+        core.attach(publisher, Arc::new(Outbox::new(limits)), vec![]);
+        let batch = || -> Vec<_> {
+            (0..LINES)
+                .map(|_| {
+                    Command::parse(Bytes::copy_from_slice(line.as_bytes()))
+                        .map(|c| c.expect("not blank"))
+                })
+                .collect()
+        };
+        let mut hand = Batch::default();
+        g.throughput(Throughput::Elements(LINES as u64 * subscribers));
+        g.bench_function(format!("1_to_{subscribers}"), |b| {
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    let items = batch();
+                    let start = Instant::now();
+                    black_box(core.apply_batch(publisher, items, start));
+                    elapsed += start.elapsed();
+                    for o in &outboxes {
+                        drain(o, &mut hand);
+                    }
+                }
+                elapsed
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, encode_msg, publish, apply_batch);
 criterion_main!(benches);

@@ -5,9 +5,9 @@
 //! delegates to them after checking its fields, so the decoder in
 //! [`super::reply`] is tested against the very bytes the broker writes.
 //!
-//! A fanned-out message is encoded into one [`Bytes`] and the same buffer is
-//! shared by every subscriber's outbox: a refcount increment per delivery,
-//! not a copy.
+//! A fanned-out message is encoded once, into a buffer the router reuses
+//! ([`msg_append`]), and copied into each subscriber's outbox: a `memcpy`
+//! per delivery, no allocation and no shared reference count.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -26,22 +26,13 @@ pub(super) fn msg_raw(topic: &[u8], payload: &[u8]) -> Bytes {
     b.freeze()
 }
 
-/// Encodes `MSG <topic> <payload>` into `arena` and returns it as its own
-/// `Bytes`, sharing the arena's allocation with the lines encoded before it.
-/// The arena grows in 16 KiB chunks, so a stream of small messages costs one
-/// allocation per chunk instead of one per message. A queued line keeps its
-/// whole chunk alive; [`crate::router::Outbox`] bounds how many such lines a
-/// lagging client may hold (`PIN_LINES`).
-pub fn msg_into(arena: &mut BytesMut, topic: &Topic, payload: &[u8]) -> Bytes {
-    const STEP: usize = 16 * 1024;
+/// Appends `MSG <topic> <payload>\n` to `out`: the router encodes each
+/// message once into a buffer it reuses, and outboxes copy the line in, so
+/// encoding allocates nothing in steady state.
+pub fn msg_append(out: &mut Vec<u8>, topic: &Topic, payload: &[u8]) {
     let t = topic.as_bytes();
-    let len = msg_len(t, payload);
-    if arena.capacity() - arena.len() < len {
-        // A fresh chunk; the old one lives on while its lines are queued.
-        *arena = BytesMut::with_capacity(len.max(STEP));
-    }
-    put_msg(arena, t, payload);
-    arena.split().freeze()
+    out.reserve(msg_len(t, payload));
+    put_msg(out, t, payload);
 }
 
 fn msg_len(topic: &[u8], payload: &[u8]) -> usize {
@@ -49,7 +40,7 @@ fn msg_len(topic: &[u8], payload: &[u8]) -> usize {
 }
 
 #[inline]
-fn put_msg(b: &mut BytesMut, topic: &[u8], payload: &[u8]) {
+fn put_msg(b: &mut impl BufMut, topic: &[u8], payload: &[u8]) {
     b.put_slice(b"MSG ");
     b.put_slice(topic);
     b.put_u8(b' ');
@@ -142,13 +133,13 @@ mod tests {
         let t = Topic::parse(b"a.b").unwrap();
         assert_eq!(&msg(&t, b"hi there")[..], b"MSG a.b hi there\n");
         assert_eq!(&msg(&t, b"")[..], b"MSG a.b \n");
-        let mut arena = BytesMut::new();
-        let one = msg_into(&mut arena, &t, b"1");
-        let two = msg_into(&mut arena, &t, &[b'x'; 70_000]);
-        let three = msg_into(&mut arena, &t, b"3");
-        assert_eq!(&one[..], b"MSG a.b 1\n");
-        assert_eq!(two.len(), 70_009);
-        assert_eq!(&three[..], b"MSG a.b 3\n");
+        let mut buf = Vec::new();
+        msg_append(&mut buf, &t, b"1");
+        msg_append(&mut buf, &t, &[b'x'; 70_000]);
+        msg_append(&mut buf, &t, b"3");
+        assert_eq!(&buf[..10], b"MSG a.b 1\n");
+        assert_eq!(buf.len(), 10 + 70_009 + 10);
+        assert_eq!(&buf[10 + 70_009..], b"MSG a.b 3\n");
         assert_eq!(&pong(None)[..], b"PONG\n");
         assert_eq!(&pong(Some(b"7"))[..], b"PONG 7\n");
         assert_eq!(&dropped(3)[..], b"DROPPED 3\n");

@@ -23,6 +23,7 @@
 
 mod bus;
 mod requests;
+mod stage;
 
 pub use bus::{is_bus_topic, ClientInfo, BUS_PREFIX};
 pub use requests::MAX_PENDING_REQUESTS;
@@ -34,7 +35,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::outbox::{CloseReason, Entry, Outbox, Push};
+use super::outbox::{CloseReason, Outbox, Push};
 use crate::acl::{Identity, Policy, Sub};
 use crate::counters::{Counters, DropReason, TopicCounters};
 use crate::protocol::{encode, Command, ErrorCode, ProtocolError, QueueName, SubOptions};
@@ -154,7 +155,7 @@ impl Default for RetainLimits {
 /// What one retained message costs against the limits and the budget:
 /// topic, payload, and the map entry.
 fn retained_cost(topic: &Topic, payload: &[u8]) -> usize {
-    topic.as_bytes().len() + payload.len() + super::outbox::ENTRY_COST
+    topic.as_bytes().len() + payload.len() + super::outbox::RUN_COST
 }
 
 /// What one uid holds, for the ACL's per-user limits.
@@ -210,9 +211,9 @@ pub struct RouterCore {
     /// Hashed with foldhash: one lookup per PUB, on the hot path.
     cache: FastMap<Topic, Route>,
     scratch: Vec<ClientKey>,
-    /// Where `MSG` lines are encoded: many lines share one allocation,
-    /// instead of a malloc and a free per message.
-    arena: bytes::BytesMut,
+    /// Where `MSG` lines are encoded (once per message, into a reused
+    /// buffer) and a batch's deliveries wait to be queued per outbox.
+    stage: stage::Stage,
     counters: Arc<Counters>,
     /// Per-topic counters outlive the match cache, so a topic is resolved
     /// once however often interest changes. Folded topics are not kept:
@@ -275,7 +276,7 @@ impl RouterCore {
             clients: FastMap::default(),
             cache: FastMap::default(),
             scratch: Vec::new(),
-            arena: bytes::BytesMut::new(),
+            stage: stage::Stage::default(),
             counters,
             topics: FastMap::default(),
             policy: Arc::new(Policy::open()),
@@ -661,11 +662,46 @@ impl RouterCore {
             }
             self.stalls.full.clear();
         }
+        if self.counters.memory.over() {
+            // Shedding must see every line this batch queued so far.
+            self.stage.flush();
+        }
         let lost = self.reclaim();
         Delivery {
             dropped: d.dropped + lost,
             ..d
         }
+    }
+
+    /// Applies a client's whole batch (one read), as [`RouterCore::apply`]
+    /// item by item, except that its plain deliveries are queued per
+    /// subscriber once, at the end (or before anything else reaches that
+    /// outbox): one lock and at most one writer wake-up per subscriber per
+    /// batch, not per message. Returns the work done (lines plus deliveries
+    /// and drops), for the router's turn.
+    pub fn apply_batch(
+        &mut self,
+        key: ClientKey,
+        items: Vec<Result<Command, ProtocolError>>,
+        read_at: Instant,
+    ) -> usize {
+        let mut work = items.len();
+        for item in items {
+            // Anything but a plain PUB may push into an outbox directly
+            // (ERR, PONG, BYE, retained, requests, `_bus.`): after what is
+            // held, so that every client's lines keep their order.
+            let held = matches!(&item, Ok(Command::Pub { topic, .. })
+                if !(topic.as_bytes().starts_with(b"_bus") && is_bus_topic(topic)));
+            if !held {
+                self.stage.flush();
+            }
+            self.stage.active = held;
+            let d = self.apply(key, item, read_at);
+            work += d.delivered + d.dropped;
+        }
+        self.stage.active = false;
+        self.stage.flush();
+        work + self.reclaim()
     }
 
     fn apply_one(
@@ -752,7 +788,7 @@ impl RouterCore {
         if let Some(route) = self.cache.get(topic) {
             return deliver(
                 route,
-                &mut self.arena,
+                &mut self.stage,
                 &self.counters,
                 topic,
                 payload,
@@ -764,7 +800,7 @@ impl RouterCore {
         let route = &self.cache[topic];
         deliver(
             route,
-            &mut self.arena,
+            &mut self.stage,
             &self.counters,
             topic,
             payload,
@@ -788,6 +824,10 @@ impl RouterCore {
         // As in `publish`: on a hit, one lookup for the route and one for
         // this publisher's decision kept in it.
         if let Some(route) = self.cache.get_mut(topic) {
+            if route.publishers.get(&key) != Some(&true) {
+                // Its ERR must follow the lines this batch queued before.
+                self.stage.flush();
+            }
             if !may_publish(
                 route,
                 key,
@@ -800,7 +840,7 @@ impl RouterCore {
             }
             return deliver(
                 route,
-                &mut self.arena,
+                &mut self.stage,
                 &self.counters,
                 topic,
                 payload,
@@ -808,6 +848,7 @@ impl RouterCore {
                 &mut self.stalls,
             );
         }
+        self.stage.flush();
         self.resolve(topic);
         let route = self.cache.get_mut(topic).expect("just resolved");
         if !may_publish(
@@ -822,7 +863,7 @@ impl RouterCore {
         }
         deliver(
             route,
-            &mut self.arena,
+            &mut self.stage,
             &self.counters,
             topic,
             payload,
@@ -1071,15 +1112,12 @@ impl RouterCore {
         let now = Instant::now();
         let send = |topic: &Topic, payload: &Bytes| {
             if open || self.policy.may_receive(&client.who, topic) {
-                let entry = Entry {
-                    line: encode::msg(topic, payload),
-                    published: Some(now),
-                };
+                let line = encode::msg(topic, payload);
                 // Bounded by the retained limits: no publisher to stall.
                 if client.outbox.is_lossless() {
-                    client.outbox.push_lossless(entry);
+                    client.outbox.push_lossless(&line, Some(now));
                 } else {
-                    client.outbox.push_entry(entry);
+                    client.outbox.push_line(&line, Some(now));
                 }
             }
         };
@@ -1356,12 +1394,13 @@ fn choose_other<'a>(
     Some(&group.members[j])
 }
 
-/// Encodes the message once into `arena` and queues the same buffer for
-/// every subscriber of `route`; counts it. A free function over the
-/// router's fields so that the route can stay borrowed from the cache.
+/// Encodes the message once into `stage` and queues it for every
+/// subscriber of `route` (held in the stage while a batch is applied, see
+/// `stage.rs`); counts it. A free function over the router's fields so that
+/// the route can stay borrowed from the cache.
 fn deliver(
     route: &Route,
-    arena: &mut bytes::BytesMut,
+    stage: &mut stage::Stage,
     counters: &Counters,
     topic: &Topic,
     payload: &Bytes,
@@ -1375,7 +1414,11 @@ fn deliver(
     let routed =
         !route.subscribers.is_empty() || !route.groups.is_empty() || !route.lossless.is_empty();
     if routed {
-        let line = encode::msg_into(arena, topic, payload);
+        if !route.groups.is_empty() || !route.lossless.is_empty() {
+            // Their lines are pushed one by one: after what is held.
+            stage.flush();
+        }
+        let r = stage.encode(topic, payload);
         let mut count = |push| match push {
             Push::Queued => d.delivered += 1,
             Push::QueuedDropping(n) => {
@@ -1391,53 +1434,50 @@ fn deliver(
         // (A clone: `stalls` is borrowed mutably below; free for `None`.)
         let own = stalls.own.clone();
         let own = own.as_ref();
+        let memory = &counters.memory;
+        let mut budget = (memory.held(), memory.limit());
         for outbox in route.subscribers.iter() {
             if own.is_some_and(|o| Arc::ptr_eq(o, outbox)) {
                 continue;
             }
-            let entry = Entry {
-                line: line.clone(),
-                published: Some(read_at),
-            };
-            count(outbox.push_entry(entry));
+            if stage.add(outbox, r.clone(), read_at, budget) {
+                count(Push::Queued);
+                continue;
+            }
+            stage.flush_one(outbox);
+            count(outbox.push_line(stage.line(r.clone()), Some(read_at)));
+            budget.0 = memory.held();
         }
-        let mut lossless = |outbox: &Arc<Outbox>, entry| {
-            let (push, full) = outbox.push_lossless(entry);
+        let line = stage.line(r);
+        let mut lossless = |outbox: &Arc<Outbox>, line| {
+            let (push, full) = outbox.push_lossless(line, Some(read_at));
             if full {
                 stalls.full.push(outbox.clone());
             }
             push
         };
         for group in route.groups.iter() {
-            let entry = Entry {
-                line: line.clone(),
-                published: Some(read_at),
-            };
             let Some(member) = choose(group, line.len(), own) else {
                 continue;
             };
             // A lossless member (lossless by a subscription of its own) is
             // never full here unless all are: it loses, not stalls, then.
             count(if member.is_lossless() {
-                member.push_unstallable(entry)
+                member.push_unstallable(line, Some(read_at))
             } else {
-                member.push_entry(entry)
+                member.push_line(line, Some(read_at))
             });
         }
         for (outbox, uid) in route.lossless.iter() {
             if own.is_some_and(|o| Arc::ptr_eq(o, outbox)) {
                 continue;
             }
-            let entry = Entry {
-                line: line.clone(),
-                published: Some(read_at),
-            };
             // One user's lossless reader must not hold back another's
             // publishers (a shared bus): their lines may be dropped for it.
             count(if stalls.uid.is_none_or(|p| p == *uid) {
-                lossless(outbox, entry)
+                lossless(outbox, line)
             } else {
-                outbox.push_unstallable(entry)
+                outbox.push_unstallable(line, Some(read_at))
             });
         }
     }
@@ -1463,24 +1503,24 @@ fn deliver(
 mod tests {
     use super::*;
     use crate::protocol::Reply;
-    use crate::router::outbox::BacklogLimits;
-    use std::collections::VecDeque;
+    use crate::router::outbox::{BacklogLimits, Batch};
 
     /// Everything queued for `o`, taken and reported written as its writer
     /// would.
     fn lines(o: &Outbox) -> Vec<String> {
         let mut all = Vec::new();
         loop {
-            let mut q = VecDeque::new();
+            let mut q = Batch::default();
             o.take(&mut q);
             if q.is_empty() {
                 return all;
             }
-            o.written(q.iter().map(|e| e.line.len()).sum(), q.len());
             all.extend(
-                q.iter()
-                    .map(|e| String::from_utf8_lossy(&e.line).trim_end().to_string()),
+                q.lines()
+                    .map(|l| String::from_utf8_lossy(l).trim_end().to_string()),
             );
+            let (b, n) = q.clear();
+            o.written(b, n);
         }
     }
 
@@ -1504,6 +1544,106 @@ mod tests {
         let subs = subs.iter().map(|s| s.parse().unwrap()).collect();
         core.attach(key, o.clone(), subs);
         o
+    }
+
+    /// Locks taken on `o` while `f` runs.
+    fn locks(o: &Outbox, f: impl FnOnce()) -> usize {
+        let before = o.pushes.load(Relaxed);
+        f();
+        o.pushes.load(Relaxed) - before
+    }
+
+    #[test]
+    fn a_batch_locks_each_outbox_once_and_keeps_replies_in_place() {
+        let mut core = RouterCore::new(Counters::new(100));
+        let a = client(&mut core, 1, &["t"]);
+        let b = client(&mut core, 2, &["t", "u"]);
+        let p = client(&mut core, 3, &["t"]);
+        let mut items: Vec<_> = (0..100).map(|i| cmd(&format!("PUB t {i}"))).collect();
+        items.push(cmd("PUB u x"));
+        let n = locks(&a, || {
+            assert_eq!(
+                locks(&b, || {
+                    core.apply_batch(3, items, Instant::now());
+                }),
+                1,
+                "one lock for 101 lines on two topics"
+            );
+        });
+        assert_eq!(n, 1, "one lock for 100 lines");
+        assert_eq!(lines(&a).len(), 100);
+        assert_eq!(lines(&b).len(), 101);
+        assert_eq!(lines(&p).len(), 100);
+        // A reply in the middle of a batch follows what came before it.
+        let mut items: Vec<_> = (0..3).map(|i| cmd(&format!("PUB t {i}"))).collect();
+        items.push(cmd("PING x"));
+        items.push(cmd("SUB"));
+        items.push(cmd("PUB t 3"));
+        core.apply_batch(3, items, Instant::now());
+        let got = lines(&p);
+        assert_eq!(got[..4], ["MSG t 0", "MSG t 1", "MSG t 2", "PONG x"]);
+        assert!(got[4].starts_with("ERR "), "{got:?}");
+        assert_eq!(got[5], "MSG t 3");
+        let t = core.counters.topic("t").expect("counted");
+        assert_eq!(t.delivered.load(Relaxed), 3 * 100 + 3 * 4);
+    }
+
+    /// The same lines and counts, whether a batch is applied whole or line
+    /// by line, whatever the caps and policy drop.
+    #[test]
+    fn a_batch_drops_and_counts_exactly_as_line_by_line() {
+        for policy in [
+            crate::router::OverflowPolicy::DropOldest,
+            crate::router::OverflowPolicy::DropNewest,
+            crate::router::OverflowPolicy::Disconnect,
+        ] {
+            for messages in [1, 5, 37, 200] {
+                let run = |whole: bool| {
+                    let mut core = RouterCore::new(Counters::new(100));
+                    let limits = BacklogLimits {
+                        messages,
+                        bytes: 1 << 20,
+                        policy,
+                    };
+                    let outs: Vec<Arc<Outbox>> = (1..=3)
+                        .map(|k| {
+                            let o = Arc::new(Outbox::new(limits));
+                            core.attach(k, o.clone(), vec!["t".parse().unwrap()]);
+                            o
+                        })
+                        .collect();
+                    // The first reader takes a batch early: it holds lines.
+                    let mut hand = Batch::default();
+                    let items = |r: std::ops::Range<u32>| -> Vec<_> {
+                        r.map(|i| cmd(&format!("PUB t {i}"))).collect()
+                    };
+                    let at = Instant::now();
+                    for (n, r) in [0..20, 20..120, 120..121].into_iter().enumerate() {
+                        if whole {
+                            core.apply_batch(9, items(r), at);
+                        } else {
+                            for item in items(r) {
+                                core.apply(9, item, at);
+                            }
+                        }
+                        if n == 0 {
+                            outs[0].take(&mut hand);
+                        }
+                    }
+                    let got: Vec<Vec<String>> = outs.iter().map(|o| lines(o)).collect();
+                    let t = core.counters.topic("t").expect("counted");
+                    let c = &core.counters;
+                    let counts = (
+                        t.delivered.load(Relaxed),
+                        c.dropped_total(DropReason::BacklogOldest),
+                        c.dropped_total(DropReason::BacklogNewest),
+                        c.dropped_total(DropReason::SlowConsumer),
+                    );
+                    (got, counts)
+                };
+                assert_eq!(run(true), run(false), "{policy} with {messages} lines");
+            }
+        }
     }
 
     #[test]
@@ -2158,15 +2298,15 @@ mod tests {
         core.now(1, cmd("BYE"));
         core.now(1, cmd("PUB t 2"));
         assert_eq!(core.client_count(), 0);
-        let mut q = VecDeque::new();
+        let mut q = Batch::default();
         assert_eq!(a.take(&mut q), Some(CloseReason::Bye));
-        let got: Vec<&[u8]> = q.iter().map(|e| &e.line[..]).collect();
+        let got: Vec<&[u8]> = q.lines().collect();
         assert_eq!(got, [&b"MSG t 1\n"[..], b"BYE\n"]);
     }
 
     mod budget {
         use super::*;
-        use crate::router::outbox::{OverflowPolicy, ENTRY_COST};
+        use crate::router::outbox::{OverflowPolicy, RUN_COST};
 
         /// A router whose clients share a budget of `limit` bytes.
         fn core(limit: usize) -> RouterCore {
@@ -2198,7 +2338,7 @@ mod tests {
 
         /// "MSG <topic> <4-digit n>\n" costs this against the budget.
         fn cost(topic: &str) -> usize {
-            "MSG  0000\n".len() + topic.len() + ENTRY_COST
+            "MSG  0000\n".len() + topic.len() + RUN_COST
         }
 
         fn pub_n(core: &mut RouterCore, key: ClientKey, topic: &str, range: std::ops::Range<u32>) {

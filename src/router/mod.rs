@@ -14,5 +14,5 @@ pub use self::core::{
     is_bus_topic, ClientInfo, ClientKey, RetainLimits, RouterCore, BUS_PREFIX,
     MAX_PENDING_REQUESTS, MAX_SUBSCRIPTIONS,
 };
-pub use outbox::{BacklogLimits, CloseReason, Entry, Outbox, OverflowPolicy, Push};
+pub use outbox::{BacklogLimits, Batch, CloseReason, Outbox, OverflowPolicy, Push};
 pub use task::{AttachError, RouterHandle, RouterMsg};

@@ -311,14 +311,7 @@ fn handle(core: &mut RouterCore, msg: RouterMsg) -> usize {
             key,
             items,
             read_at,
-        } => {
-            let mut work = items.len();
-            for item in items {
-                let d = core.apply(key, item, read_at);
-                work += d.delivered + d.dropped;
-            }
-            work
-        }
+        } => core.apply_batch(key, items, read_at),
         RouterMsg::Detach { key } => {
             core.detach(key);
             1

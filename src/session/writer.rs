@@ -1,23 +1,24 @@
 //! A client's writer: outbox → `recv`.
 //!
-//! It takes a batch from the outbox under one lock, writes it with `writev`
-//! (up to `IOV_MAX` lines a call), and waits for room on `EAGAIN`. The
+//! It copies a batch of whole lines from the outbox into a buffer of its
+//! own under one lock ([`Outbox::take`]), writes it with plain `write`s
+//! (large contiguous chunks: no iovec per line), and waits for room on
+//! `EAGAIN`. The
 //! lines it holds stay counted as the client's backlog (and against the
 //! memory budget) until written: it reports each write with
 //! [`Outbox::written`], and what it still holds when it stops is returned
-//! by [`InHand`]'s drop.
+//! by [`InHand`]'s drop. The buffer is reused from batch to batch, so
+//! writing allocates nothing in steady state.
 //!
 //! `EAGAIN` is also what grows `recv` (see `pipe_size.rs`): the client
 //! reads slower than the pipe's size allows, or a burst came. Before
 //! writing a batch and before waiting for the next one, the writer shrinks
 //! `recv` back to a page if it has not been full for `--pipe-idle`.
 
-use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use bytes::Buf;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
 
@@ -25,11 +26,16 @@ use super::pipe_size::{self, PipeSize};
 use crate::counters::LocalLatency;
 use crate::fifo;
 use crate::registry::Activity;
-use crate::router::{CloseReason, Entry, Outbox};
+use crate::router::{Batch, CloseReason, Outbox};
 use crate::throttle::LogThrottle;
 
-/// `IOV_MAX` on Linux: lines per `writev`.
-const MAX_IOVECS: usize = 1024;
+/// How long a writer keeps its buffers (its batch buffer and its outbox's
+/// spare block) after its last batch: a stream reuses them with no
+/// allocation, an idle client holds nothing once this has passed.
+const QUIET: Duration = Duration::from_secs(1);
+/// Bytes written after which a client counts as streaming: its buffers are
+/// kept between batches (and given back after [`QUIET`]).
+const STREAMING: usize = 16 * 1024;
 
 /// Writes the outbox to `recv` until the outbox ends; returns why.
 /// `latency` gets publish-to-write time per `MSG`, counted locally and
@@ -45,9 +51,13 @@ pub(super) async fn write_lines(
 ) -> CloseReason {
     let mut hand = InHand {
         outbox,
-        batch: VecDeque::new(),
+        batch: Batch::default(),
     };
     let batch = &mut hand.batch;
+    // Bytes written since the buffers were last given back, and when to give
+    // them back if no batch comes (armed only once this client streams, so
+    // a client that only exchanges PING and PONG wakes no timer).
+    let (mut streamed, mut quiet_at) = (0, None);
     loop {
         let end = outbox.take(batch);
         // Here the writer has written all it had: if `recv` has been quiet
@@ -62,6 +72,12 @@ pub(super) async fn write_lines(
                     tokio::select! {
                         () = outbox.changed() => {}
                         () = pipe_size::until(pipe.check_at()) => pipe.on_timer(Instant::now()),
+                        () = pipe_size::until(quiet_at) => {
+                            // Quiet: an idle client holds no buffer.
+                            batch.release();
+                            outbox.keep_buffers(false);
+                            (quiet_at, streamed) = (None, 0);
+                        }
                     }
                     continue;
                 }
@@ -72,6 +88,7 @@ pub(super) async fn write_lines(
             match write_some(recv, batch, &mut latency) {
                 Ok((bytes, lines)) => {
                     outbox.written(bytes, lines);
+                    streamed += bytes;
                     if let Some(a) = activity {
                         a.wrote(bytes);
                     }
@@ -101,6 +118,12 @@ pub(super) async fn write_lines(
         if !full {
             pipe.passed();
         }
+        if streamed >= STREAMING {
+            if quiet_at.is_none() {
+                outbox.keep_buffers(true);
+            }
+            quiet_at = Some(Instant::now() + QUIET);
+        }
         if let Some(reason) = end {
             return reason;
         }
@@ -111,49 +134,27 @@ pub(super) async fn write_lines(
 /// stops are reported to the outbox as gone, so they stop counting.
 struct InHand<'a> {
     outbox: &'a Outbox,
-    batch: VecDeque<Entry>,
+    batch: Batch,
 }
 
 impl Drop for InHand<'_> {
     fn drop(&mut self) {
-        let bytes = self.batch.iter().map(|e| e.line.len()).sum();
-        self.outbox.written(bytes, self.batch.len());
+        let (bytes, lines) = self.batch.clear();
+        self.outbox.written(bytes, lines);
     }
 }
 
-/// One `writev` of as many queued lines as fit; drops what was written and
-/// returns (bytes written, lines completed).
+/// One `write` of as much of the batch as the pipe takes; returns (bytes
+/// written, lines completed), observing each completed `MSG`'s latency.
 fn write_some(
     recv: &pipe::Sender,
-    batch: &mut VecDeque<Entry>,
+    batch: &mut Batch,
     latency: &mut LocalLatency,
 ) -> io::Result<(usize, usize)> {
-    // On the stack: a writev per batch should not cost an allocation too.
-    let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-    let mut count = 0;
-    for (slot, e) in slices.iter_mut().zip(batch.iter()) {
-        *slot = IoSlice::new(&e.line);
-        count += 1;
-    }
-    let mut n = recv.try_write_vectored(&slices[..count])?;
-    let written = n;
-    let mut lines = 0;
+    let n = recv.try_write(batch.unwritten())?;
     let now = std::time::Instant::now();
-    while n > 0 {
-        let front = batch.front_mut().expect("wrote more than was queued");
-        if n >= front.line.len() {
-            n -= front.line.len();
-            if let Some(t) = front.published {
-                latency.observe(now.duration_since(t));
-            }
-            batch.pop_front();
-            lines += 1;
-        } else {
-            front.line.advance(n);
-            n = 0;
-        }
-    }
-    Ok((written, lines))
+    let lines = batch.wrote(n, |t| latency.observe(now.duration_since(t)));
+    Ok((n, lines))
 }
 
 /// Waits, until `deadline` at most, for the client to read everything in `recv`.

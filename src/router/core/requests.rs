@@ -333,12 +333,15 @@ mod tests {
     }
 
     fn lines(o: &Outbox) -> Vec<String> {
-        let mut q = VecDeque::new();
+        let mut q = crate::router::outbox::Batch::default();
         o.take(&mut q);
-        o.written(q.iter().map(|e| e.line.len()).sum(), q.len());
-        q.iter()
-            .map(|e| String::from_utf8_lossy(&e.line).trim_end().to_string())
-            .collect()
+        let got = q
+            .lines()
+            .map(|l| String::from_utf8_lossy(l).trim_end().to_string())
+            .collect();
+        let (b, n) = q.clear();
+        o.written(b, n);
+        got
     }
 
     #[test]

@@ -1,0 +1,183 @@
+//! Deliveries held back while the router applies one publisher's batch, so
+//! that each subscriber's outbox is locked once per batch, not once per
+//! message, and its writer woken at most once ([`Outbox::push_run`]).
+//!
+//! Each `MSG` is encoded once into a buffer reused batch after batch; per
+//! target outbox a slot keeps byte ranges into it (adjacent ones merged: a
+//! stream on one topic is one range per subscriber). A line is held only
+//! when it would certainly be queued as it is: the outbox has room by its
+//! lock-free levels ([`Outbox::fits`]) and the memory budget has room for
+//! everything held. Otherwise the caller flushes that outbox's slot and
+//! pushes the line alone, overflow policy and all, so drop accounting per
+//! topic stays exact. Anything else that pushes straight into an outbox
+//! (replies, farewells, queue groups, lossless subscribers) runs only
+//! after [`Stage::flush`], so every outbox keeps the order of lines as the
+//! router produced them.
+//!
+//! One race is not closed: a client ended (by its session: its process
+//! exited, its directory went) between a line being held and the flush
+//! has that line counted as delivered, then discarded by the close, as a
+//! line queued a moment earlier would have been.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::FastMap;
+use crate::protocol::encode;
+use crate::router::outbox::{Outbox, RUN_COST};
+use crate::topic::Topic;
+
+/// Beyond this the batch buffer is given back after a flush (a batch of
+/// 1024 lines of up to 256 KiB in all needs far less).
+const KEEP_BYTES: usize = 1 << 20;
+
+#[derive(Default)]
+pub(super) struct Stage {
+    /// Set while a `PUB` of a batch is applied: its deliveries may be held.
+    pub(super) active: bool,
+    buf: Vec<u8>,
+    /// Slots `0..used` are this batch's; the rest keep their capacity.
+    slots: Vec<Slot>,
+    used: usize,
+    /// Slot by outbox address (the slot holds the `Arc`, so the address is
+    /// not reused while it is in here).
+    index: FastMap<usize, usize>,
+    read_at: Option<Instant>,
+    /// What the held lines will charge to the memory budget.
+    pending: usize,
+}
+
+#[derive(Default)]
+struct Slot {
+    outbox: Option<Arc<Outbox>>,
+    ranges: Vec<Range<usize>>,
+    lines: usize,
+    bytes: usize,
+}
+
+impl Stage {
+    /// Encodes `MSG <topic> <payload>` once; the range is valid until the
+    /// next [`Stage::flush`].
+    pub(super) fn encode(&mut self, topic: &Topic, payload: &[u8]) -> Range<usize> {
+        if self.used == 0 {
+            self.buf.clear();
+        }
+        let start = self.buf.len();
+        encode::msg_append(&mut self.buf, topic, payload);
+        start..self.buf.len()
+    }
+
+    pub(super) fn line(&self, r: Range<usize>) -> &[u8] {
+        &self.buf[r]
+    }
+
+    /// Holds line `r` for `outbox` if it certainly fits there and in the
+    /// memory budget (`budget` is what it holds and its limit, read once
+    /// per message: the shared counter is written by every writer);
+    /// `false` when the caller must push it itself (after
+    /// [`Stage::flush_one`]).
+    pub(super) fn add(
+        &mut self,
+        outbox: &Arc<Outbox>,
+        r: Range<usize>,
+        read_at: Instant,
+        budget: (usize, usize),
+    ) -> bool {
+        if !self.active {
+            return false;
+        }
+        if self.read_at.is_some_and(|t| t != read_at) {
+            // All lines of a run share one read time.
+            self.flush_slots();
+        }
+        self.read_at = Some(read_at);
+        let key = Arc::as_ptr(outbox) as usize;
+        let i = match self.index.get(&key) {
+            Some(&i) => i,
+            None => {
+                if self.used == self.slots.len() {
+                    self.slots.push(Slot::default());
+                }
+                let i = self.used;
+                self.used += 1;
+                self.slots[i].outbox = Some(outbox.clone());
+                self.index.insert(key, i);
+                i
+            }
+        };
+        let slot = &mut self.slots[i];
+        let len = r.len();
+        let cost = len + if slot.lines == 0 { RUN_COST } else { 0 };
+        if !outbox.fits(slot.lines + 1, slot.bytes + len)
+            || budget.0 + self.pending + cost > budget.1
+        {
+            return false;
+        }
+        match slot.ranges.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => slot.ranges.push(r),
+        }
+        slot.lines += 1;
+        slot.bytes += len;
+        self.pending += cost;
+        true
+    }
+
+    /// Queues what is held for `outbox`, before a line pushed alone.
+    pub(super) fn flush_one(&mut self, outbox: &Arc<Outbox>) {
+        if self.used == 0 {
+            return;
+        }
+        if let Some(&i) = self.index.get(&(Arc::as_ptr(outbox) as usize)) {
+            self.pending -= push(&mut self.slots[i], &self.buf, self.read_at);
+        }
+    }
+
+    /// Queues everything held: each outbox once.
+    pub(super) fn flush(&mut self) {
+        if self.used == 0 {
+            return;
+        }
+        self.flush_slots();
+        self.buf.clear();
+        if self.buf.capacity() > KEEP_BYTES {
+            self.buf = Vec::new();
+        }
+    }
+}
+
+impl Stage {
+    /// [`Stage::flush`], keeping the encoded lines (a range may be in use).
+    fn flush_slots(&mut self) {
+        for slot in &mut self.slots[..self.used] {
+            push(slot, &self.buf, self.read_at);
+            slot.outbox = None;
+        }
+        self.used = 0;
+        self.index.clear();
+        self.pending = 0;
+        self.read_at = None;
+    }
+}
+
+/// Queues a slot's lines; returns what they were counted in `pending`.
+fn push(slot: &mut Slot, buf: &[u8], read_at: Option<Instant>) -> usize {
+    if slot.lines == 0 {
+        return 0;
+    }
+    // A slot with lines always has its outbox and the read time.
+    if let (Some(outbox), Some(at)) = (&slot.outbox, read_at) {
+        outbox.push_run(
+            slot.ranges.iter().map(|r| &buf[r.clone()]),
+            slot.lines,
+            slot.bytes,
+            at,
+        );
+    }
+    let held = slot.bytes + RUN_COST;
+    slot.ranges.clear();
+    slot.lines = 0;
+    slot.bytes = 0;
+    held
+}
