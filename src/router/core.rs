@@ -1436,11 +1436,12 @@ fn deliver(
         let own = own.as_ref();
         let memory = &counters.memory;
         let mut budget = (memory.held(), memory.limit());
-        for outbox in route.subscribers.iter() {
+        let list = route.subscribers.as_ptr() as usize;
+        for (at, outbox) in route.subscribers.iter().enumerate() {
             if own.is_some_and(|o| Arc::ptr_eq(o, outbox)) {
                 continue;
             }
-            if stage.add(outbox, r.clone(), read_at, budget) {
+            if stage.add((list, at), outbox, r.clone(), read_at, budget) {
                 count(Push::Queued);
                 continue;
             }
@@ -1586,6 +1587,35 @@ mod tests {
         assert_eq!(got[5], "MSG t 3");
         let t = core.counters.topic("t").expect("counted");
         assert_eq!(t.delivered.load(Relaxed), 3 * 100 + 3 * 4);
+    }
+
+    /// A batch alternating between topics with different subscribers, and
+    /// one whose topics outnumber the match cache (cleared in mid-batch, so
+    /// a route's address may be reused by another): each line reaches
+    /// exactly its topic's subscribers, in order.
+    #[test]
+    fn a_batch_over_many_routes_delivers_each_line_to_its_own_subscribers() {
+        let mut core = RouterCore::new(Counters::new(100));
+        let a = client(&mut core, 1, &["t.a"]);
+        let b = client(&mut core, 2, &["t.b", "t.n.*"]);
+        let both = client(&mut core, 3, &["t.*"]);
+        let mut items = Vec::new();
+        for i in 0..6 {
+            items.push(cmd(&format!("PUB t.{} {i}", if i % 2 == 0 { "a" } else { "b" })));
+        }
+        let many = MATCH_CACHE_MAX + 10;
+        for i in 0..many {
+            items.push(cmd(&format!("PUB t.n.{i} {i}")));
+        }
+        core.apply_batch(1, items, Instant::now());
+        assert_eq!(lines(&a), ["MSG t.a 0", "MSG t.a 2", "MSG t.a 4"]);
+        let got_b = lines(&b);
+        assert_eq!(got_b[..3], ["MSG t.b 1", "MSG t.b 3", "MSG t.b 5"]);
+        let expect: Vec<String> = (0..many).map(|i| format!("MSG t.n.{i} {i}")).collect();
+        assert_eq!(got_b[3..], expect[..]);
+        let got = lines(&both);
+        assert_eq!(got.len(), 6, "t.* matches t.a and t.b only: {:?}", &got[..]);
+        assert_eq!(got[..2], ["MSG t.a 0", "MSG t.b 1"]);
     }
 
     /// The same lines and counts, whether a batch is applied whole or line

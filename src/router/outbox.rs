@@ -416,8 +416,9 @@ impl Batch {
     }
 
     /// Records that `n` more bytes were written; calls `published` with the
-    /// read time of each `MSG` line completed. Returns the lines completed.
-    pub fn wrote(&mut self, n: usize, mut published: impl FnMut(Instant)) -> usize {
+    /// read time of the `MSG` lines completed and how many there are (once
+    /// per run they belong to). Returns the lines completed.
+    pub fn wrote(&mut self, n: usize, mut published: impl FnMut(Instant, usize)) -> usize {
         let (mut at, mut left, mut lines) = (self.pos, n, 0);
         self.pos += n;
         while left > 0 {
@@ -436,9 +437,7 @@ impl Batch {
             };
             lines += done.0;
             if let Some(t) = done.1.published() {
-                for _ in 0..done.0 {
-                    published(t);
-                }
+                published(t, done.0);
             }
         }
         lines
@@ -1670,7 +1669,7 @@ mod props {
             let write = |hand: &mut Batch, n: usize, out: &mut Vec<u8>| {
                 let n = n.min(hand.unwritten().len());
                 out.extend_from_slice(&hand.unwritten()[..n]);
-                let lines = hand.wrote(n, |_| {});
+                let lines = hand.wrote(n, |_, _| {});
                 o.written(n, lines);
             };
             for op in ops {

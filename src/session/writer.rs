@@ -153,7 +153,7 @@ fn write_some(
 ) -> io::Result<(usize, usize)> {
     let n = recv.try_write(batch.unwritten())?;
     let now = std::time::Instant::now();
-    let lines = batch.wrote(n, |t| latency.observe(now.duration_since(t)));
+    let lines = batch.wrote(n, |t, k| latency.observe_n(now.duration_since(t), k as u64));
     Ok((n, lines))
 }
 

@@ -46,7 +46,15 @@ pub(super) struct Stage {
     read_at: Option<Instant>,
     /// What the held lines will charge to the memory budget.
     pending: usize,
+    /// The subscriber list of the route last held for (its address), and
+    /// the slot of each of its subscribers by position (`NO_SLOT` if none
+    /// yet): a stream on one topic finds its slots without hashing, which
+    /// was a tenth of the broker's time in a 1 -> 10 profile.
+    route: usize,
+    route_slots: Vec<usize>,
 }
+
+const NO_SLOT: usize = usize::MAX;
 
 #[derive(Default)]
 struct Slot {
@@ -72,13 +80,15 @@ impl Stage {
         &self.buf[r]
     }
 
-    /// Holds line `r` for `outbox` if it certainly fits there and in the
-    /// memory budget (`budget` is what it holds and its limit, read once
-    /// per message: the shared counter is written by every writer);
-    /// `false` when the caller must push it itself (after
-    /// [`Stage::flush_one`]).
+    /// Holds line `r` for `outbox`, subscriber number `at` of the route
+    /// whose subscriber list is `route` (any stable address naming it), if
+    /// it certainly fits there and in the memory budget (`budget` is what
+    /// it holds and its limit, read once per message: the shared counter is
+    /// written by every writer); `false` when the caller must push it
+    /// itself (after [`Stage::flush_one`]).
     pub(super) fn add(
         &mut self,
+        (route, at): (usize, usize),
         outbox: &Arc<Outbox>,
         r: Range<usize>,
         read_at: Instant,
@@ -92,17 +102,12 @@ impl Stage {
             self.flush_slots();
         }
         self.read_at = Some(read_at);
-        let key = Arc::as_ptr(outbox) as usize;
-        let i = match self.index.get(&key) {
-            Some(&i) => i,
+        let i = match self.route_slot(route, at, outbox) {
+            Some(i) => i,
             None => {
-                if self.used == self.slots.len() {
-                    self.slots.push(Slot::default());
-                }
-                let i = self.used;
-                self.used += 1;
-                self.slots[i].outbox = Some(outbox.clone());
-                self.index.insert(key, i);
+                let i = self.slot_of(outbox);
+                self.route_slots.resize(self.route_slots.len().max(at + 1), NO_SLOT);
+                self.route_slots[at] = i;
                 i
             }
         };
@@ -158,6 +163,43 @@ impl Stage {
         self.index.clear();
         self.pending = 0;
         self.read_at = None;
+        self.route = 0;
+        self.route_slots.clear();
+    }
+
+    /// The slot already found for subscriber `at` of `route`, if `route` is
+    /// the route last held for. A different route becomes the remembered one.
+    fn route_slot(&mut self, route: usize, at: usize, outbox: &Arc<Outbox>) -> Option<usize> {
+        if self.route != route {
+            self.route = route;
+            self.route_slots.clear();
+            return None;
+        }
+        let i = *self.route_slots.get(at)?;
+        // Checked, not assumed: a route freed in mid-batch (the match cache
+        // cleared) may leave its address to another.
+        (i != NO_SLOT
+            && self.slots[i]
+                .outbox
+                .as_ref()
+                .is_some_and(|o| Arc::ptr_eq(o, outbox)))
+        .then_some(i)
+    }
+
+    /// `outbox`'s slot in this batch, made if it has none.
+    fn slot_of(&mut self, outbox: &Arc<Outbox>) -> usize {
+        let key = Arc::as_ptr(outbox) as usize;
+        if let Some(&i) = self.index.get(&key) {
+            return i;
+        }
+        if self.used == self.slots.len() {
+            self.slots.push(Slot::default());
+        }
+        let i = self.used;
+        self.used += 1;
+        self.slots[i].outbox = Some(outbox.clone());
+        self.index.insert(key, i);
+        i
     }
 }
 
