@@ -1,15 +1,28 @@
 //! The bridge's counters and its `/metrics` endpoint.
 //!
-//! Plain atomics written in the Prometheus text format by hand: a handful
-//! of series do not justify the broker's axum and prometheus stack in a
-//! second binary. Names follow the broker's (`fifobus_` prefix, `_total`
-//! counters, `direction`/`side` labels) so one dashboard reads both.
+//! The bus thread and the NATS tasks count into plain atomics ([`Metrics`]):
+//! counting stays a `fetch_add` on the message path and never waits for a
+//! scrape. At scrape time `Exporter`, a prometheus `Collector` like the
+//! broker's (src/metrics.rs), reads them into metric families and the
+//! prometheus crate's `TextEncoder` writes the exposition; axum serves it,
+//! as src/http.rs does for the broker. Both crates are the broker's, already
+//! built in this workspace, so the bridge adds no dependency and neither
+//! escaping nor HTTP parsing is ours to get right.
+//!
+//! Names follow the broker's (`fifobus_` prefix, `_total` counters,
+//! `direction`/`side` labels) so one dashboard reads both.
 
-use std::fmt::Write as _;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
+use prometheus::Registry;
 
 #[derive(Default)]
 pub struct Way {
@@ -47,160 +60,162 @@ pub struct Metrics {
     pub nats_error_said: std::sync::atomic::AtomicBool,
 }
 
-impl Metrics {
-    pub fn render(&self) -> String {
-        let mut s = String::with_capacity(4096);
-        let ways = [("export", &self.export), ("import", &self.import)];
-        let mut family = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in rows {
-                let _ = writeln!(s, "{name}{labels} {v}");
-            }
-        };
-        let per_way = |f: &dyn Fn(&Way) -> u64| -> Vec<(String, u64)> {
-            ways.iter()
-                .map(|(d, w)| (format!("{{direction=\"{d}\"}}"), f(w)))
-                .collect()
-        };
-        family(
-            "fifobus_bridge_messages_total",
-            "counter",
-            "Messages bridged: export = bus to NATS (confirmed by a flush), import = NATS to bus.",
-            &per_way(&|w| w.messages.load(Relaxed)),
+/// Name, help, type and labels of every family [`Exporter`] builds, in the
+/// order it builds them: the single list `desc()` and `collect()` share.
+const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
+    ("fifobus_bridge_messages_total", "Messages bridged: export = bus to NATS (confirmed by a flush), import = NATS to bus.", MetricType::COUNTER, &["direction"]),
+    ("fifobus_bridge_bytes_total", "Payload bytes of the messages bridged.", MetricType::COUNTER, &["direction"]),
+    ("fifobus_bridge_dropped_total", "Messages lost or possibly lost: buffer = the bound was reached (NATS unreachable or the bus slow), unconfirmed = sent to NATS but the connection dropped before a flush confirmed them (export) or the NATS client had no room (import), broker = the broker's DROPPED for the bridge.", MetricType::COUNTER, &["direction", "reason"]),
+    ("fifobus_bridge_reconnects_total", "Reconnections after a loss: to NATS, or to a restarted broker (bus).", MetricType::COUNTER, &["side"]),
+    ("fifobus_bridge_connected", "1 while connected on that side.", MetricType::GAUGE, &["side"]),
+    ("fifobus_bridge_buffered_messages", "Messages waiting in the bridge's buffer.", MetricType::GAUGE, &["direction"]),
+    ("fifobus_bridge_buffered_bytes", "Payload bytes waiting in the bridge's buffer.", MetricType::GAUGE, &["direction"]),
+    ("fifobus_bridge_buffer_limit_messages", "--buffer: the bound of each direction's buffer, in messages.", MetricType::GAUGE, &[]),
+    ("fifobus_bridge_buffer_limit_bytes", "--buffer-bytes: the bound of each direction's buffer, in payload bytes.", MetricType::GAUGE, &[]),
+    ("fifobus_bridge_looped_total", "Imported messages that came from this bus (Fifobus-Origin), not published again.", MetricType::COUNTER, &[]),
+    ("fifobus_bridge_invalid_subjects_total", "Imported messages whose subject is not a fifobus topic, not published.", MetricType::COUNTER, &[]),
+];
+
+/// Reads [`Metrics`] into metric families when Prometheus scrapes.
+struct Exporter {
+    metrics: Arc<Metrics>,
+    descs: Vec<Desc>,
+}
+
+impl Exporter {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help, _, labels)| {
+                let labels = labels.iter().map(|l| l.to_string()).collect();
+                Desc::new(name.to_string(), help.to_string(), labels, HashMap::new())
+                    .expect("valid metric")
+            })
+            .collect();
+        Exporter { metrics, descs }
+    }
+}
+
+/// One family being filled: samples are appended with [`Family::add`].
+struct Family {
+    labels: &'static [&'static str],
+    mf: MetricFamily,
+}
+
+impl Family {
+    fn new(
+        &(name, help, kind, labels): &'static (&str, &str, MetricType, &'static [&'static str]),
+    ) -> Self {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_owned());
+        mf.set_help(help.to_owned());
+        mf.set_field_type(kind);
+        Family { labels, mf }
+    }
+
+    /// A sample whose label values are `values`, in the family's label order.
+    fn add(&mut self, values: &[&str], value: &AtomicU64) {
+        debug_assert_eq!(values.len(), self.labels.len());
+        let value = value.load(Relaxed) as f64;
+        let mut m = proto::Metric::default();
+        m.set_label(
+            self.labels
+                .iter()
+                .zip(values)
+                .map(|(name, v)| {
+                    let mut pair = proto::LabelPair::default();
+                    pair.set_name((*name).to_owned());
+                    pair.set_value((*v).to_owned());
+                    pair
+                })
+                .collect(),
         );
-        family(
-            "fifobus_bridge_bytes_total",
-            "counter",
-            "Payload bytes of the messages bridged.",
-            &per_way(&|w| w.bytes.load(Relaxed)),
-        );
-        let mut dropped = Vec::new();
-        for (d, w) in ways {
-            for (reason, v) in [
-                ("buffer", &w.dropped_buffer),
-                ("unconfirmed", &w.dropped_unconfirmed),
-                ("broker", &w.dropped_broker),
-            ] {
-                dropped.push((
-                    format!("{{direction=\"{d}\",reason=\"{reason}\"}}"),
-                    v.load(Relaxed),
-                ));
-            }
+        if self.mf.get_field_type() == MetricType::COUNTER {
+            let mut c = proto::Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+        } else {
+            let mut g = proto::Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
         }
-        family(
-            "fifobus_bridge_dropped_total",
-            "counter",
-            "Messages lost or possibly lost: buffer = the bound was reached (NATS unreachable or the bus slow), unconfirmed = sent to NATS but the connection dropped before a flush confirmed them (export) or the NATS client had no room (import), broker = the broker's DROPPED for the bridge.",
-            &dropped,
-        );
-        family(
-            "fifobus_bridge_reconnects_total",
-            "counter",
-            "Reconnections after a loss: to NATS, or to a restarted broker (bus).",
-            &[
-                ("{side=\"nats\"}".into(), self.reconnects_nats.load(Relaxed)),
-                ("{side=\"bus\"}".into(), self.reconnects_bus.load(Relaxed)),
-            ],
-        );
-        family(
-            "fifobus_bridge_connected",
-            "gauge",
-            "1 while connected on that side.",
-            &[
-                ("{side=\"nats\"}".into(), self.nats_connected.load(Relaxed)),
-                ("{side=\"bus\"}".into(), self.bus_connected.load(Relaxed)),
-            ],
-        );
-        family(
-            "fifobus_bridge_buffered_messages",
-            "gauge",
-            "Messages waiting in the bridge's buffer.",
-            &per_way(&|w| w.buffered.load(Relaxed)),
-        );
-        family(
-            "fifobus_bridge_buffered_bytes",
-            "gauge",
-            "Payload bytes waiting in the bridge's buffer.",
-            &per_way(&|w| w.buffered_bytes.load(Relaxed)),
-        );
-        family(
-            "fifobus_bridge_buffer_limit_messages",
-            "gauge",
-            "--buffer: the bound of each direction's buffer, in messages.",
-            &[(String::new(), self.buffer_limit_messages.load(Relaxed))],
-        );
-        family(
-            "fifobus_bridge_buffer_limit_bytes",
-            "gauge",
-            "--buffer-bytes: the bound of each direction's buffer, in payload bytes.",
-            &[(String::new(), self.buffer_limit_bytes.load(Relaxed))],
-        );
-        family(
-            "fifobus_bridge_looped_total",
-            "counter",
-            "Imported messages that came from this bus (Fifobus-Origin), not published again.",
-            &[(String::new(), self.looped.load(Relaxed))],
-        );
-        family(
-            "fifobus_bridge_invalid_subjects_total",
-            "counter",
-            "Imported messages whose subject is not a fifobus topic, not published.",
-            &[(String::new(), self.invalid.load(Relaxed))],
-        );
-        s
+        self.mf.mut_metric().push(m);
+    }
+}
+
+impl Collector for Exporter {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let m = &self.metrics;
+        let mut f: Vec<Family> = FAMILIES.iter().map(Family::new).collect();
+        for (d, w) in [("export", &m.export), ("import", &m.import)] {
+            f[0].add(&[d], &w.messages);
+            f[1].add(&[d], &w.bytes);
+            f[2].add(&[d, "buffer"], &w.dropped_buffer);
+            f[2].add(&[d, "unconfirmed"], &w.dropped_unconfirmed);
+            f[2].add(&[d, "broker"], &w.dropped_broker);
+            f[5].add(&[d], &w.buffered);
+            f[6].add(&[d], &w.buffered_bytes);
+        }
+        for (side, reconnects, connected) in [
+            ("nats", &m.reconnects_nats, &m.nats_connected),
+            ("bus", &m.reconnects_bus, &m.bus_connected),
+        ] {
+            f[3].add(&[side], reconnects);
+            f[4].add(&[side], connected);
+        }
+        f[7].add(&[], &m.buffer_limit_messages);
+        f[8].add(&[], &m.buffer_limit_bytes);
+        f[9].add(&[], &m.looped);
+        f[10].add(&[], &m.invalid);
+        f.into_iter().map(|f| f.mf).collect()
     }
 }
 
 /// Serves `/metrics` (and `/healthz`) on `listener` until the process ends.
-/// HTTP/1.0-style: one request per connection, answered and closed.
+///
+/// Every response says `Connection: close`, so hyper closes the connection
+/// after it: one request per connection, as before axum, which lets a
+/// client read the answer to its end (`nc`, a shell's `/dev/tcp`) and keeps
+/// no idle scraper connections open.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            let read = async {
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                true
-            };
-            let complete =
-                tokio::time::timeout(std::time::Duration::from_secs(5), read).await == Ok(true);
-            if !complete {
-                return;
-            }
-            let path = buf
-                .split(|&b| b == b' ')
-                .nth(1)
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .unwrap_or_default();
-            let (status, body, kind) = match path.as_str() {
-                "/metrics" => (
-                    "200 OK",
-                    metrics.render(),
-                    "text/plain; version=0.0.4; charset=utf-8",
-                ),
-                "/healthz" => ("200 OK", "ok\n".to_owned(), "text/plain"),
-                _ => (
-                    "404 Not Found",
-                    "not found: try /metrics\n".to_owned(),
-                    "text/plain",
-                ),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+    let registry = Registry::new();
+    registry
+        .register(Box::new(Exporter::new(metrics)))
+        .expect("unique metric");
+    let app = Router::new()
+        .route("/metrics", get(move || async move { encode(&registry) }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try /metrics\n") })
+        .layer(axum::middleware::map_response(
+            |mut r: Response| async move {
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                r
+            },
+        ));
+    if let Err(e) = axum::serve(listener, app).await {
+        crate::log(format_args!(
+            "the metrics endpoint failed: {e}; restart the bridge to serve /metrics again"
+        ));
     }
+}
+
+fn encode(registry: &Registry) -> Response {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .expect("text encoding cannot fail");
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }

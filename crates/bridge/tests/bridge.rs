@@ -154,6 +154,14 @@ impl Bridge {
     }
 
     fn metrics(&self) -> String {
+        let out = self.get("/metrics");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
+    }
+
+    /// The whole answer (head and body) to `GET path` on the metrics
+    /// address; read to its end, so the server must close the connection.
+    fn get(&self, path: &str) -> String {
         self.wait_log("metrics on http://");
         let text = self.log_text();
         let addr = text
@@ -164,10 +172,9 @@ impl Bridge {
             .to_owned();
         let mut s = TcpStream::connect(&addr).unwrap();
         s.set_read_timeout(Some(T)).unwrap();
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
         out
     }
 
@@ -626,4 +633,98 @@ fn metrics_are_valid_and_cover_the_dashboard() {
             "the dashboard queries {name}, which the bridge does not expose:\n{body}"
         );
     }
+}
+
+/// Every series the bridge exposes, without its value, and every family's
+/// HELP and TYPE: what dashboards and alerts depend on. Pinned so a change
+/// of how /metrics is produced cannot rename, relabel or re-describe one.
+const EXPOSITION: &[&str] = &[
+    "# HELP fifobus_bridge_buffer_limit_bytes --buffer-bytes: the bound of each direction's buffer, in payload bytes.",
+    "# TYPE fifobus_bridge_buffer_limit_bytes gauge",
+    "fifobus_bridge_buffer_limit_bytes",
+    "# HELP fifobus_bridge_buffer_limit_messages --buffer: the bound of each direction's buffer, in messages.",
+    "# TYPE fifobus_bridge_buffer_limit_messages gauge",
+    "fifobus_bridge_buffer_limit_messages",
+    "# HELP fifobus_bridge_buffered_bytes Payload bytes waiting in the bridge's buffer.",
+    "# TYPE fifobus_bridge_buffered_bytes gauge",
+    "fifobus_bridge_buffered_bytes{direction=\"export\"}",
+    "fifobus_bridge_buffered_bytes{direction=\"import\"}",
+    "# HELP fifobus_bridge_buffered_messages Messages waiting in the bridge's buffer.",
+    "# TYPE fifobus_bridge_buffered_messages gauge",
+    "fifobus_bridge_buffered_messages{direction=\"export\"}",
+    "fifobus_bridge_buffered_messages{direction=\"import\"}",
+    "# HELP fifobus_bridge_bytes_total Payload bytes of the messages bridged.",
+    "# TYPE fifobus_bridge_bytes_total counter",
+    "fifobus_bridge_bytes_total{direction=\"export\"}",
+    "fifobus_bridge_bytes_total{direction=\"import\"}",
+    "# HELP fifobus_bridge_connected 1 while connected on that side.",
+    "# TYPE fifobus_bridge_connected gauge",
+    "fifobus_bridge_connected{side=\"bus\"}",
+    "fifobus_bridge_connected{side=\"nats\"}",
+    "# HELP fifobus_bridge_dropped_total Messages lost or possibly lost: buffer = the bound was reached (NATS unreachable or the bus slow), unconfirmed = sent to NATS but the connection dropped before a flush confirmed them (export) or the NATS client had no room (import), broker = the broker's DROPPED for the bridge.",
+    "# TYPE fifobus_bridge_dropped_total counter",
+    "fifobus_bridge_dropped_total{direction=\"export\",reason=\"broker\"}",
+    "fifobus_bridge_dropped_total{direction=\"export\",reason=\"buffer\"}",
+    "fifobus_bridge_dropped_total{direction=\"export\",reason=\"unconfirmed\"}",
+    "fifobus_bridge_dropped_total{direction=\"import\",reason=\"broker\"}",
+    "fifobus_bridge_dropped_total{direction=\"import\",reason=\"buffer\"}",
+    "fifobus_bridge_dropped_total{direction=\"import\",reason=\"unconfirmed\"}",
+    "# HELP fifobus_bridge_invalid_subjects_total Imported messages whose subject is not a fifobus topic, not published.",
+    "# TYPE fifobus_bridge_invalid_subjects_total counter",
+    "fifobus_bridge_invalid_subjects_total",
+    "# HELP fifobus_bridge_looped_total Imported messages that came from this bus (Fifobus-Origin), not published again.",
+    "# TYPE fifobus_bridge_looped_total counter",
+    "fifobus_bridge_looped_total",
+    "# HELP fifobus_bridge_messages_total Messages bridged: export = bus to NATS (confirmed by a flush), import = NATS to bus.",
+    "# TYPE fifobus_bridge_messages_total counter",
+    "fifobus_bridge_messages_total{direction=\"export\"}",
+    "fifobus_bridge_messages_total{direction=\"import\"}",
+    "# HELP fifobus_bridge_reconnects_total Reconnections after a loss: to NATS, or to a restarted broker (bus).",
+    "# TYPE fifobus_bridge_reconnects_total counter",
+    "fifobus_bridge_reconnects_total{side=\"bus\"}",
+    "fifobus_bridge_reconnects_total{side=\"nats\"}",
+];
+
+/// /metrics exposes exactly the pinned series, help texts and types (in
+/// any order), as text/plain version 0.0.4; /healthz says "ok"; another
+/// path is a 404 pointing at /metrics. Each answer ends the connection
+/// (`get` reads to the end). No NATS and no broker are needed for that.
+#[test]
+fn the_endpoint_keeps_its_series_and_answers_healthz_and_unknown_paths() {
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nats = format!("nats://{}", unused.local_addr().unwrap());
+    let nobus = temp_dir("fifobus-bridge-nobus-").unwrap();
+    let bridge = Bridge::start(&nobus.path().join("bus"), &nats, &["--export", "a.>"]);
+    bridge.wait_log("bus: waiting for a broker");
+
+    let out = bridge.metrics();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let mut got: Vec<&str> = body
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            if l.starts_with('#') {
+                l
+            } else {
+                l.rsplit_once(' ').unwrap().0
+            }
+        })
+        .collect();
+    got.sort_unstable();
+    let mut want = EXPOSITION.to_vec();
+    want.sort_unstable();
+    assert_eq!(got, want, "{body}");
+
+    let health = bridge.get("/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert_eq!(health.split_once("\r\n\r\n").unwrap().1, "ok\n");
+
+    let missing = bridge.get("/nope");
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    assert!(missing.contains("try /metrics"), "{missing}");
 }
