@@ -1601,7 +1601,10 @@ mod tests {
         let both = client(&mut core, 3, &["t.*"]);
         let mut items = Vec::new();
         for i in 0..6 {
-            items.push(cmd(&format!("PUB t.{} {i}", if i % 2 == 0 { "a" } else { "b" })));
+            items.push(cmd(&format!(
+                "PUB t.{} {i}",
+                if i % 2 == 0 { "a" } else { "b" }
+            )));
         }
         let many = MATCH_CACHE_MAX + 10;
         for i in 0..many {

@@ -106,7 +106,8 @@ impl Stage {
             Some(i) => i,
             None => {
                 let i = self.slot_of(outbox);
-                self.route_slots.resize(self.route_slots.len().max(at + 1), NO_SLOT);
+                self.route_slots
+                    .resize(self.route_slots.len().max(at + 1), NO_SLOT);
                 self.route_slots[at] = i;
                 i
             }
