@@ -258,59 +258,45 @@ fn warn(line: std::fmt::Arguments) {
 }
 
 /// `fifobus bench ARGS...`: runs `fifobus-bench ARGS...`, a crate of its own
-/// (crates/bench), found next to this executable (the same cargo target
-/// directory), else on PATH. It measures this very broker unless
+/// (crates/bench). It measures this very broker unless
 /// `FIFOBUS_BENCH_BROKER` names another.
 fn bench(args: &BenchArgs) -> ExitCode {
-    use std::os::unix::process::CommandExt;
-    const NAME: &str = "fifobus-bench";
-    let exe = std::env::current_exe().ok();
-    let beside = exe
-        .as_deref()
-        .and_then(std::path::Path::parent)
-        .map(|d| d.join(NAME))
-        .filter(|p| p.is_file());
-    let mut cmd = std::process::Command::new(beside.as_deref().unwrap_or(NAME.as_ref()));
-    cmd.args(&args.args);
+    let mut env = Vec::new();
     if std::env::var_os("FIFOBUS_BENCH_BROKER").is_none() {
-        if let Some(exe) = &exe {
-            cmd.env("FIFOBUS_BENCH_BROKER", exe);
+        if let Ok(exe) = std::env::current_exe() {
+            env.push(("FIFOBUS_BENCH_BROKER", exe.into_os_string()));
         }
     }
-    // Only returns on failure.
-    let e = cmd.exec();
-    if e.kind() == std::io::ErrorKind::NotFound {
-        let release = exe
-            .as_deref()
-            .and_then(std::path::Path::parent)
-            .and_then(std::path::Path::file_name)
-            .is_none_or(|d| d != "debug");
-        let flag = if release { " --release" } else { "" };
-        eprintln!(
-            "fifobus: the benchmark is a separate program, {NAME}, not found next to this one or on PATH; build it with `cargo build{flag} -p {NAME}`"
-        );
-    } else {
-        eprintln!("fifobus: cannot run {NAME}: {e}");
-    }
-    ExitCode::FAILURE
+    run_companion("fifobus-bench", "the benchmark", &args.args, &env)
 }
 
 /// `fifobus bridge ARGS...`: runs `fifobus-bridge ARGS...` (crates/bridge,
-/// kept out of this binary with its NATS client and TLS stack), found as
-/// `fifobus bench` finds its program, on this bus: the bus directory goes
-/// in `FIFOBUS_DIR`, which its `--dir` defaults to.
+/// kept out of this binary with its NATS client and TLS stack) on this bus:
+/// the bus directory goes in `FIFOBUS_DIR`, which its `--dir` defaults to.
 fn bridge(dir: &std::path::Path, args: &BridgeArgs) -> ExitCode {
+    let env = [("FIFOBUS_DIR", dir.as_os_str().to_owned())];
+    run_companion("fifobus-bridge", "the NATS bridge", &args.args, &env)
+}
+
+/// Replaces this process with `name ARGS...`, a program of this workspace
+/// built beside this executable (the same cargo target directory), else
+/// found on PATH. Returns only on failure, having said what to build.
+fn run_companion(
+    name: &str,
+    what: &str,
+    args: &[std::ffi::OsString],
+    env: &[(&str, std::ffi::OsString)],
+) -> ExitCode {
     use std::os::unix::process::CommandExt;
-    const NAME: &str = "fifobus-bridge";
     let exe = std::env::current_exe().ok();
     let beside = exe
         .as_deref()
         .and_then(std::path::Path::parent)
-        .map(|d| d.join(NAME))
+        .map(|d| d.join(name))
         .filter(|p| p.is_file());
-    let e = std::process::Command::new(beside.as_deref().unwrap_or(NAME.as_ref()))
-        .args(&args.args)
-        .env("FIFOBUS_DIR", dir)
+    let e = std::process::Command::new(beside.as_deref().unwrap_or(name.as_ref()))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .exec();
     if e.kind() == std::io::ErrorKind::NotFound {
         let release = exe
@@ -320,10 +306,10 @@ fn bridge(dir: &std::path::Path, args: &BridgeArgs) -> ExitCode {
             .is_none_or(|d| d != "debug");
         let flag = if release { " --release" } else { "" };
         eprintln!(
-            "fifobus: the NATS bridge is a separate program, {NAME}, not found next to this one or on PATH; build it with `cargo build{flag} -p {NAME}`"
+            "fifobus: {what} is a separate program, {name}, not found next to this one or on PATH; build it with `cargo build{flag} -p {name}`"
         );
     } else {
-        eprintln!("fifobus: cannot run {NAME}: {e}");
+        eprintln!("fifobus: cannot run {name}: {e}");
     }
     ExitCode::FAILURE
 }

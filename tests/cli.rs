@@ -643,16 +643,35 @@ fn stats_says_when_metrics_are_off() {
     assert!(err.contains("no metrics endpoint recorded"), "{err}");
 }
 
-/// `fifobus bench ARGS...` runs the `fifobus-bench` next to it with the
-/// arguments unchanged, pointing it at this very broker unless
-/// `FIFOBUS_BENCH_BROKER` says otherwise; without one, it says how to build it.
-#[test]
-fn bench_passes_through_to_fifobus_bench() {
+/// A copy (or hard link) of the fifobus binary alone in a directory of its
+/// own, so that what it finds "beside" itself is up to the test.
+fn fifobus_alone() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let exe = dir.path().join("fifobus");
     fs::hard_link(bin(), &exe)
         .or_else(|_| fs::copy(bin(), &exe).map(drop))
         .unwrap();
+    (dir, exe)
+}
+
+/// A stand-in for a companion program: prints its arguments, each followed
+/// by `|`, then the value of `$var`, and exits 3.
+fn fake_program(dir: &std::path::Path, name: &str, var: &str) {
+    let fake = dir.join(name);
+    fs::write(
+        &fake,
+        format!("#!/bin/bash\nprintf '%s|' \"$@\"; echo \"${var}\"; exit 3\n"),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// `fifobus bench ARGS...` runs the `fifobus-bench` next to it with the
+/// arguments unchanged, pointing it at this very broker unless
+/// `FIFOBUS_BENCH_BROKER` says otherwise; without one, it says how to build it.
+#[test]
+fn bench_passes_through_to_fifobus_bench() {
+    let (dir, exe) = fifobus_alone();
     let x = [("X", exe.as_os_str())];
 
     // No fifobus-bench beside it, none on PATH.
@@ -662,13 +681,7 @@ fn bench_passes_through_to_fifobus_bench() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cargo build"), "{err}");
 
-    let fake = dir.path().join("fifobus-bench");
-    fs::write(
-        &fake,
-        "#!/bin/bash\nprintf '%s|' \"$@\"; echo \"$FIFOBUS_BENCH_BROKER\"; exit 3\n",
-    )
-    .unwrap();
-    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fake_program(dir.path(), "fifobus-bench", "FIFOBUS_BENCH_BROKER");
     let script = r#"PATH= "$X" bench --only "1 -> 1" --json --help"#;
     let (status, out, _) = sh(script, &x, T);
     assert_eq!(status.code(), Some(3));
@@ -689,11 +702,7 @@ fn bench_passes_through_to_fifobus_bench() {
 /// `bridge`) in FIFOBUS_DIR; without one, it says how to build it.
 #[test]
 fn bridge_passes_through_to_fifobus_bridge() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let exe = dir.path().join("fifobus");
-    fs::hard_link(bin(), &exe)
-        .or_else(|_| fs::copy(bin(), &exe).map(drop))
-        .unwrap();
+    let (dir, exe) = fifobus_alone();
     let x = [("X", exe.as_os_str())];
     let (status, out, err) = sh(r#"PATH= "$X" bridge --export a"#, &x, T);
     assert!(!status.success());
@@ -706,13 +715,7 @@ fn bridge_passes_through_to_fifobus_bridge() {
         "{err}"
     );
 
-    let fake = dir.path().join("fifobus-bridge");
-    fs::write(
-        &fake,
-        "#!/bin/bash\nprintf '%s|' \"$@\"; echo \"$FIFOBUS_DIR\"; exit 3\n",
-    )
-    .unwrap();
-    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fake_program(dir.path(), "fifobus-bridge", "FIFOBUS_DIR");
     for script in [
         r#"unset FIFOBUS_DIR; PATH= "$X" --dir /b bridge --export 'a.>' --import x"#,
         r#"unset FIFOBUS_DIR; PATH= "$X" bridge --dir /b --export 'a.>' --import x"#,
