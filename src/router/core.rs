@@ -704,6 +704,26 @@ impl RouterCore {
         work + self.reclaim()
     }
 
+    /// What a client's `PUB` or `RETAIN` to `topic` sets up before it is
+    /// delivered: whose uid may be stalled by a lossless subscriber, and
+    /// (`echo=no`) the outbox delivery passes over. `false`, with
+    /// `ERR forbidden` sent, for a `_bus.` topic: only the broker speaks there.
+    fn begin_publish(
+        &mut self,
+        key: ClientKey,
+        uid: u32,
+        own: Option<Arc<Outbox>>,
+        topic: &Topic,
+    ) -> bool {
+        self.stalls.uid = Some(uid);
+        self.stalls.own = own;
+        if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(topic) {
+            self.refuse(key, forbidden(topic));
+            return false;
+        }
+        true
+    }
+
     fn apply_one(
         &mut self,
         key: ClientKey,
@@ -718,12 +738,8 @@ impl RouterCore {
                 client.outbox.push(encode::err(&e));
             }
             Ok(Command::Pub { topic, payload }) => {
-                self.stalls.uid = Some(client.who.uid);
-                if client.no_echo {
-                    self.stalls.own = Some(client.outbox.clone());
-                }
-                if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(&topic) {
-                    self.refuse(key, forbidden(&topic));
+                let own = client.no_echo.then(|| client.outbox.clone());
+                if !self.begin_publish(key, client.who.uid, own, &topic) {
                     return Delivery::default();
                 }
                 if self.policy.is_open() {
@@ -753,12 +769,8 @@ impl RouterCore {
                 None => self.unsubscribe(key, &p),
             },
             Ok(Command::Retain { topic, payload }) => {
-                self.stalls.uid = Some(client.who.uid);
-                if client.no_echo {
-                    self.stalls.own = Some(client.outbox.clone());
-                }
-                if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(&topic) {
-                    self.refuse(key, forbidden(&topic));
+                let own = client.no_echo.then(|| client.outbox.clone());
+                if !self.begin_publish(key, client.who.uid, own, &topic) {
                     return Delivery::default();
                 }
                 return self.retain(key, &topic, &payload, read_at);
