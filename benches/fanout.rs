@@ -12,11 +12,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fifobus::acl::Identity;
 use fifobus::protocol::encode;
-use fifobus::protocol::Command;
+use fifobus::protocol::{Command, Input, Line, LineSplitter};
 use fifobus::router::{BacklogLimits, Batch, Outbox, RouterCore};
 use fifobus::topic::{Pattern, Topic};
 
@@ -162,11 +162,12 @@ fn apply_batch(c: &mut Criterion) {
             .collect();
         let publisher = u64::MAX;
         core.attach(publisher, Arc::new(Outbox::new(limits)), vec![]);
-        let batch = || -> Vec<_> {
+        let batch = || -> Vec<Input> {
             (0..LINES)
                 .map(|_| {
                     Command::parse(Bytes::copy_from_slice(line.as_bytes()))
                         .map(|c| c.expect("not blank"))
+                        .into()
                 })
                 .collect()
         };
@@ -191,5 +192,79 @@ fn apply_batch(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encode_msg, publish, apply_batch);
+/// What a reader does with one 64 KiB read of 1024 `PUB` lines, and the
+/// router with the batch, timed together: line by line (split, parse, a
+/// `Command` each) against runs taken whole (`protocol::run`), to 1 and to
+/// 10 subscribers.
+fn read_and_apply(c: &mut Criterion) {
+    const LINES: usize = 1024;
+    let limits = BacklogLimits::default();
+    let p = payload(64);
+    let mut raw = Vec::new();
+    for _ in 0..LINES {
+        raw.extend_from_slice(b"PUB chat.room.42 ");
+        raw.extend_from_slice(&p);
+        raw.push(b'\n');
+    }
+    let mut g = c.benchmark_group("fanout/read_and_apply_1024x64B");
+    g.measurement_time(Duration::from_secs(3));
+    for subscribers in [1u64, 10] {
+        let mut core = RouterCore::new(fifobus::counters::Counters::new(1000));
+        let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
+            .map(|key| {
+                let o = Arc::new(Outbox::new(limits));
+                core.attach(key, o.clone(), vec!["chat.room.42".parse().expect("valid")]);
+                o
+            })
+            .collect();
+        let publisher = u64::MAX;
+        core.attach(publisher, Arc::new(Outbox::new(limits)), vec![]);
+        let mut hand = Batch::default();
+        g.throughput(Throughput::Elements(LINES as u64 * subscribers));
+        for runs in [false, true] {
+            let name = format!("{}/1_to_{subscribers}", if runs { "runs" } else { "lines" });
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let mut elapsed = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut buf = BytesMut::from(&raw[..]);
+                        let start = Instant::now();
+                        let items = read(&mut buf, runs);
+                        black_box(core.apply_batch(publisher, items, start));
+                        elapsed += start.elapsed();
+                        for o in &outboxes {
+                            drain(o, &mut hand);
+                        }
+                    }
+                    elapsed
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+/// The reader's part: `buf` into a batch, with or without runs.
+fn read(buf: &mut BytesMut, runs: bool) -> Vec<Input> {
+    let mut splitter = LineSplitter::new(1 << 20);
+    let mut items = Vec::new();
+    loop {
+        if runs {
+            if let Some(run) = splitter.take_pub_run(buf, 1024) {
+                items.push(Input::Pubs(run));
+                continue;
+            }
+        }
+        match splitter.next_line(buf) {
+            Some(Line::Complete(l)) => {
+                if let Some(c) = Command::parse(l).transpose() {
+                    items.push(c.into());
+                }
+            }
+            Some(Line::TooLong) | None => return items,
+        }
+    }
+}
+
+criterion_group!(benches, encode_msg, publish, apply_batch, read_and_apply);
 criterion_main!(benches);

@@ -9,6 +9,8 @@
 
 use bytes::{Bytes, BytesMut};
 
+use super::PubRun;
+
 /// One item taken from the front of the buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Line {
@@ -51,6 +53,19 @@ impl LineSplitter {
     /// Takes the next line from the front of `buf`, or returns `None` when
     /// `buf` holds no complete line (read more and call again). The caller
     /// must only append to `buf` between calls.
+    /// Takes the run of `PUB` lines to one topic that `buf` starts with,
+    /// at most `max_lines` lines, as [`super::run`] describes; `None` when
+    /// the next line is anything else (or incomplete): then
+    /// [`LineSplitter::next_line`] takes it.
+    pub fn take_pub_run(&mut self, buf: &mut BytesMut, max_lines: usize) -> Option<PubRun> {
+        if self.discarding {
+            return None;
+        }
+        let run = super::run::take(buf, self.max_line, max_lines)?;
+        self.scanned = 0;
+        Some(run)
+    }
+
     pub fn next_line(&mut self, buf: &mut BytesMut) -> Option<Line> {
         loop {
             if self.discarding {

@@ -21,6 +21,7 @@ pub mod error;
 pub mod hello;
 pub mod lines;
 pub mod reply;
+pub mod run;
 #[cfg(test)]
 mod strategies;
 
@@ -32,6 +33,7 @@ pub use error::{EncodeError, ErrorCode, ProtocolError};
 pub use hello::Hello;
 pub use lines::{Line, LineSplitter};
 pub use reply::Reply;
+pub use run::{Input, PubRun};
 
 /// Writes `raw` for a human (log line or `ERR` text): printable ASCII as is,
 /// everything else escaped, cut at `max` bytes. Wire input must never reach a

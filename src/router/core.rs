@@ -38,7 +38,9 @@ use bytes::Bytes;
 use super::outbox::{CloseReason, Outbox, Push};
 use crate::acl::{Identity, Policy, Sub};
 use crate::counters::{Counters, DropReason, TopicCounters};
-use crate::protocol::{encode, Command, ErrorCode, ProtocolError, QueueName, SubOptions};
+use crate::protocol::{
+    encode, Command, ErrorCode, Input, ProtocolError, PubRun, QueueName, SubOptions,
+};
 use crate::topic::{Pattern, PatternIndex, Topic};
 
 /// Identifies a connected client inside the router (cheaper than its uuid).
@@ -654,6 +656,13 @@ impl RouterCore {
         read_at: Instant,
     ) -> Delivery {
         let d = self.apply_one(key, item, read_at);
+        self.finish_command(key, d)
+    }
+
+    /// What follows every command (a line, or a run of `PUB` lines taken
+    /// whole): its publisher stalls on the lossless subscribers it filled,
+    /// and the memory budget is enforced. Returns `d` with what that cost.
+    fn finish_command(&mut self, key: ClientKey, d: Delivery) -> Delivery {
         self.stalls.own = None;
         if !self.stalls.full.is_empty() {
             if let Some(c) = self.clients.get(&key) {
@@ -679,29 +688,86 @@ impl RouterCore {
     /// outbox): one lock and at most one writer wake-up per subscriber per
     /// batch, not per message. Returns the work done (lines plus deliveries
     /// and drops), for the router's turn.
-    pub fn apply_batch(
-        &mut self,
-        key: ClientKey,
-        items: Vec<Result<Command, ProtocolError>>,
-        read_at: Instant,
-    ) -> usize {
-        let mut work = items.len();
+    pub fn apply_batch(&mut self, key: ClientKey, items: Vec<Input>, read_at: Instant) -> usize {
+        let mut work = 0;
         for item in items {
+            work += item.lines();
             // Anything but a plain PUB may push into an outbox directly
             // (ERR, PONG, BYE, retained, requests, `_bus.`): after what is
             // held, so that every client's lines keep their order.
-            let held = matches!(&item, Ok(Command::Pub { topic, .. })
-                if !(topic.as_bytes().starts_with(b"_bus") && is_bus_topic(topic)));
+            let plain =
+                |topic: &Topic| !(topic.as_bytes().starts_with(b"_bus") && is_bus_topic(topic));
+            let held = match &item {
+                Input::Line(Ok(Command::Pub { topic, .. })) | Input::Pubs(PubRun { topic, .. }) => {
+                    plain(topic)
+                }
+                Input::Line(_) => false,
+            };
             if !held {
                 self.stage.flush();
             }
             self.stage.active = held;
-            let d = self.apply(key, item, read_at);
+            let d = match item {
+                Input::Line(line) => self.apply(key, line, read_at),
+                Input::Pubs(run) => self.apply_run(key, &run, read_at),
+            };
             work += d.delivered + d.dropped;
         }
         self.stage.active = false;
         self.stage.flush();
         work + self.reclaim()
+    }
+
+    /// A run of `PUB` lines to one topic (`protocol::run`), routed once
+    /// when the route allows: its publisher known to be allowed there, no
+    /// queue group or lossless subscriber to push to line by line.
+    /// Otherwise, and for `_bus.` topics, its lines are applied one by one,
+    /// as they would have been had the reader not taken them whole.
+    fn apply_run(&mut self, key: ClientKey, run: &PubRun, read_at: Instant) -> Delivery {
+        let Some(client) = self.clients.get(&key) else {
+            return Delivery::default();
+        };
+        let (own, uid) = (
+            client.no_echo.then(|| client.outbox.clone()),
+            client.who.uid,
+        );
+        let topic = &run.topic;
+        if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(topic) {
+            return self.apply_each(key, run, read_at);
+        }
+        if !self.cache.contains_key(topic) {
+            self.resolve(topic);
+        }
+        let route = &self.cache[topic];
+        // Under an ACL, a publisher's first line to a topic is judged (and
+        // the decision kept with the route) line by line; once it may
+        // publish there, its runs go whole.
+        let may = self.policy.is_open() || route.publishers.get(&key) == Some(&true);
+        if !(may && route.groups.is_empty() && route.lossless.is_empty()) {
+            return self.apply_each(key, run, read_at);
+        }
+        self.begin_publish(key, uid, own, topic);
+        let d = deliver_run(
+            &self.cache[topic],
+            &mut self.stage,
+            &self.counters,
+            run,
+            read_at,
+            self.stalls.own.as_ref(),
+        );
+        self.finish_command(key, d)
+    }
+
+    /// A run's lines applied one by one, as `PUB` commands.
+    fn apply_each(&mut self, key: ClientKey, run: &PubRun, read_at: Instant) -> Delivery {
+        let mut sum = Delivery::default();
+        for c in run.commands() {
+            let d = self.apply(key, Ok(c), read_at);
+            sum.delivered += d.delivered;
+            sum.dropped += d.dropped;
+            sum.disconnected += d.disconnected;
+        }
+        sum
     }
 
     /// What a client's `PUB` or `RETAIN` to `topic` sets up before it is
@@ -1512,6 +1578,81 @@ fn deliver(
     d
 }
 
+/// [`deliver`] for a run of `PUB` lines to `run.topic`, on a route with
+/// plain subscribers only: the run's `MSG` lines are copied once and held
+/// for each subscriber as one range, or, where they do not certainly fit,
+/// pushed line by line under the overflow policy, counted as [`deliver`]
+/// counts each line. The topic's counters are written once per run.
+fn deliver_run(
+    route: &Route,
+    stage: &mut stage::Stage,
+    counters: &Counters,
+    run: &PubRun,
+    read_at: Instant,
+    own: Option<&Arc<Outbox>>,
+) -> Delivery {
+    debug_assert!(route.groups.is_empty() && route.lossless.is_empty());
+    let mut d = Delivery::default();
+    let (mut oldest, mut newest, mut delivered_bytes) = (0, 0, 0);
+    let routed = !route.subscribers.is_empty();
+    if routed {
+        let r = stage.encode_lines(&run.lines);
+        let overhead = run.overhead();
+        let memory = &counters.memory;
+        let mut budget = (memory.held(), memory.limit());
+        let list = route.subscribers.as_ptr() as usize;
+        for (at, outbox) in route.subscribers.iter().enumerate() {
+            if own.is_some_and(|o| Arc::ptr_eq(o, outbox)) {
+                continue;
+            }
+            if stage.add_lines((list, at), outbox, r.clone(), run.count, read_at, budget) {
+                d.delivered += run.count;
+                delivered_bytes += run.payload_bytes;
+                continue;
+            }
+            stage.flush_one(outbox);
+            let lines = stage.line(r.clone());
+            let mut start = 0;
+            for nl in memchr::memchr_iter(b'\n', lines) {
+                let line = &lines[start..=nl];
+                start = nl + 1;
+                match outbox.push_line(line, Some(read_at)) {
+                    Push::Queued => {
+                        d.delivered += 1;
+                        delivered_bytes += line.len() - overhead;
+                    }
+                    Push::QueuedDropping(n) => {
+                        d.delivered += 1;
+                        delivered_bytes += line.len() - overhead;
+                        oldest += n;
+                    }
+                    Push::Dropped => newest += 1,
+                    Push::Skipped(n) => oldest += n,
+                    Push::Disconnected(n) => d.disconnected += n + 1,
+                    Push::Closed => {}
+                }
+            }
+            budget.0 = memory.held();
+        }
+    }
+    d.dropped = oldest + newest;
+    let tc = &route.counters;
+    tc.published.fetch_add(run.count as u64, Relaxed);
+    tc.published_bytes
+        .fetch_add(run.payload_bytes as u64, Relaxed);
+    if !routed {
+        counters.unrouted.fetch_add(run.count as u64, Relaxed);
+    } else {
+        tc.delivered.fetch_add(d.delivered as u64, Relaxed);
+        tc.delivered_bytes
+            .fetch_add(delivered_bytes as u64, Relaxed);
+    }
+    counters.dropped(DropReason::BacklogOldest, oldest as u64);
+    counters.dropped(DropReason::BacklogNewest, newest as u64);
+    counters.dropped(DropReason::SlowConsumer, d.disconnected as u64);
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1552,6 +1693,38 @@ mod tests {
         Command::parse(Bytes::copy_from_slice(s.as_bytes())).map(|c| c.expect("not blank"))
     }
 
+    /// Lines as a batch of parsed lines, none taken as a run.
+    fn each(items: Vec<Result<Command, ProtocolError>>) -> Vec<Input> {
+        items.into_iter().map(Input::from).collect()
+    }
+
+    /// Lines as the reader makes them into a batch: runs of `PUB` lines
+    /// taken whole, the rest parsed line by line.
+    fn as_read(lines: &[String]) -> Vec<Input> {
+        let mut buf = bytes::BytesMut::new();
+        for l in lines {
+            buf.extend_from_slice(l.as_bytes());
+            buf.extend_from_slice(b"\n");
+        }
+        let mut splitter = crate::protocol::LineSplitter::new(1 << 20);
+        let mut out = Vec::new();
+        loop {
+            if let Some(run) = splitter.take_pub_run(&mut buf, 1024) {
+                out.push(Input::Pubs(run));
+                continue;
+            }
+            match splitter.next_line(&mut buf) {
+                Some(crate::protocol::Line::Complete(l)) => {
+                    if let Some(c) = Command::parse(l).transpose() {
+                        out.push(Input::Line(c));
+                    }
+                }
+                Some(crate::protocol::Line::TooLong) => unreachable!("short lines"),
+                None => return out,
+            }
+        }
+    }
+
     fn client(core: &mut RouterCore, key: ClientKey, subs: &[&str]) -> Arc<Outbox> {
         let o = Arc::new(Outbox::new(BacklogLimits::default()));
         let subs = subs.iter().map(|s| s.parse().unwrap()).collect();
@@ -1572,33 +1745,45 @@ mod tests {
         let a = client(&mut core, 1, &["t"]);
         let b = client(&mut core, 2, &["t", "u"]);
         let p = client(&mut core, 3, &["t"]);
-        let mut items: Vec<_> = (0..100).map(|i| cmd(&format!("PUB t {i}"))).collect();
-        items.push(cmd("PUB u x"));
-        let n = locks(&a, || {
-            assert_eq!(
-                locks(&b, || {
-                    core.apply_batch(3, items, Instant::now());
-                }),
-                1,
-                "one lock for 101 lines on two topics"
-            );
-        });
-        assert_eq!(n, 1, "one lock for 100 lines");
-        assert_eq!(lines(&a).len(), 100);
-        assert_eq!(lines(&b).len(), 101);
-        assert_eq!(lines(&p).len(), 100);
+        for runs in [false, true] {
+            let mut items: Vec<_> = (0..100).map(|i| format!("PUB t {i}")).collect();
+            items.push("PUB u x".to_owned());
+            let items = if runs {
+                as_read(&items)
+            } else {
+                each(items.iter().map(|l| cmd(l)).collect())
+            };
+            let n = locks(&a, || {
+                assert_eq!(
+                    locks(&b, || {
+                        core.apply_batch(3, items, Instant::now());
+                    }),
+                    1,
+                    "one lock for 101 lines on two topics"
+                );
+            });
+            assert_eq!(n, 1, "one lock for 100 lines");
+            assert_eq!(lines(&a).len(), 100);
+            assert_eq!(lines(&b).len(), 101);
+            assert_eq!(lines(&p).len(), 100);
+        }
         // A reply in the middle of a batch follows what came before it.
-        let mut items: Vec<_> = (0..3).map(|i| cmd(&format!("PUB t {i}"))).collect();
-        items.push(cmd("PING x"));
-        items.push(cmd("SUB"));
-        items.push(cmd("PUB t 3"));
-        core.apply_batch(3, items, Instant::now());
-        let got = lines(&p);
-        assert_eq!(got[..4], ["MSG t 0", "MSG t 1", "MSG t 2", "PONG x"]);
-        assert!(got[4].starts_with("ERR "), "{got:?}");
-        assert_eq!(got[5], "MSG t 3");
+        for runs in [false, true] {
+            let mut items: Vec<_> = (0..3).map(|i| format!("PUB t {i}")).collect();
+            items.extend(["PING x", "SUB", "PUB t 3"].map(String::from));
+            let items = if runs {
+                as_read(&items)
+            } else {
+                each(items.iter().map(|l| cmd(l)).collect())
+            };
+            core.apply_batch(3, items, Instant::now());
+            let got = lines(&p);
+            assert_eq!(got[..4], ["MSG t 0", "MSG t 1", "MSG t 2", "PONG x"]);
+            assert!(got[4].starts_with("ERR "), "{got:?}");
+            assert_eq!(got[5], "MSG t 3");
+        }
         let t = core.counters.topic("t").expect("counted");
-        assert_eq!(t.delivered.load(Relaxed), 3 * 100 + 3 * 4);
+        assert_eq!(t.delivered.load(Relaxed), 2 * (3 * 100 + 3 * 4));
     }
 
     /// A batch alternating between topics with different subscribers, and
@@ -1622,7 +1807,7 @@ mod tests {
         for i in 0..many {
             items.push(cmd(&format!("PUB t.n.{i} {i}")));
         }
-        core.apply_batch(1, items, Instant::now());
+        core.apply_batch(1, each(items), Instant::now());
         assert_eq!(lines(&a), ["MSG t.a 0", "MSG t.a 2", "MSG t.a 4"]);
         let got_b = lines(&b);
         assert_eq!(got_b[..3], ["MSG t.b 1", "MSG t.b 3", "MSG t.b 5"]);
@@ -1643,7 +1828,8 @@ mod tests {
             crate::router::OverflowPolicy::Disconnect,
         ] {
             for messages in [1, 5, 37, 200] {
-                let run = |whole: bool| {
+                // 0: line by line; 1: a batch of lines; 2: a batch of runs.
+                let run = |how: u8| {
                     let mut core = RouterCore::new(Counters::new(100));
                     let limits = BacklogLimits {
                         messages,
@@ -1660,15 +1846,22 @@ mod tests {
                     // The first reader takes a batch early: it holds lines.
                     let mut hand = Batch::default();
                     let items = |r: std::ops::Range<u32>| -> Vec<_> {
-                        r.map(|i| cmd(&format!("PUB t {i}"))).collect()
+                        r.map(|i| format!("PUB t {i}")).collect()
                     };
                     let at = Instant::now();
                     for (n, r) in [0..20, 20..120, 120..121].into_iter().enumerate() {
-                        if whole {
-                            core.apply_batch(9, items(r), at);
-                        } else {
-                            for item in items(r) {
-                                core.apply(9, item, at);
+                        match how {
+                            0 => {
+                                for item in items(r) {
+                                    core.apply(9, cmd(&item), at);
+                                }
+                            }
+                            1 => {
+                                let lines = items(r).iter().map(|l| cmd(l)).collect();
+                                core.apply_batch(9, each(lines), at);
+                            }
+                            _ => {
+                                core.apply_batch(9, as_read(&items(r)), at);
                             }
                         }
                         if n == 0 {
@@ -1686,9 +1879,90 @@ mod tests {
                     );
                     (got, counts)
                 };
-                assert_eq!(run(true), run(false), "{policy} with {messages} lines");
+                let one_by_one = run(0);
+                assert_eq!(run(1), one_by_one, "{policy} with {messages} lines");
+                assert_eq!(
+                    run(2),
+                    one_by_one,
+                    "{policy} with {messages} lines, as runs"
+                );
             }
         }
+    }
+
+    /// Runs (as the reader takes them) on routes that need decisions line
+    /// by line (queue groups, a lossless subscriber that fills and stalls
+    /// its publisher, `echo=no`, `_bus.`), mixed with other commands: every
+    /// client gets the same lines, and the counters count the same, as when
+    /// each line is its own command.
+    #[test]
+    fn runs_mean_what_their_lines_mean_on_every_kind_of_route() {
+        let run = |runs: bool| {
+            let mut core = RouterCore::new(Counters::new(100));
+            let small = BacklogLimits {
+                messages: 7,
+                bytes: 1 << 20,
+                policy: crate::router::OverflowPolicy::DropOldest,
+            };
+            let outs: Vec<Arc<Outbox>> = (1..=5)
+                .map(|k| {
+                    let o = Arc::new(Outbox::new(small));
+                    core.attach(k, o.clone(), vec![]);
+                    o
+                })
+                .collect();
+            core.now(1, cmd("SUB t.>"));
+            core.now(2, cmd("SUB t.q queue=g"));
+            core.now(3, cmd("SUB t.q queue=g"));
+            core.now(4, cmd("SUB t.l lossless"));
+            core.now(5, cmd("SUB t.>"));
+            core.set_no_echo(5);
+            let mut batch = Vec::new();
+            for i in 0..40 {
+                let t = ["t.a", "t.q", "t.l", "_bus.x"][i / 10];
+                batch.push(format!("PUB {t} m{i}"));
+                if i % 7 == 3 {
+                    batch.push(format!("PING p{i}"));
+                }
+            }
+            let at = Instant::now();
+            for chunk in batch.chunks(9) {
+                if runs {
+                    core.apply_batch(5, as_read(chunk), at);
+                } else {
+                    core.apply_batch(5, each(chunk.iter().map(|l| cmd(l)).collect()), at);
+                }
+            }
+            let stalled = outs[4].is_stalled();
+            let got: Vec<Vec<String>> = outs.iter().map(|o| lines(o)).collect();
+            let c = &core.counters;
+            let topics: Vec<_> = ["t.a", "t.q", "t.l"]
+                .iter()
+                .map(|t| {
+                    let t = c.topic(t).expect("counted");
+                    (
+                        t.published.load(Relaxed),
+                        t.delivered.load(Relaxed),
+                        t.delivered_bytes.load(Relaxed),
+                    )
+                })
+                .collect();
+            let drops = c.dropped_total(DropReason::BacklogOldest);
+            (got, topics, drops, stalled)
+        };
+        let (got, topics, drops, stalled) = run(true);
+        assert!(
+            got[0].iter().any(|l| l.starts_with("DROPPED")),
+            "{:?}",
+            got[0]
+        );
+        assert!(got[4].iter().any(|l| l.starts_with("ERR forbidden _bus.x")));
+        assert!(!got[4].iter().any(|l| l.starts_with("MSG")), "echo=no");
+        assert!(
+            stalled,
+            "the lossless subscriber filled: its publisher stalls"
+        );
+        assert_eq!((got, topics, drops, stalled), run(false));
     }
 
     #[test]
@@ -1873,6 +2147,31 @@ mod tests {
             assert_eq!(lines(&c), ["ERR forbidden chat.x", "ERR forbidden chat.x"]);
             assert_eq!(lines(&a), ["ERR forbidden _bus.x", "MSG chat.x ok"]);
             assert_eq!(counters.protocol_errors(ErrorCode::Forbidden), 3);
+        }
+
+        /// Runs of `PUB` lines (as the reader takes them) are judged as
+        /// their lines: a refused publisher gets one `ERR` per line, an
+        /// allowed one's runs are delivered whole, and a new policy that
+        /// refuses it holds from its next run on.
+        #[test]
+        fn runs_are_judged_as_their_lines() {
+            let mut core = core(CHAT);
+            let counters = core.counters.clone();
+            let a = join(&mut core, 1, ALICE, &["chat.>"]).unwrap();
+            let c = join(&mut core, 3, CAROL, &[]).unwrap();
+            let lines3 =
+                |m: &str| -> Vec<String> { (0..3).map(|i| format!("PUB chat.x {m}{i}")).collect() };
+            core.apply_batch(3, as_read(&lines3("no")), Instant::now());
+            assert_eq!(lines(&c), ["ERR forbidden chat.x"; 3]);
+            for _ in 0..2 {
+                core.apply_batch(1, as_read(&lines3("ok")), Instant::now());
+            }
+            let ok: Vec<String> = (0..3).map(|i| format!("MSG chat.x ok{i}")).collect();
+            assert_eq!(lines(&a), [ok.clone(), ok].concat());
+            core.set_policy(policy("default deny\nallow sub chat.> user=alice"));
+            core.apply_batch(1, as_read(&lines3("late")), Instant::now());
+            assert_eq!(lines(&a), ["ERR forbidden chat.x"; 3]);
+            assert_eq!(counters.protocol_errors(ErrorCode::Forbidden), 6);
         }
 
         #[test]

@@ -17,7 +17,7 @@ use super::core::{ClientInfo, ClientKey, RetainLimits, RouterCore};
 use super::outbox::Outbox;
 use crate::acl::{Identity, Policy};
 use crate::counters::Counters;
-use crate::protocol::{Command, ProtocolError, SubOptions};
+use crate::protocol::{Input, ProtocolError, SubOptions};
 use crate::topic::Pattern;
 
 /// Batches in flight. With at most 1024 lines per batch this bounds what
@@ -46,7 +46,7 @@ pub enum RouterMsg {
     /// Everything one read from a client's `send` produced, in order.
     Batch {
         key: ClientKey,
-        items: Vec<Result<Command, ProtocolError>>,
+        items: Vec<Input>,
         /// When the reader read these lines.
         read_at: Instant,
     },
@@ -195,12 +195,7 @@ impl RouterHandle {
 
     /// Sends one batch. Waits while the router is behind (backpressure).
     /// Returns `false` if the router has stopped.
-    pub async fn batch(
-        &self,
-        key: ClientKey,
-        items: Vec<Result<Command, ProtocolError>>,
-        read_at: Instant,
-    ) -> bool {
+    pub async fn batch(&self, key: ClientKey, items: Vec<Input>, read_at: Instant) -> bool {
         let msg = RouterMsg::Batch {
             key,
             items,

@@ -46,7 +46,7 @@ use super::pipe_size::{self, PipeSize};
 use super::Session;
 use crate::context::{Context, Phase};
 use crate::counters::MemoryBudget;
-use crate::protocol::{Command, ErrorCode, Line, LineSplitter, ProtocolError};
+use crate::protocol::{Command, ErrorCode, Input, Line, LineSplitter, ProtocolError};
 use crate::router::CloseReason;
 use crate::{fifo, warn_throttled};
 
@@ -223,7 +223,9 @@ async fn pause(
 }
 
 struct Batch {
-    items: Vec<Result<Command, ProtocolError>>,
+    items: Vec<Input>,
+    /// The lines `items` stand for.
+    lines: usize,
     read_at: std::time::Instant,
     /// The pipe had nothing more to read.
     drained: bool,
@@ -243,13 +245,27 @@ fn read_batch(
 ) -> io::Result<Batch> {
     let mut batch = Batch {
         items: Vec::new(),
+        lines: 0,
         read_at: std::time::Instant::now(),
         drained: false,
         bye: false,
     };
     let mut read = 0;
     loop {
-        while let Some(line) = splitter.next_line(buf) {
+        loop {
+            // A publisher's stream: its `PUB` lines taken whole (see
+            // `protocol::run`), the rest line by line.
+            if let Some(run) = splitter.take_pub_run(buf, BATCH_ITEMS - batch.lines) {
+                batch.lines += run.count;
+                batch.items.push(Input::Pubs(run));
+                if batch.lines >= BATCH_ITEMS {
+                    return Ok(batch);
+                }
+                continue;
+            }
+            let Some(line) = splitter.next_line(buf) else {
+                break;
+            };
             let item = match line {
                 Line::Complete(l) => match Command::parse(l) {
                     Ok(None) => continue,
@@ -279,8 +295,9 @@ fn read_batch(
                 warn_throttled!(ctx.throttle, e.code.as_str(), client = %s.label, "refused a line: {}", e.text);
             }
             batch.bye = matches!(item, Ok(Command::Bye));
-            batch.items.push(item);
-            if batch.bye || batch.items.len() >= BATCH_ITEMS {
+            batch.items.push(Input::Line(item));
+            batch.lines += 1;
+            if batch.bye || batch.lines >= BATCH_ITEMS {
                 return Ok(batch);
             }
         }

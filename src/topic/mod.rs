@@ -207,6 +207,20 @@ pub struct Topic(Bytes);
 
 validated_name!(Topic, false, "topic");
 
+impl Topic {
+    /// Whether `raw` is a valid topic, without making one.
+    pub fn is_valid(raw: &[u8]) -> bool {
+        validate(raw, false).is_ok()
+    }
+
+    /// Keeps `raw`, which the caller has just checked with
+    /// [`Topic::is_valid`] (a run of `PUB` lines validates its topic once).
+    pub(crate) fn from_valid(raw: Bytes) -> Topic {
+        debug_assert!(Topic::is_valid(&raw));
+        Topic(raw)
+    }
+}
+
 /// A subscription pattern, e.g. `sensors.*.temp` or `sensors.>`: a topic
 /// whose segments may also be exactly `*` (one segment) or, last, exactly
 /// `>` (one or more segments).

@@ -76,6 +76,18 @@ impl Stage {
         start..self.buf.len()
     }
 
+    /// Copies whole `MSG` lines already encoded (a run of `PUB` lines
+    /// turned into `MSG` by the reader); the range is valid until the next
+    /// [`Stage::flush`].
+    pub(super) fn encode_lines(&mut self, lines: &[u8]) -> Range<usize> {
+        if self.used == 0 {
+            self.buf.clear();
+        }
+        let start = self.buf.len();
+        self.buf.extend_from_slice(lines);
+        start..self.buf.len()
+    }
+
     pub(super) fn line(&self, r: Range<usize>) -> &[u8] {
         &self.buf[r]
     }
@@ -88,9 +100,23 @@ impl Stage {
     /// itself (after [`Stage::flush_one`]).
     pub(super) fn add(
         &mut self,
+        slot: (usize, usize),
+        outbox: &Arc<Outbox>,
+        r: Range<usize>,
+        read_at: Instant,
+        budget: (usize, usize),
+    ) -> bool {
+        self.add_lines(slot, outbox, r, 1, read_at, budget)
+    }
+
+    /// [`Stage::add`] for `r` holding `lines` whole lines (a run of `PUB`
+    /// lines): held all together, or not at all.
+    pub(super) fn add_lines(
+        &mut self,
         (route, at): (usize, usize),
         outbox: &Arc<Outbox>,
         r: Range<usize>,
+        lines: usize,
         read_at: Instant,
         budget: (usize, usize),
     ) -> bool {
@@ -115,7 +141,7 @@ impl Stage {
         let slot = &mut self.slots[i];
         let len = r.len();
         let cost = len + if slot.lines == 0 { RUN_COST } else { 0 };
-        if !outbox.fits(slot.lines + 1, slot.bytes + len)
+        if !outbox.fits(slot.lines + lines, slot.bytes + len)
             || budget.0 + self.pending + cost > budget.1
         {
             return false;
@@ -124,7 +150,7 @@ impl Stage {
             Some(last) if last.end == r.start => last.end = r.end,
             _ => slot.ranges.push(r),
         }
-        slot.lines += 1;
+        slot.lines += lines;
         slot.bytes += len;
         self.pending += cost;
         true
