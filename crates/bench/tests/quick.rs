@@ -70,6 +70,27 @@ fn bench_quick_reports_every_scenario() {
     assert!(
         throughput["ceiling"].as_f64().unwrap() > 0.0 && throughput["ratio"].as_f64().is_some()
     );
+    assert_eq!(throughput["target"], "ratio >= 0.5", "issue 14's target");
+    // "100 topics" against its fair ceiling (issue 14's target), and the old
+    // tee ceiling beside it: both measured, so the change of yardstick shows.
+    let topics = |what: &str| {
+        rows.iter()
+            .find(|r| {
+                let s = r["scenario"].as_str().unwrap();
+                s.starts_with("100 topics") && s.contains(what)
+            })
+            .unwrap_or_else(|| panic!("no 100 topics row with {what:?} in {names:?}"))
+    };
+    let fair = topics("subscribers, deliveries/s");
+    assert_eq!(fair["target"], "ratio >= 0.2", "{fair}");
+    let old = topics("against the old ceiling");
+    for r in [fair, old] {
+        assert!(r["ceiling"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+    }
+    assert_eq!(
+        fair["fifobus"], old["fifobus"],
+        "one broker run, two yardsticks"
+    );
 }
 
 fn bench_bin() -> (&'static str, &'static std::ffi::OsStr) {
