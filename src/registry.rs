@@ -15,6 +15,7 @@
 //! session ends its client after `--orphan-timeout` of idleness.
 
 use std::collections::HashMap;
+use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -133,9 +134,16 @@ impl Activity {
         self.origin + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
 
-    /// The writer put `n` more bytes into `recv`.
-    pub fn wrote(&self, n: usize) {
+    /// Runs the writer's `write` to `recv` and counts what it wrote, both
+    /// under the lock a look at `recv` holds: a look then never sees bytes
+    /// the client already read but the writer had not yet counted (that
+    /// read would go unnoticed, and an active client could be taken for
+    /// the one idle longest).
+    pub fn write(&self, write: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
+        let _recv = self.lock();
+        let n = write()?;
         self.unread.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 
     /// Takes this client as the one to end; `false` if another newcomer did.

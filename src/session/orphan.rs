@@ -23,15 +23,14 @@ use crate::{fifo, warn_throttled};
 /// Whether the client read from its `recv` since the broker last looked;
 /// if so, that counts as a sign of life now. One `FIONREAD`.
 pub(super) fn read_since_last_look(a: &Activity) -> bool {
-    let Some(Ok(now)) = a.look(fifo::unread_bytes) else {
+    // Both under the lock the writer writes and counts under: one snapshot.
+    let Some((Ok(now), expected)) = a.look(|fd| (fifo::unread_bytes(fd), a.unread.load(Relaxed)))
+    else {
         return false;
     };
     let now = now as u64;
-    let expected = a.unread.load(Relaxed);
     if now >= expected {
-        // Nothing read (or written by the writer after our FIONREAD but
-        // counted before: then the next look sees it).
-        return false;
+        return false; // nothing read
     }
     // Subtract rather than store, so a concurrent `wrote` is kept.
     a.unread.fetch_sub(expected - now, Relaxed);

@@ -85,13 +85,10 @@ pub(super) async fn write_lines(
         }
         let mut full = false;
         while !batch.is_empty() {
-            match write_some(recv, batch, &mut latency) {
+            match write_some(recv, batch, &mut latency, activity) {
                 Ok((bytes, lines)) => {
                     outbox.written(bytes, lines);
                     streamed += bytes;
-                    if let Some(a) = activity {
-                        a.wrote(bytes);
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     latency.flush();
@@ -146,12 +143,18 @@ impl Drop for InHand<'_> {
 
 /// One `write` of as much of the batch as the pipe takes; returns (bytes
 /// written, lines completed), observing each completed `MSG`'s latency.
+/// With `activity` (clients without `pid=`), counted there as it is written.
 fn write_some(
     recv: &pipe::Sender,
     batch: &mut Batch,
     latency: &mut LocalLatency,
+    activity: Option<&Activity>,
 ) -> io::Result<(usize, usize)> {
-    let n = recv.try_write(batch.unwritten())?;
+    let bytes = batch.unwritten();
+    let n = match activity {
+        Some(a) => a.write(|| recv.try_write(bytes))?,
+        None => recv.try_write(bytes)?,
+    };
     let now = std::time::Instant::now();
     let lines = batch.wrote(n, |t, k| latency.observe_n(now.duration_since(t), k as u64));
     Ok((n, lines))
