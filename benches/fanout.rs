@@ -141,6 +141,22 @@ fn drain(o: &Outbox, hand: &mut Batch) {
     }
 }
 
+/// A router with `subscribers` clients on `chat.room.42` and a publisher
+/// (the last value) subscribed to nothing.
+fn room(subscribers: u64, limits: BacklogLimits) -> (RouterCore, Vec<Arc<Outbox>>, u64) {
+    let mut core = RouterCore::new(fifobus::counters::Counters::new(1000));
+    let outboxes = (0..subscribers)
+        .map(|key| {
+            let o = Arc::new(Outbox::new(limits));
+            core.attach(key, o.clone(), vec!["chat.room.42".parse().expect("valid")]);
+            o
+        })
+        .collect();
+    let publisher = u64::MAX;
+    core.attach(publisher, Arc::new(Outbox::new(limits)), vec![]);
+    (core, outboxes, publisher)
+}
+
 /// `RouterCore::apply_batch` of one reader batch: 1024 `PUB`s of 64 bytes
 /// on one topic, to 1 and to 10 subscribers, the outboxes drained (untimed)
 /// after each batch as their writers would.
@@ -152,16 +168,7 @@ fn apply_batch(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout/apply_batch_1024x64B");
     g.measurement_time(Duration::from_secs(3));
     for subscribers in [1u64, 10] {
-        let mut core = RouterCore::new(fifobus::counters::Counters::new(1000));
-        let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
-            .map(|key| {
-                let o = Arc::new(Outbox::new(limits));
-                core.attach(key, o.clone(), vec!["chat.room.42".parse().expect("valid")]);
-                o
-            })
-            .collect();
-        let publisher = u64::MAX;
-        core.attach(publisher, Arc::new(Outbox::new(limits)), vec![]);
+        let (mut core, outboxes, publisher) = room(subscribers, limits);
         let batch = || -> Vec<Input> {
             (0..LINES)
                 .map(|_| {
@@ -209,16 +216,7 @@ fn read_and_apply(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout/read_and_apply_1024x64B");
     g.measurement_time(Duration::from_secs(3));
     for subscribers in [1u64, 10] {
-        let mut core = RouterCore::new(fifobus::counters::Counters::new(1000));
-        let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
-            .map(|key| {
-                let o = Arc::new(Outbox::new(limits));
-                core.attach(key, o.clone(), vec!["chat.room.42".parse().expect("valid")]);
-                o
-            })
-            .collect();
-        let publisher = u64::MAX;
-        core.attach(publisher, Arc::new(Outbox::new(limits)), vec![]);
+        let (mut core, outboxes, publisher) = room(subscribers, limits);
         let mut hand = Batch::default();
         g.throughput(Throughput::Elements(LINES as u64 * subscribers));
         for runs in [false, true] {

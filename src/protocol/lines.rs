@@ -24,7 +24,7 @@ pub enum Line {
 pub struct LineSplitter {
     max_line: usize,
     /// Bytes at the front of the buffer already searched for `\n`.
-    scanned: usize,
+    pub(super) scanned: usize,
     /// Inside an overlong line: drop everything up to the next `\n`.
     discarding: bool,
 }
@@ -50,15 +50,22 @@ impl LineSplitter {
         self.max_line = max_line;
     }
 
-    /// Takes the next line from the front of `buf`, or returns `None` when
-    /// `buf` holds no complete line (read more and call again). The caller
-    /// must only append to `buf` between calls.
     /// Takes the run of `PUB` lines to one topic that `buf` starts with,
     /// at most `max_lines` lines, as [`super::run`] describes; `None` when
     /// the next line is anything else (or incomplete): then
     /// [`LineSplitter::next_line`] takes it.
+    ///
+    /// A line still arriving is searched for its newline only in the bytes
+    /// that came since the last call (as `next_line` does), so a long line
+    /// written a byte at a time costs its length, not its length squared.
     pub fn take_pub_run(&mut self, buf: &mut BytesMut, max_lines: usize) -> Option<PubRun> {
-        if self.discarding {
+        if self.discarding || !buf.starts_with(b"PUB ") {
+            return None;
+        }
+        let limit = buf.len().min(self.max_line.saturating_add(1));
+        let start = self.scanned.min(limit);
+        if memchr::memchr(b'\n', &buf[start..limit]).is_none() {
+            self.scanned = limit;
             return None;
         }
         let run = super::run::take(buf, self.max_line, max_lines)?;
@@ -66,6 +73,9 @@ impl LineSplitter {
         Some(run)
     }
 
+    /// Takes the next line from the front of `buf`, or returns `None` when
+    /// `buf` holds no complete line (read more and call again). The caller
+    /// must only append to `buf` between calls.
     pub fn next_line(&mut self, buf: &mut BytesMut) -> Option<Line> {
         loop {
             if self.discarding {

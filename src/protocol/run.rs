@@ -169,31 +169,36 @@ mod tests {
     use crate::protocol::{encode, Line, LineSplitter};
     use proptest::prelude::*;
 
-    /// What the reader makes of `input`: runs where it can, lines otherwise.
-    fn read(input: &[u8], max_line: usize, runs: bool) -> Vec<Input> {
-        let mut buf = BytesMut::from(input);
+    /// What the reader makes of `input`, arriving `chunk` bytes per read:
+    /// runs where it can, lines otherwise.
+    fn read(input: &[u8], chunk: usize, max_line: usize, runs: bool) -> Vec<Input> {
+        let mut buf = BytesMut::new();
         let mut s = LineSplitter::new(max_line);
         let mut out = Vec::new();
-        loop {
-            if runs {
-                if let Some(run) = s.take_pub_run(&mut buf, 1000) {
-                    out.push(Input::Pubs(run));
-                    continue;
+        for piece in input.chunks(chunk.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                if runs {
+                    if let Some(run) = s.take_pub_run(&mut buf, 1000) {
+                        out.push(Input::Pubs(run));
+                        continue;
+                    }
+                }
+                match s.next_line(&mut buf) {
+                    Some(Line::Complete(l)) => match Command::parse(l) {
+                        Ok(None) => {}
+                        Ok(Some(c)) => out.push(Input::Line(Ok(c))),
+                        Err(e) => out.push(Input::Line(Err(e))),
+                    },
+                    Some(Line::TooLong) => out.push(Input::Line(Err(ProtocolError::new(
+                        crate::protocol::ErrorCode::LineTooLong,
+                        "too long".to_owned(),
+                    )))),
+                    None => break,
                 }
             }
-            match s.next_line(&mut buf) {
-                Some(Line::Complete(l)) => match Command::parse(l) {
-                    Ok(None) => {}
-                    Ok(Some(c)) => out.push(Input::Line(Ok(c))),
-                    Err(e) => out.push(Input::Line(Err(e))),
-                },
-                Some(Line::TooLong) => out.push(Input::Line(Err(ProtocolError::new(
-                    crate::protocol::ErrorCode::LineTooLong,
-                    "too long".to_owned(),
-                )))),
-                None => return out,
-            }
         }
+        out
     }
 
     /// Runs expanded back into the commands their lines were.
@@ -241,6 +246,29 @@ mod tests {
         assert!(take(&mut buf, 12, 100).is_some());
     }
 
+    /// A `PUB` line arriving a byte at a time is searched for its newline
+    /// only in the new bytes (the splitter's `scanned`), and still taken
+    /// whole once complete; over the limit, it is the splitter's to refuse.
+    #[test]
+    fn a_line_arriving_piece_by_piece_is_taken_once_complete() {
+        let mut s = LineSplitter::new(16);
+        let mut buf = BytesMut::new();
+        for &b in b"PUB a 0123456789" {
+            buf.extend_from_slice(&[b]);
+            assert_eq!(s.take_pub_run(&mut buf, 10), None);
+            if buf.len() >= 4 {
+                // Once it can be a `PUB` line: searched up to here.
+                assert_eq!(s.scanned, buf.len(), "nothing searched twice");
+            }
+        }
+        buf.extend_from_slice(b"\nPUB a x\n");
+        let run = s.take_pub_run(&mut buf, 10).expect("complete now");
+        assert_eq!(&run.lines[..], b"MSG a 0123456789\nMSG a x\n");
+        buf.extend_from_slice(b"PUB a 01234567890123");
+        assert_eq!(s.take_pub_run(&mut buf, 10), None);
+        assert_eq!(s.next_line(&mut buf), Some(Line::TooLong));
+    }
+
     #[test]
     fn a_run_stops_at_max_lines() {
         let mut buf = BytesMut::from(&b"PUB a 1\nPUB a 2\nPUB a 3\n"[..]);
@@ -270,9 +298,12 @@ mod tests {
         /// runs mean exactly the commands the lines parse to one by one,
         /// and a run's bytes are exactly the `MSG` lines of those commands.
         #[test]
-        fn runs_mean_what_their_lines_mean(lines in prop::collection::vec(line(), 0..40)) {
+        fn runs_mean_what_their_lines_mean(
+            lines in prop::collection::vec(line(), 0..40),
+            chunk in prop_oneof![Just(usize::MAX), 1..80usize],
+        ) {
             let input = lines.concat();
-            let with_runs = read(&input, 40, true);
+            let with_runs = read(&input, chunk, 40, true);
             for i in &with_runs {
                 if let Input::Pubs(run) = i {
                     let expect: Vec<u8> = run.commands().flat_map(|c| match c {
@@ -289,7 +320,7 @@ mod tests {
                 }
             }
             let a = commands(with_runs);
-            let b = commands(read(&input, 40, false));
+            let b = commands(read(&input, usize::MAX, 40, false));
             prop_assert_eq!(format!("{a:?}"), format!("{b:?}"));
         }
     }

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::FastMap;
-use crate::protocol::encode;
+use crate::counters::MemoryBudget;
+use crate::protocol::{encode, PubRun};
 use crate::router::outbox::{Outbox, RUN_COST};
 use crate::topic::Topic;
 
@@ -154,6 +155,21 @@ impl Stage {
         slot.bytes += len;
         self.pending += cost;
         true
+    }
+
+    /// Whether the memory budget certainly has room for `run` queued to
+    /// `subscribers` outboxes, on top of what is held: a run is routed
+    /// whole only then. Line by line, the budget is checked before each
+    /// line and reclaimed after it; a run pushed whole past it could go
+    /// over by a run per subscriber, more than one reclaim gives back.
+    pub(super) fn budget_fits(
+        &self,
+        memory: &MemoryBudget,
+        subscribers: usize,
+        run: &PubRun,
+    ) -> bool {
+        let need = subscribers.saturating_mul(run.lines.len() + RUN_COST);
+        !memory.over() && memory.held() + self.pending + need <= memory.limit()
     }
 
     /// Queues what is held for `outbox`, before a line pushed alone.
