@@ -161,22 +161,25 @@ pub fn check_lines(data: &[u8]) {
     let sizes: Vec<usize> = sizes.iter().map(|&s| usize::from(s % 32) + 1).collect();
 
     let expected = model(max_line, stream);
-    let whole = split(max_line, stream, &[stream.len().max(1)]);
-    assert_eq!(
-        whole, expected,
-        "one read, cap {max_line}, stream {stream:?}"
-    );
-    let bytewise = split(max_line, stream, &[1]);
-    assert_eq!(
-        bytewise, expected,
-        "byte by byte, cap {max_line}, stream {stream:?}"
-    );
-    if !sizes.is_empty() {
-        let chunked = split(max_line, stream, &sizes);
+    // As the reader splits: runs of `PUB` lines taken whole first, or not.
+    for runs in [false, true] {
+        let whole = split(max_line, stream, &[stream.len().max(1)], runs);
         assert_eq!(
-            chunked, expected,
-            "reads of {sizes:?}, cap {max_line}, stream {stream:?}"
+            whole, expected,
+            "one read, cap {max_line}, runs {runs}, stream {stream:?}"
         );
+        let bytewise = split(max_line, stream, &[1], runs);
+        assert_eq!(
+            bytewise, expected,
+            "byte by byte, cap {max_line}, runs {runs}, stream {stream:?}"
+        );
+        if !sizes.is_empty() {
+            let chunked = split(max_line, stream, &sizes, runs);
+            assert_eq!(
+                chunked, expected,
+                "reads of {sizes:?}, cap {max_line}, runs {runs}, stream {stream:?}"
+            );
+        }
     }
 }
 
@@ -207,7 +210,10 @@ fn model(max_line: usize, stream: &[u8]) -> Split {
     (lines, left)
 }
 
-fn split(max_line: usize, stream: &[u8], sizes: &[usize]) -> Split {
+/// The stream cut into reads of `sizes` in turn; with `runs`, each run of
+/// `PUB` lines the splitter takes whole is given out as the lines it was
+/// (`MSG` back to `PUB`, newline off), so it compares with the model.
+fn split(max_line: usize, stream: &[u8], sizes: &[usize], runs: bool) -> Split {
     let mut splitter = LineSplitter::new(max_line);
     assert_eq!(splitter.max_line(), max_line);
     let mut buf = BytesMut::new();
@@ -220,7 +226,22 @@ fn split(max_line: usize, stream: &[u8], sizes: &[usize]) -> Split {
         let (read, after) = rest.split_at(size.min(rest.len()));
         rest = after;
         buf.extend_from_slice(read);
-        while let Some(line) = splitter.next_line(&mut buf) {
+        loop {
+            if runs {
+                if let Some(run) = splitter.take_pub_run(&mut buf, 1024) {
+                    assert!(run.count >= 1, "an empty run");
+                    for msg in run.msg_lines() {
+                        let line = [&b"PUB"[..], &msg[3..msg.len() - 1]].concat();
+                        assert!(msg.starts_with(b"MSG "), "{msg:?}");
+                        assert!(line.len() <= max_line, "run line over cap {max_line}");
+                        lines.push(Line::Complete(Bytes::from(line)));
+                    }
+                    continue;
+                }
+            }
+            let Some(line) = splitter.next_line(&mut buf) else {
+                break;
+            };
             if let Line::Complete(l) = &line {
                 assert!(
                     l.len() <= max_line,
