@@ -182,17 +182,12 @@ fn apply_batch(c: &mut Criterion) {
         g.throughput(Throughput::Elements(LINES as u64 * subscribers));
         g.bench_function(format!("1_to_{subscribers}"), |b| {
             b.iter_custom(|iters| {
-                let mut elapsed = Duration::ZERO;
-                for _ in 0..iters {
+                batches(iters, &outboxes, &mut hand, || {
                     let items = batch();
                     let start = Instant::now();
                     black_box(core.apply_batch(publisher, items, start));
-                    elapsed += start.elapsed();
-                    for o in &outboxes {
-                        drain(o, &mut hand);
-                    }
-                }
-                elapsed
+                    start.elapsed()
+                })
             })
         });
     }
@@ -223,23 +218,36 @@ fn read_and_apply(c: &mut Criterion) {
             let name = format!("{}/1_to_{subscribers}", if runs { "runs" } else { "lines" });
             g.bench_function(name, |b| {
                 b.iter_custom(|iters| {
-                    let mut elapsed = Duration::ZERO;
-                    for _ in 0..iters {
+                    batches(iters, &outboxes, &mut hand, || {
                         let mut buf = BytesMut::from(&raw[..]);
                         let start = Instant::now();
                         let items = read(&mut buf, runs);
                         black_box(core.apply_batch(publisher, items, start));
-                        elapsed += start.elapsed();
-                        for o in &outboxes {
-                            drain(o, &mut hand);
-                        }
-                    }
-                    elapsed
+                        start.elapsed()
+                    })
                 })
             });
         }
     }
     g.finish();
+}
+
+/// `iters` times `batch` (which returns the time it measured), the
+/// outboxes drained after each, untimed, as their writers would.
+fn batches(
+    iters: u64,
+    outboxes: &[Arc<Outbox>],
+    hand: &mut Batch,
+    mut batch: impl FnMut() -> Duration,
+) -> Duration {
+    let mut elapsed = Duration::ZERO;
+    for _ in 0..iters {
+        elapsed += batch();
+        for o in outboxes {
+            drain(o, hand);
+        }
+    }
+    elapsed
 }
 
 /// The reader's part: `buf` into a batch, with or without runs.

@@ -1505,21 +1505,13 @@ fn deliver(
         // (A clone: `stalls` is borrowed mutably below; free for `None`.)
         let own = stalls.own.clone();
         let own = own.as_ref();
-        let memory = &counters.memory;
-        let mut budget = (memory.held(), memory.limit());
-        let list = route.subscribers.as_ptr() as usize;
-        for (at, outbox) in route.subscribers.iter().enumerate() {
-            if own.is_some_and(|o| Arc::ptr_eq(o, outbox)) {
-                continue;
-            }
-            if stage.add((list, at), outbox, r.clone(), read_at, budget) {
-                tally.count(Push::Queued, len);
-                continue;
-            }
-            stage.flush_one(outbox);
-            tally.count(outbox.push_line(stage.line(r.clone()), Some(read_at)), len);
-            budget.0 = memory.held();
-        }
+        let lines = Lines {
+            range: r.clone(),
+            count: 1,
+            payload: len,
+            overhead: r.len() - len,
+        };
+        to_subscribers(route, stage, counters, &lines, own, read_at, &mut tally);
         let line = stage.line(r);
         let mut lossless = |outbox: &Arc<Outbox>, line| {
             let (push, full) = outbox.push_lossless(line, Some(read_at));
@@ -1639,31 +1631,65 @@ fn deliver_run(
     let mut tally = Tally::default();
     let routed = !route.subscribers.is_empty();
     if routed {
-        let r = stage.encode_lines(&run.lines);
-        let overhead = run.overhead();
-        let memory = &counters.memory;
-        let mut budget = (memory.held(), memory.limit());
-        let list = route.subscribers.as_ptr() as usize;
-        for (at, outbox) in route.subscribers.iter().enumerate() {
-            if own.is_some_and(|o| Arc::ptr_eq(o, outbox)) {
-                continue;
-            }
-            if stage.add_lines((list, at), outbox, r.clone(), run.count, read_at, budget) {
-                tally.queued(run.count, run.payload_bytes);
-                continue;
-            }
-            stage.flush_one(outbox);
-            let lines = stage.line(r.clone());
-            let mut start = 0;
-            for nl in memchr::memchr_iter(b'\n', lines) {
-                let line = &lines[start..=nl];
-                start = nl + 1;
-                tally.count(outbox.push_line(line, Some(read_at)), line.len() - overhead);
-            }
-            budget.0 = memory.held();
-        }
+        let lines = Lines {
+            range: stage.encode_lines(&run.lines),
+            count: run.count,
+            payload: run.payload_bytes,
+            overhead: run.overhead(),
+        };
+        to_subscribers(route, stage, counters, &lines, own, read_at, &mut tally);
     }
     tally.record(route, counters, routed, run.count, run.payload_bytes)
+}
+
+/// Encoded `MSG` lines in the stage: one message, or a run of them.
+struct Lines {
+    range: std::ops::Range<usize>,
+    count: usize,
+    /// Payload bytes in all.
+    payload: usize,
+    /// The bytes of each line that are not payload.
+    overhead: usize,
+}
+
+/// Queues `lines` for each plain subscriber of `route` but `own` (the
+/// publisher, with `echo=no`): held in the stage all together where they
+/// certainly fit, else pushed one by one under the overflow policy (after
+/// what is held for that outbox). Counted in `tally`.
+fn to_subscribers(
+    route: &Route,
+    stage: &mut stage::Stage,
+    counters: &Counters,
+    lines: &Lines,
+    own: Option<&Arc<Outbox>>,
+    read_at: Instant,
+    tally: &mut Tally,
+) {
+    let memory = &counters.memory;
+    let mut budget = (memory.held(), memory.limit());
+    let list = route.subscribers.as_ptr() as usize;
+    for (at, outbox) in route.subscribers.iter().enumerate() {
+        if own.is_some_and(|o| Arc::ptr_eq(o, outbox)) {
+            continue;
+        }
+        let r = lines.range.clone();
+        if stage.add((list, at), outbox, r.clone(), lines.count, read_at, budget) {
+            tally.queued(lines.count, lines.payload);
+            continue;
+        }
+        stage.flush_one(outbox);
+        let bytes = stage.line(r);
+        let mut start = 0;
+        for nl in memchr::memchr_iter(b'\n', bytes) {
+            let line = &bytes[start..=nl];
+            start = nl + 1;
+            tally.count(
+                outbox.push_line(line, Some(read_at)),
+                line.len() - lines.overhead,
+            );
+        }
+        budget.0 = memory.held();
+    }
 }
 
 #[cfg(test)]

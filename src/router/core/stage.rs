@@ -93,26 +93,14 @@ impl Stage {
         &self.buf[r]
     }
 
-    /// Holds line `r` for `outbox`, subscriber number `at` of the route
-    /// whose subscriber list is `route` (any stable address naming it), if
-    /// it certainly fits there and in the memory budget (`budget` is what
-    /// it holds and its limit, read once per message: the shared counter is
-    /// written by every writer); `false` when the caller must push it
-    /// itself (after [`Stage::flush_one`]).
+    /// Holds `r`, `lines` whole lines (one message, or a run of `PUB`
+    /// lines), for `outbox`, subscriber number `at` of the route whose
+    /// subscriber list is `route` (any stable address naming it), if they
+    /// certainly fit there and in the memory budget, all together (`budget`
+    /// is what it holds and its limit, read once per message: the shared
+    /// counter is written by every writer); `false` when the caller must
+    /// push them itself (after [`Stage::flush_one`]).
     pub(super) fn add(
-        &mut self,
-        slot: (usize, usize),
-        outbox: &Arc<Outbox>,
-        r: Range<usize>,
-        read_at: Instant,
-        budget: (usize, usize),
-    ) -> bool {
-        self.add_lines(slot, outbox, r, 1, read_at, budget)
-    }
-
-    /// [`Stage::add`] for `r` holding `lines` whole lines (a run of `PUB`
-    /// lines): held all together, or not at all.
-    pub(super) fn add_lines(
         &mut self,
         (route, at): (usize, usize),
         outbox: &Arc<Outbox>,
