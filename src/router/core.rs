@@ -695,11 +695,9 @@ impl RouterCore {
             // Anything but a plain PUB may push into an outbox directly
             // (ERR, PONG, BYE, retained, requests, `_bus.`): after what is
             // held, so that every client's lines keep their order.
-            let plain =
-                |topic: &Topic| !(topic.as_bytes().starts_with(b"_bus") && is_bus_topic(topic));
             let held = match &item {
                 Input::Line(Ok(Command::Pub { topic, .. })) | Input::Pubs(PubRun { topic, .. }) => {
-                    plain(topic)
+                    !is_bus_topic(topic)
                 }
                 Input::Line(_) => false,
             };
@@ -732,7 +730,7 @@ impl RouterCore {
             client.who.uid,
         );
         let topic = &run.topic;
-        if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(topic) {
+        if is_bus_topic(topic) {
             return self.apply_each(key, run, read_at);
         }
         if !self.cache.contains_key(topic) {
@@ -789,7 +787,7 @@ impl RouterCore {
     ) -> bool {
         self.stalls.uid = Some(uid);
         self.stalls.own = own;
-        if topic.as_bytes().starts_with(b"_bus") && is_bus_topic(topic) {
+        if is_bus_topic(topic) {
             self.refuse(key, forbidden(topic));
             return false;
         }
@@ -1443,37 +1441,14 @@ fn choose<'a>(
 ) -> Option<&'a Arc<Outbox>> {
     let n = group.members.len();
     let start = group.cursor.load(Relaxed) % n;
-    if let Some(own) = own {
-        return choose_other(group, line_len, own, start);
-    }
-    for i in 0..n {
-        let j = (start + i) % n;
-        if group.members[j].has_room(line_len) {
-            group.cursor.store(j + 1, Relaxed);
-            return Some(&group.members[j]);
-        }
-    }
-    group.cursor.store(start + 1, Relaxed);
-    Some(&group.members[start])
-}
-
-/// [`choose`] for an `echo=no` publisher that may be a member itself: the
-/// same round robin over the other members.
-fn choose_other<'a>(
-    group: &'a QueueRoute,
-    line_len: usize,
-    own: &Arc<Outbox>,
-    start: usize,
-) -> Option<&'a Arc<Outbox>> {
-    let n = group.members.len();
-    let others = || {
+    let candidates = || {
         (0..n)
             .map(move |i| (start + i) % n)
-            .filter(|&j| !Arc::ptr_eq(&group.members[j], own))
+            .filter(|&j| own.is_none_or(|o| !Arc::ptr_eq(&group.members[j], o)))
     };
-    let j = others()
+    let j = candidates()
         .find(|&j| group.members[j].has_room(line_len))
-        .or_else(|| others().next())?;
+        .or_else(|| candidates().next())?;
     group.cursor.store(j + 1, Relaxed);
     Some(&group.members[j])
 }

@@ -32,9 +32,13 @@ pub struct ClientInfo {
     pub since: Instant,
 }
 
-/// Whether `topic` is the broker's own (`_bus` or under `_bus.`).
+/// Whether `topic` is the broker's own (`_bus` or under `_bus.`). Asked
+/// of every `PUB`: a byte compare, no segment split.
 pub fn is_bus_topic(topic: &Topic) -> bool {
-    topic.segments().next() == Some(BUS_SEGMENT)
+    topic
+        .as_bytes()
+        .strip_prefix(BUS_SEGMENT.as_bytes())
+        .is_some_and(|rest| rest.is_empty() || rest[0] == b'.')
 }
 
 impl ClientInfo {
@@ -188,5 +192,24 @@ impl RouterCore {
             }));
         }
         json!({"patterns": patterns, "topics": topics})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_topics_are_the_bus_segment_and_under_it_only() {
+        for (t, bus) in [
+            ("_bus", true),
+            ("_bus.client.joined", true),
+            ("_busy", false),
+            ("_bus_x.y", false),
+            ("a._bus", false),
+            ("bus", false),
+        ] {
+            assert_eq!(is_bus_topic(&t.parse().unwrap()), bus, "{t}");
+        }
     }
 }
