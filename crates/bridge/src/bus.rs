@@ -181,12 +181,16 @@ impl BusSide {
             PollFd::new(client.recv_fd(), PollFlags::POLLIN),
             PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::from(1000u16)) {
+        // Once imports have ended (no --import), nobody holds the wake
+        // pipe's write end: it would report POLLHUP on every poll, and
+        // this loop would spin.
+        let watched = if self.imports_ended { 1 } else { 2 };
+        match poll(&mut fds[..watched], PollTimeout::from(1000u16)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(format!("poll: {e}")),
         }
         let recv_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
-        let woken = fds[1].revents().is_some_and(|r| !r.is_empty());
+        let woken = watched == 2 && fds[1].revents().is_some_and(|r| !r.is_empty());
         if woken {
             let mut sink = [0u8; 256];
             while matches!(nix::unistd::read(self.wake.as_raw_fd(), &mut sink), Ok(n) if n > 0) {}
