@@ -97,7 +97,31 @@ pub(super) fn err_raw(code: &str, text: &str) -> Bytes {
 }
 
 pub fn dropped(n: u64) -> Bytes {
-    Bytes::from(format!("DROPPED {n}\n"))
+    let mut b = BytesMut::with_capacity(DROPPED_MAX);
+    put_dropped(&mut b, n);
+    b.freeze()
+}
+
+/// The longest `DROPPED <n>\n` line: `DROPPED `, 20 digits, newline.
+pub const DROPPED_MAX: usize = 8 + 20 + 1;
+
+/// Appends `DROPPED <n>\n` to `out` without allocating (outboxes place
+/// it where messages went missing, in their own buffers).
+pub fn put_dropped(out: &mut impl BufMut, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.put_slice(b"DROPPED ");
+    out.put_slice(&digits[i..]);
+    out.put_u8(b'\n');
 }
 
 /// The first line an adopted client reads after a broker crash: lines

@@ -1652,7 +1652,6 @@ fn to_subscribers(
             tally.queued(lines.count, lines.payload);
             continue;
         }
-        stage.flush_one(outbox);
         let bytes = stage.line(r);
         let mut start = 0;
         for nl in memchr::memchr_iter(b'\n', bytes) {

@@ -50,6 +50,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::counters::MemoryBudget;
+use crate::protocol::encode;
 
 /// What one queued run of lines costs beyond its bytes, charged to the
 /// memory budget: its slot in the run deque (32 bytes) with room for the
@@ -478,7 +479,7 @@ impl Batch {
 
     fn push_gap(&mut self, n: u64) -> usize {
         let before = self.buf.len();
-        push_dropped(&mut self.buf, n);
+        encode::put_dropped(&mut self.buf, n);
         let len = self.buf.len() - before;
         self.runs.push_back(Run {
             lines: 1,
@@ -487,12 +488,6 @@ impl Batch {
         });
         len
     }
-}
-
-/// Appends `DROPPED <n>\n` (no allocation).
-fn push_dropped(into: &mut Vec<u8>, n: u64) {
-    use std::io::Write;
-    let _ = writeln!(into, "DROPPED {n}");
 }
 
 #[derive(Debug, Default)]
@@ -557,10 +552,10 @@ impl State {
     }
 
     fn append_gap(&mut self, n: u64) {
-        let mut b = [0u8; 32];
+        let mut b = [0u8; encode::DROPPED_MAX];
         let mut w = &mut b[..];
-        let _ = std::io::Write::write_fmt(&mut w, format_args!("DROPPED {n}\n"));
-        let len = 32 - w.len();
+        encode::put_dropped(&mut w, n);
+        let len = encode::DROPPED_MAX - w.len();
         self.append_line(&b[..len], Kind::Gap(n));
     }
 

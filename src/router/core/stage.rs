@@ -32,6 +32,11 @@ use crate::topic::Topic;
 /// Beyond this the batch buffer is given back after a flush (a batch of
 /// 1024 lines of up to 256 KiB in all needs far less).
 const KEEP_BYTES: usize = 1 << 20;
+/// Beyond these a slot's ranges, and the slots (one per subscriber a batch
+/// reached), are given back after a flush: the capacity a stream on one
+/// topic to a few hundred subscribers reuses batch after batch.
+const KEEP_RANGES: usize = 64;
+const KEEP_SLOTS: usize = 1024;
 
 #[derive(Default)]
 pub(super) struct Stage {
@@ -69,10 +74,7 @@ impl Stage {
     /// Encodes `MSG <topic> <payload>` once; the range is valid until the
     /// next [`Stage::flush`].
     pub(super) fn encode(&mut self, topic: &Topic, payload: &[u8]) -> Range<usize> {
-        if self.used == 0 {
-            self.buf.clear();
-        }
-        let start = self.buf.len();
+        let start = self.start();
         encode::msg_append(&mut self.buf, topic, payload);
         start..self.buf.len()
     }
@@ -81,12 +83,18 @@ impl Stage {
     /// turned into `MSG` by the reader); the range is valid until the next
     /// [`Stage::flush`].
     pub(super) fn encode_lines(&mut self, lines: &[u8]) -> Range<usize> {
+        let start = self.start();
+        self.buf.extend_from_slice(lines);
+        start..self.buf.len()
+    }
+
+    /// Where the next encoded line goes: the buffer starts over once
+    /// nothing held refers to it.
+    fn start(&mut self) -> usize {
         if self.used == 0 {
             self.buf.clear();
         }
-        let start = self.buf.len();
-        self.buf.extend_from_slice(lines);
-        start..self.buf.len()
+        self.buf.len()
     }
 
     pub(super) fn line(&self, r: Range<usize>) -> &[u8] {
@@ -99,7 +107,8 @@ impl Stage {
     /// certainly fit there and in the memory budget, all together (`budget`
     /// is what it holds and its limit, read once per message: the shared
     /// counter is written by every writer); `false` when the caller must
-    /// push them itself (after [`Stage::flush_one`]).
+    /// push them itself: whatever was held for `outbox` is queued by then,
+    /// so they follow it.
     pub(super) fn add(
         &mut self,
         (route, at): (usize, usize),
@@ -110,6 +119,8 @@ impl Stage {
         budget: (usize, usize),
     ) -> bool {
         if !self.active {
+            // Nothing is held outside a batch's PUBs (see `apply_batch`).
+            debug_assert_eq!(self.used, 0);
             return false;
         }
         if self.read_at.is_some_and(|t| t != read_at) {
@@ -133,6 +144,8 @@ impl Stage {
         if !outbox.fits(slot.lines + lines, slot.bytes + len)
             || budget.0 + self.pending + cost > budget.1
         {
+            // Found already: no second lookup to queue what it holds.
+            self.pending -= push(slot, &self.buf, self.read_at);
             return false;
         }
         match slot.ranges.last_mut() {
@@ -157,17 +170,11 @@ impl Stage {
         run: &PubRun,
     ) -> bool {
         let need = subscribers.saturating_mul(run.lines.len() + RUN_COST);
-        !memory.over() && memory.held() + self.pending + need <= memory.limit()
-    }
-
-    /// Queues what is held for `outbox`, before a line pushed alone.
-    pub(super) fn flush_one(&mut self, outbox: &Arc<Outbox>) {
-        if self.used == 0 {
-            return;
-        }
-        if let Some(&i) = self.index.get(&(Arc::as_ptr(outbox) as usize)) {
-            self.pending -= push(&mut self.slots[i], &self.buf, self.read_at);
-        }
+        memory
+            .held()
+            .saturating_add(self.pending)
+            .saturating_add(need)
+            <= memory.limit()
     }
 
     /// Queues everything held: each outbox once.
@@ -189,6 +196,10 @@ impl Stage {
         for slot in &mut self.slots[..self.used] {
             push(slot, &self.buf, self.read_at);
             slot.outbox = None;
+            if slot.ranges.capacity() > KEEP_RANGES {
+                // A batch alternating topics left many ranges here.
+                slot.ranges = Vec::new();
+            }
         }
         self.used = 0;
         self.index.clear();
@@ -196,6 +207,10 @@ impl Stage {
         self.read_at = None;
         self.route = 0;
         self.route_slots.clear();
+        // What one batch to many subscribers needed is not kept for ever.
+        self.slots.truncate(KEEP_SLOTS);
+        self.index.shrink_to(KEEP_SLOTS);
+        self.route_slots.shrink_to(KEEP_SLOTS);
     }
 
     /// The slot already found for subscriber `at` of `route`, if `route` is
@@ -253,4 +268,44 @@ fn push(slot: &mut Slot, buf: &[u8], read_at: Option<Instant>) -> usize {
     slot.lines = 0;
     slot.bytes = 0;
     held
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::BacklogLimits;
+
+    /// A batch alternating two topics to many subscribers leaves each a
+    /// range per line and a slot per subscriber; after the flush the stage
+    /// keeps no more than its bounds (a publisher cannot make it hold that
+    /// for ever).
+    #[test]
+    fn a_flush_gives_back_what_one_wide_batch_needed() {
+        let mut stage = Stage {
+            active: true,
+            ..Stage::default()
+        };
+        let outs: Vec<Arc<Outbox>> = (0..KEEP_SLOTS + 10)
+            .map(|_| Arc::new(Outbox::new(BacklogLimits::default())))
+            .collect();
+        let at = Instant::now();
+        for i in 0..200 {
+            let r = stage.encode_lines(b"MSG t x\n");
+            // Every other line goes to the first outbox: ranges not adjacent.
+            if i % 2 == 0 {
+                assert!(stage.add((1, 0), &outs[0], r, 1, at, (0, usize::MAX)));
+            }
+        }
+        let r = stage.encode_lines(b"MSG u y\n");
+        for (k, o) in outs.iter().enumerate() {
+            assert!(stage.add((2, k), o, r.clone(), 1, at, (0, usize::MAX)));
+        }
+        assert!(stage.slots[0].ranges.len() > KEEP_RANGES);
+        assert!(stage.slots.len() > KEEP_SLOTS);
+        stage.flush();
+        assert!(stage.slots[0].ranges.capacity() <= KEEP_RANGES);
+        assert_eq!(stage.slots.len(), KEEP_SLOTS);
+        assert!(stage.route_slots.capacity() <= KEEP_SLOTS);
+        assert_eq!(outs[0].backlog().0, 101, "everything held was queued");
+    }
 }
